@@ -1,0 +1,134 @@
+"""`deeplab weights list | download | info | convert` through click's CliRunner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deeplab_cli import weights as W
+from deeplab_cli.cli import cli
+from test_weights import Server, random_state
+
+VOC_FILE = W.REGISTRY["voc12"].filename
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random 21-class checkpoint under a neutral name (no registry metadata)."""
+    path = tmp_path_factory.mktemp("cli") / "mine.pth"
+    torch.save(random_state(21, seed=11), path)
+    return path
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_lists_the_subcommands():
+    result = run("weights", "--help")
+    assert result.exit_code == 0
+    for name in ("list", "download", "info", "convert"):
+        assert name in result.output
+
+
+def test_list_table_and_json(deeplab_home):
+    result = run("weights", "list")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "DATASET", "CLASSES", "SIZE"]
+    voc = next(line for line in lines if line.startswith("voc12"))
+    assert "voc12 *" in voc and " 21 " in voc and "~177 MB" in voc and voc.endswith("no")
+    assert any(line.startswith("cocostuff164k") and " 182 " in line for line in lines)
+    assert str(deeplab_home) in result.output
+
+    (deeplab_home / VOC_FILE).write_bytes(b"x" * 2_000_000)
+    rows = json.loads(run("weights", "list", "--json").output)
+    assert [r["name"] for r in rows][:3] == ["voc12", "cocostuff164k", "cocostuff10k"]
+    voc = rows[0]
+    assert voc["cached"] is True and voc["size_bytes"] == 2_000_000 and voc["default"] is True
+    assert voc["miou"] == {"no_crf": 76.65, "crf": 77.93}
+    assert rows[1]["cached"] is False and rows[1]["classes"] == 182
+    assert "2 MB" in run("weights", "list").output
+
+
+def test_download_prints_the_path_and_errors_are_one_line(monkeypatch, checkpoint, deeplab_home):
+    server = Server()
+    try:
+        monkeypatch.setenv(W.URL_ENV, server.url)
+        server.files[VOC_FILE] = checkpoint
+        result = run("weights", "download", "voc12", "--no-progress")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == str(deeplab_home / VOC_FILE)
+        assert (deeplab_home / VOC_FILE).read_bytes() == checkpoint.read_bytes()
+
+        server.mode = "404"
+        result = run("weights", "download", "cocostuff10k")
+        assert result.exit_code == 1
+        error = result.stderr.strip().splitlines()[-1]
+        assert error.startswith("Error: cannot download cocostuff10k from " + server.url)
+        assert "HTTP 404" in error and str(deeplab_home) in error
+        assert sorted(p.name for p in deeplab_home.iterdir()) == [VOC_FILE]
+
+        result = run("weights", "download", "nosuch")
+        assert result.exit_code == 1 and "unknown weights 'nosuch'" in result.stderr
+    finally:
+        server.close()
+
+
+def test_info_text_and_json(checkpoint):
+    result = run("weights", "info", str(checkpoint))
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "pytorch-zip" in text and "44,048,532" in text
+    assert "21 (background, aeroplane" in text
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert digest in text
+    facts = json.loads(run("weights", "info", str(checkpoint), "--json").output)
+    assert facts["keys"] == 632 and facts["parameters"] == 44_048_532 and facts["sha256"] == digest
+
+
+def test_info_errors(tmp_path):
+    result = run("weights", "info", str(tmp_path / "missing.pth"))
+    assert result.exit_code == 1 and "no such file" in result.stderr
+    result = run("weights", "info", "cocostuff164k")
+    assert result.exit_code == 1 and "not downloaded" in result.stderr
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"PK\x03\x04garbage")
+    result = run("weights", "info", str(junk))
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and str(junk) in result.stderr
+
+
+def test_convert_with_labels_and_dataset(tmp_path, checkpoint):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"part {i}" for i in range(21)) + "\n")
+    dst = tmp_path / "out.safetensors"
+    result = run("weights", "convert", str(checkpoint), str(dst), "--labels", str(labels),
+                 "--dataset", "parts", "--aspp", "S", "--name", "parts21")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(dst)
+    _, meta = W.load_state_dict(dst)
+    assert meta.classes == [f"part {i}" for i in range(21)]
+    assert (meta.dataset, meta.aspp, meta.name) == ("parts", "S", "parts21")
+    facts = json.loads(run("weights", "info", str(dst), "--json").output)
+    assert facts["format"] == "safetensors" and facts["dataset"] == "parts"
+
+    # Without options the registry's label set for 21 classes is carried over.
+    dst2 = tmp_path / "voc.safetensors"
+    assert run("weights", "convert", str(checkpoint), str(dst2)).exit_code == 0
+    assert W.load_state_dict(dst2)[1].classes[15] == "person"
+
+
+def test_convert_errors_leave_nothing(tmp_path, checkpoint):
+    result = run("weights", "convert", str(checkpoint), str(tmp_path / "out.pth"))
+    assert result.exit_code == 1 and ".safetensors" in result.stderr
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    result = run("weights", "convert", str(checkpoint), str(tmp_path / "o.safetensors"),
+                 "--labels", str(labels))
+    assert result.exit_code == 1 and "2 class names" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt"]
