@@ -1,0 +1,385 @@
+"""`deeplab evaluate` (score against ground truth) and `deeplab tune-crf` (CRF grid search).
+
+Both read a labelled set (PASCAL VOC layout or image/label folders) and run the same
+pipeline as `deeplab segment`; the work lives in `deeplab_cli.datasets`, `.metrics` and
+`.tune`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option
+
+VOC_HELP = "PASCAL VOC root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)."
+
+
+def dataset_options(func):
+    """--root/--split or --images/--labels, and --limit."""
+    options = [
+        click.option("--root", type=click.Path(file_okay=False), default=None, help=VOC_HELP),
+        click.option("--split", default="val", show_default=True,
+                     help="Split name under ImageSets/Segmentation (or a split .txt file)."),
+        click.option("--images", "images_dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder of images, paired with --labels by file stem."),
+        click.option("--labels", "labels_dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder of label PNGs (class indices, 255 = ignore); with --root it "
+                          "replaces SegmentationClass (e.g. SegmentationClassAug)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_options(func):
+    """The network flags, as `deeplab segment` spells them."""
+    options = [
+        click.option("--model", metavar="NAME", default=None,
+                     help="Registered weights (see `deeplab weights list`) [default: voc12]."),
+        click.option("--weights", type=click.Path(dir_okay=False), metavar="FILE", default=None,
+                     help="A weights file."),
+        device_option,
+        click.option("--no-msc", is_flag=True, help="Run the network at one scale (no 0.75/0.5 inputs)."),
+        click.option("--max-size", type=click.IntRange(min=0), default=513, show_default=True,
+                     help="Longest side the network sees (0 = native); scores use the original size."),
+        click.option("--max-pixels", type=click.IntRange(min=0), default=100_000_000, show_default=True,
+                     help="Refuse images with more pixels than this (0 = no limit)."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     show_default=True, help="Network precision (autocast)."),
+        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Threads reading images ahead of the network."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.command()
+@dataset_options
+@click.option("--pred", "pred_dir", type=click.Path(file_okay=False), default=None,
+              help="Score the prediction PNGs in this folder (matched by stem) instead of "
+                   "running the network.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N images of the split / folder.")
+@model_options
+@click.option("--no-crf", is_flag=True, help="Network only, no CRF.")
+@crf_options
+@click.option("--n-classes", type=click.IntRange(min=1), default=None,
+              help="Class count of --pred files [default: the --weights' classes, else VOC's 21].")
+@click.option("--save-pred", type=click.Path(file_okay=False), default=None,
+              help="Also write each prediction as a palette PNG into this folder.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write scores, per-class IoU and the confusion matrix as JSON.")
+@click.option("--all-classes", is_flag=True,
+              help="List every class in the table, also those never seen.")
+def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weights, device, no_msc,
+             max_size, max_pixels, precision, workers, no_crf, n_classes, save_pred, json_path,
+             all_classes, **crf_flags):
+    """Score segmentations against ground truth: pixel accuracy, mean accuracy, mean IoU,
+    frequency-weighted IoU and per-class IoU (pixels labelled 255 are ignored).
+
+    \b
+    deeplab evaluate --root VOCdevkit/VOC2012 --split val
+    deeplab evaluate --images imgs/ --labels gt/ --no-crf --json scores.json
+    deeplab evaluate --pred out/ --root VOCdevkit/VOC2012 --split val
+    """
+    from deeplab_cli import datasets
+    from deeplab_cli.errors import DeeplabError
+    from deeplab_cli.metrics import ConfusionMatrix
+
+    started = time.perf_counter()
+    weights = _weights_choice(model, weights)
+    if pred_dir is not None:
+        if images_dir is not None:
+            raise DeeplabError("--pred scores saved predictions against --labels or --root; "
+                               "--images is not used")
+        if root is not None:
+            samples = datasets.voc_samples(root, split, labels=labels_dir, images=False)
+        elif labels_dir is not None:
+            samples = datasets.label_samples(labels_dir)
+        else:
+            raise DeeplabError("--pred needs the ground truth: --labels DIR or --root DIR --split NAME")
+        samples = datasets.with_predictions(samples[:limit], pred_dir)
+        meta, segmenter = _meta_for_pred(weights, n_classes), None
+    else:
+        samples = _samples(root, split, images_dir, labels_dir)[:limit]
+        if n_classes is not None:
+            raise DeeplabError("--n-classes only applies to --pred; the weights fix the classes")
+        segmenter, meta = _segmenter(weights, device, no_msc=no_msc, max_size=max_size,
+                                     precision=precision, crf_flags=crf_flags, no_crf=no_crf)
+        crf = segmenter.crf
+        click.echo(f"deeplab: {len(samples)} images, weights {meta.name}, "
+                   f"{'multi-scale' if segmenter.msc else 'single-scale'}, CRF "
+                   + (f"w1={crf.bi_w:g} xy={crf.bi_xy_std:g} rgb={crf.bi_rgb_std:g} "
+                      f"w2={crf.pos_w:g} xy2={crf.pos_xy_std:g} iters={crf.iterations}"
+                      if crf is not None else "off"), err=True)
+    classes = list(meta.classes)
+    confusion = ConfusionMatrix(len(classes))
+    save_dir = Path(save_pred) if save_pred else None
+
+    loaded = datasets.prefetch(
+        lambda s: datasets.load_sample(s, n_classes=len(classes), max_pixels=max_pixels),
+        samples, workers=workers)
+    with _progress(len(samples), "evaluating") as advance:
+        for item in loaded:
+            if item.pred is not None:
+                pred = item.pred
+            else:
+                pred = segmenter.segment(item.rgb).labels  # (H, W)
+            confusion.update(item.label, pred, name=str(item.sample.pred or item.sample.label))
+            if save_dir is not None:
+                _save_labels(save_dir / f"{item.name}.png", pred, meta.palette)
+            advance()
+
+    click.echo(confusion.format_table(classes, all_classes=all_classes))
+    if json_path:
+        from deeplab_cli.tune import write_json
+
+        report = confusion.to_dict(classes)
+        report["settings"] = _settings(root, split, images_dir, labels_dir, pred_dir, weights,
+                                       segmenter)
+        write_json(json_path, report)
+    elapsed = time.perf_counter() - started
+    click.echo(f"deeplab: scored {confusion.images} images in {elapsed:.1f} s", err=True)
+
+
+@click.command("tune-crf")
+@dataset_options
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Tune on the first N images (the paper used 100 VOC val images).")
+@model_options
+@click.option("--bi-w", "grid_bi_w", default=None, metavar="LIST",
+              help="w1 values: comma list and/or start:stop:step ranges (inclusive) "
+                   "[default: 3:6:1].")
+@click.option("--bi-xy-std", "grid_bi_xy_std", default=None, metavar="LIST",
+              help="sigma_alpha values [default: 40:100:20].")
+@click.option("--bi-rgb-std", "grid_bi_rgb_std", default=None, metavar="LIST",
+              help="sigma_beta values [default: 3:6:1].")
+@click.option("--pos-w", type=float, default=None,
+              help="Fixed w2 [default: from the weights' CRF settings].")
+@click.option("--pos-xy-std", type=float, default=None,
+              help="Fixed sigma_gamma [default: from the weights' CRF settings].")
+@click.option("--iters", type=click.IntRange(min=0), default=None,
+              help="Mean-field iterations [default: 10].")
+@click.option("--crf-norm", type=click.Choice(["symmetric", "after"]), default=None,
+              help="Kernel normalization [default: symmetric].")
+@click.option("--crf-params", type=click.Path(dir_okay=False), default=None,
+              help="Preset whose fixed parameters (w2, sigma_gamma, ...) to start from.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="crf-preset.json",
+              show_default=True, help="Where to write the best setting (a --crf-params preset).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write every setting's scores as JSON.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the network's probabilities here (float16 .npy) so later runs "
+                   "with another grid skip the network.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Rows of the table printed (best first); --json has them all.")
+def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device, no_msc,
+             max_size, max_pixels, precision, workers, grid_bi_w, grid_bi_xy_std, grid_bi_rgb_std, pos_w, pos_xy_std, iters,
+             crf_norm, crf_params, output, json_path, cache_dir, top):
+    """Grid-search the CRF's appearance kernel (w1, sigma_alpha, sigma_beta) by mean IoU.
+
+    The network runs once per image; each grid setting then refines its probabilities.
+    w2 and sigma_gamma stay fixed. The best setting is written as a preset for
+    `--crf-params`.
+
+    \b
+    deeplab tune-crf --root VOCdevkit/VOC2012 --split val --limit 100
+    deeplab tune-crf --images imgs/ --labels gt/ --bi-w 3,4,5 --bi-xy-std 50:80:10 --bi-rgb-std 3,4,5
+    """
+    from deeplab_cli import datasets, tune
+    from deeplab_cli.crf.params import CRFParams
+
+    started = time.perf_counter()
+    weights = _weights_choice(model, weights)
+    grid_specs = {
+        "bi_w": ("--bi-w", grid_bi_w), "bi_xy_std": ("--bi-xy-std", grid_bi_xy_std),
+        "bi_rgb_std": ("--bi-rgb-std", grid_bi_rgb_std),
+    }
+    values = {field: tune.parse_values(spec or tune.DEFAULT_GRID[field], option=option)
+              for field, (option, spec) in grid_specs.items()}
+    samples = _samples(root, split, images_dir, labels_dir)[:limit]
+
+    segmenter, meta = _segmenter(weights, device, no_msc=no_msc, max_size=max_size,
+                                 precision=precision, crf_flags=None, no_crf=False)
+    base = CRFParams.from_json_file(crf_params) if crf_params else meta.crf
+    base = base.replace(pos_w=pos_w, pos_xy_std=pos_xy_std, iterations=iters, normalization=crf_norm)
+    grid = tune.build_grid(base, **values)
+    n_classes = len(meta.classes)
+
+    cache = None
+    if cache_dir:
+        key = tune.fingerprint(_weights_identity(weights), meta.name, n_classes, not no_msc,
+                               max_size, precision)
+        cache = tune.ProbsCache(cache_dir, key, device=segmenter.device)
+
+    def items() -> Iterator[tune.TuneItem]:
+        loaded = datasets.prefetch(
+            lambda s: datasets.load_sample(s, n_classes=n_classes, max_pixels=max_pixels),
+            samples, workers=workers)
+        for item in loaded:
+            key = tune.image_key(item.name, item.sample.image) if cache is not None else None
+            yield tune.TuneItem(item.name, item.rgb, item.label, key)
+
+    click.echo(f"deeplab: {len(grid)} CRF settings x {len(samples)} images", err=True)
+    with _progress(len(samples), "tuning") as advance:
+        result = tune.tune_crf(
+            items(), grid, n_classes=n_classes, probs_fn=segmenter.probs,
+            params_for=_params_scaler(segmenter), cache=cache,
+            on_image=lambda item, partial: advance(),
+        )
+
+    click.echo(result.format_table(top=top))
+    best = result.best
+    click.echo(f"best: --bi-w {best.bi_w:g} --bi-xy-std {best.bi_xy_std:g} "
+               f"--bi-rgb-std {best.bi_rgb_std:g}  mIoU {100 * result.best_score:.2f} "
+               f"(no CRF {100 * result.baseline.mean_iou():.2f}, {result.images} images)")
+    source = (f"deeplab tune-crf on {_describe(root, split, images_dir, labels_dir)}, "
+              f"{result.images} images, weights {meta.name}")
+    tune.write_preset(output, result, source=source)
+    if json_path:
+        report = result.to_dict(meta.classes)
+        report["settings_used"] = _settings(root, split, images_dir, labels_dir, None, weights,
+                                            segmenter)
+        tune.write_json(json_path, report)
+    elapsed = time.perf_counter() - started
+    click.echo(f"deeplab: wrote {output} ({elapsed:.1f} s)", err=True)
+
+
+# Helpers
+
+
+def _samples(root, split, images_dir, labels_dir):
+    from deeplab_cli import datasets
+    from deeplab_cli.errors import DeeplabError
+
+    if root is not None:
+        if images_dir is not None:
+            raise DeeplabError("give either --root (VOC layout) or --images/--labels, not both")
+        return datasets.voc_samples(root, split, labels=labels_dir)
+    if images_dir is None or labels_dir is None:
+        raise DeeplabError("no dataset: give --root DIR [--split NAME] or --images DIR --labels DIR")
+    return datasets.paired_samples(images_dir, labels_dir)
+
+
+def _weights_choice(model, weights):
+    from deeplab_cli.errors import DeeplabError
+
+    if model and weights:
+        raise DeeplabError("give either --model NAME or --weights FILE, not both")
+    if weights and not Path(weights).is_file():
+        raise DeeplabError(f"--weights {weights}: no such file")
+    return weights or model
+
+
+def _segmenter(weights, device, *, no_msc, max_size, precision, crf_flags, no_crf):
+    """Load the weights once and build the pipeline; CRF flags default to the weights' meta."""
+    from deeplab_cli.device import resolve_device
+    from deeplab_cli.pipeline import Segmenter
+    from deeplab_cli.weights import load_model
+
+    torch_device = resolve_device(device)
+    model, meta = load_model(weights, device=torch_device)
+    crf = None
+    if crf_flags is not None and not no_crf:
+        crf = crf_params_from_options(dict(crf_flags), defaults=meta.crf)
+    elif crf_flags is None:
+        crf = meta.crf
+    segmenter = Segmenter(model, meta, device=torch_device, crf=crf, msc=not no_msc,
+                          max_size=max_size, precision=precision)
+    return segmenter, meta
+
+
+def _meta_for_pred(weights, n_classes):
+    """Class names and palette for scoring saved predictions: the weights' (when given),
+    else the known label set with --n-classes classes, else the default weights' set."""
+    from types import SimpleNamespace
+
+    from deeplab_cli import labels
+    from deeplab_cli.errors import DeeplabError
+    from deeplab_cli.weights import DEFAULT_WEIGHTS, REGISTRY
+
+    if weights is not None:
+        from deeplab_cli.weights import load_state_dict, resolve
+
+        _, meta = load_state_dict(resolve(weights))
+        if n_classes is not None and n_classes != len(meta.classes):
+            raise DeeplabError(f"--n-classes {n_classes}: the weights have {len(meta.classes)} classes")
+        return meta
+    if n_classes is not None:
+        label_set = labels.for_class_count(n_classes)
+    else:
+        label_set = labels.LABEL_SETS[REGISTRY[DEFAULT_WEIGHTS].label_set]
+    return SimpleNamespace(name=label_set.name, classes=list(label_set.classes),
+                           palette=label_set.palette)
+
+
+def _params_scaler(segmenter):
+    """(rgb, setting) -> the setting as `segment` applies it to that image.
+
+    The grid is tuned at the network's resolution: when the network sees a downscaled
+    copy (longer side > --max-size), the spatial stds grow by original / network size,
+    exactly as `Segmenter.crf_params_for` scales the segmenter's own parameters.
+    """
+
+    def params_for(rgb, setting):
+        height, width = rgb.shape[:2]
+        factor = max(height, width) / max(segmenter.network_size(height, width))
+        return setting if factor == 1 else setting.scaled(factor)
+
+    return params_for
+
+
+def _weights_identity(weights) -> tuple:
+    """What changes when the weights file does: its path, size and mtime (or the name)."""
+    from deeplab_cli.weights import resolve
+
+    path = Path(resolve(weights) if weights is not None else resolve(_default_weights()))
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _default_weights() -> str:
+    from deeplab_cli.weights import DEFAULT_WEIGHTS
+
+    return DEFAULT_WEIGHTS
+
+
+def _save_labels(path: Path, labels, palette) -> None:
+    from deeplab_cli.image_io import write_labels
+
+    write_labels(path, labels, palette, "palette")
+
+
+def _describe(root, split, images_dir, labels_dir) -> str:
+    if root is not None:
+        return f"{root} split {split}"
+    return f"{images_dir} with labels {labels_dir}"
+
+
+def _settings(root, split, images_dir, labels_dir, pred_dir, weights, segmenter) -> dict[str, Any]:
+    settings: dict[str, Any] = {"dataset": _describe(root, split, images_dir, labels_dir)}
+    if pred_dir is not None:
+        settings["pred"] = str(pred_dir)
+        return settings
+    settings.update(weights=weights or _default_weights(), msc=segmenter.msc,
+                    max_size=segmenter.max_size, precision=segmenter.precision,
+                    crf=segmenter.crf.to_dict() if segmenter.crf is not None else None,
+                    device=str(segmenter.device))
+    return settings
+
+
+@contextlib.contextmanager
+def _progress(total: int, label: str) -> Iterator:
+    """Yield an `advance()` callable; draws a bar on stderr only when it is a terminal."""
+    if not sys.stderr.isatty():
+        yield lambda: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield lambda: bar.update(1)

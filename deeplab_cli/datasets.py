@@ -1,0 +1,259 @@
+"""Labelled image sets on disk: PASCAL VOC layout, image/label folders, predictions.
+
+A dataset is a list of `Sample`s (a name and the paths of its image, ground-truth label
+PNG and, when scoring saved predictions, prediction PNG). Listing checks that every file
+exists, so a bad layout fails before any network runs; reading checks sizes and label
+values. Labels are class indices: palette PNGs are read as their raw indices (mode P),
+never converted to RGB; 255 marks pixels to ignore. `prefetch` reads ahead on a thread
+pool so a GPU run is not bound by decoding.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from deeplab_cli.errors import DeeplabError
+from deeplab_cli.metrics import IGNORE_LABEL
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+LABEL_SUFFIXES = (".png",)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One item of a dataset. `image` is None when only labels and predictions are scored."""
+
+    name: str
+    label: Path
+    image: Path | None = None
+    pred: Path | None = None
+
+
+@dataclasses.dataclass
+class LoadedSample:
+    """A sample read from disk: RGB uint8 (H, W, 3) or None, labels (H, W) and prediction."""
+
+    sample: Sample
+    label: np.ndarray
+    rgb: np.ndarray | None = None
+    pred: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return self.sample.name
+
+
+# Listing
+
+
+def voc_samples(root: str | Path, split: str = "val", *, labels: str | Path | None = None,
+                images: bool = True) -> list[Sample]:
+    """Samples of a PASCAL VOC split: `root/ImageSets/Segmentation/<split>.txt`.
+
+    Each line of the split file is a name (looked up as `JPEGImages/<name>.jpg` and
+    `SegmentationClass/<name>.png`) or an image path and a label path relative to `root`
+    (the "trainaug" lists). `labels` replaces `root/SegmentationClass` (e.g. with
+    SegmentationClassAug). `split` may also be the path of a split file. With
+    `images=False` the JPEGs are neither looked up nor required.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DeeplabError(f"--root {root}: no such directory")
+    split_file = Path(split) if split.endswith(".txt") and Path(split).is_file() else (
+        root / "ImageSets" / "Segmentation" / f"{split}.txt")
+    if not split_file.is_file():
+        raise DeeplabError(f"{split_file}: split file not found (--split {split})")
+    label_dir = Path(labels) if labels is not None else root / "SegmentationClass"
+    if not label_dir.is_dir():
+        raise DeeplabError(f"{label_dir}: label directory not found")
+    samples = []
+    for lineno, line in enumerate(split_file.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) == 1:
+            name = fields[0]
+            image, label = root / "JPEGImages" / f"{name}.jpg", label_dir / f"{name}.png"
+        elif len(fields) == 2:
+            image, label = (root / f.lstrip("/") for f in fields)
+            name = Path(fields[0]).stem
+            if labels is not None:
+                label = label_dir / label.name
+        else:
+            raise DeeplabError(f"{split_file}:{lineno}: expected a name or 'image label' paths")
+        samples.append(Sample(name, label, image if images else None))
+    if not samples:
+        raise DeeplabError(f"{split_file}: the split file lists no images")
+    _check_exist(samples)
+    return samples
+
+
+def paired_samples(images: str | Path, labels: str | Path) -> list[Sample]:
+    """Pair every image in `images` with the label PNG of the same stem in `labels`."""
+    image_map = _by_stem(images, IMAGE_SUFFIXES, "--images")
+    label_map = _by_stem(labels, LABEL_SUFFIXES, "--labels")
+    missing = [image_map[s] for s in image_map if s not in label_map]
+    if missing:
+        raise DeeplabError(
+            f"{labels}: no label PNG for {missing[0].name}"
+            + (f" and {len(missing) - 1} more images" if len(missing) > 1 else "")
+        )
+    return [Sample(stem, label_map[stem], image_map[stem]) for stem in sorted(image_map)]
+
+
+def label_samples(labels: str | Path) -> list[Sample]:
+    """Every label PNG in a folder, without images (for scoring saved predictions)."""
+    label_map = _by_stem(labels, LABEL_SUFFIXES, "--labels")
+    return [Sample(stem, label_map[stem]) for stem in sorted(label_map)]
+
+
+def with_predictions(samples: Iterable[Sample], pred_dir: str | Path) -> list[Sample]:
+    """Attach the prediction PNG of the same stem in `pred_dir` to each sample."""
+    pred_map = _by_stem(pred_dir, LABEL_SUFFIXES, "--pred")
+    samples = list(samples)
+    missing = [s.name for s in samples if s.name not in pred_map]
+    if missing:
+        raise DeeplabError(
+            f"{pred_dir}: no prediction {missing[0]}.png"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+        )
+    return [dataclasses.replace(s, pred=pred_map[s.name]) for s in samples]
+
+
+def _by_stem(folder: str | Path, suffixes: tuple[str, ...], option: str) -> dict[str, Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DeeplabError(f"{option} {folder}: no such directory")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in suffixes or path.name.startswith(".") or not path.is_file():
+            continue
+        if path.stem in found:
+            raise DeeplabError(f"{folder}: two files named {path.stem}: {found[path.stem].name} and {path.name}")
+        found[path.stem] = path
+    if not found:
+        raise DeeplabError(f"{option} {folder}: no {'/'.join(suffixes)} files")
+    return found
+
+
+def _check_exist(samples: list[Sample]) -> None:
+    for attr in ("image", "label"):
+        missing = [getattr(s, attr) for s in samples
+                   if getattr(s, attr) is not None and not getattr(s, attr).is_file()]
+        if missing:
+            raise DeeplabError(
+                f"{missing[0]}: {attr} not found"
+                + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            )
+
+
+# Reading
+
+
+def read_label(path: str | Path, *, n_classes: int | None = None, kind: str = "label") -> np.ndarray:
+    """Class indices (H, W) from a palette or grayscale PNG; palette colours are ignored.
+
+    With `n_classes`, values outside 0 .. n_classes - 1 other than 255 raise DeeplabError
+    naming the file. `kind` ("label" or "prediction") words the messages.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("P", "L", "1", "I", "I;16", "I;16B", "I;16L"):
+                # np.asarray of a mode P image gives the palette indices, not colours.
+                labels = np.asarray(im)
+            else:
+                raise DeeplabError(
+                    f"{path}: {kind} PNG has mode {mode}; expected class indices "
+                    f"(a palette or grayscale PNG), not colours"
+                )
+    except DeeplabError:
+        raise
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DeeplabError(f"{path}: cannot read {kind} ({exc})") from None
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    elif labels.dtype.kind == "i" or labels.dtype.itemsize > 2:
+        if labels.size and (labels.min() < 0 or labels.max() > 65535):
+            raise DeeplabError(f"{path}: {kind} values outside 0..65535")
+        labels = labels.astype(np.uint16)
+    if n_classes is not None:
+        bad = labels >= n_classes
+        if kind == "label":
+            bad &= labels != IGNORE_LABEL
+        if bad.any():
+            values = np.unique(labels[bad])
+            shown = ", ".join(str(int(v)) for v in values[:5]) + (" ..." if values.size > 5 else "")
+            ignore = f", {IGNORE_LABEL} = ignore" if kind == "label" else ""
+            raise DeeplabError(
+                f"{path}: {kind} values {shown} are outside the {n_classes} classes "
+                f"(0..{n_classes - 1}{ignore})"
+            )
+    return labels
+
+
+def load_sample(sample: Sample, *, n_classes: int | None = None,
+                max_pixels: int | None = None) -> LoadedSample:
+    """Read a sample's files and check that their sizes agree (one-line DeeplabError if not)."""
+    label = read_label(sample.label, n_classes=n_classes)
+    rgb = pred = None
+    if sample.image is not None:
+        from deeplab_cli.image_io import read_image
+
+        kwargs = {"max_pixels": max_pixels} if max_pixels is not None else {}
+        rgb = read_image(sample.image, **kwargs)
+        if rgb.shape[:2] != label.shape:
+            raise DeeplabError(
+                f"{sample.label}: label is {_wh(label.shape)} but image {sample.image.name} is {_wh(rgb.shape)}"
+            )
+    if sample.pred is not None:
+        pred = read_label(sample.pred, n_classes=n_classes, kind="prediction")
+        if pred.shape != label.shape:
+            raise DeeplabError(
+                f"{sample.pred}: prediction is {_wh(pred.shape)} but label {sample.label.name} is {_wh(label.shape)}"
+            )
+    return LoadedSample(sample, label, rgb, pred)
+
+
+def _wh(shape: tuple[int, ...]) -> str:
+    return f"{shape[1]}x{shape[0]}"
+
+
+# Read-ahead
+
+
+def prefetch(func: Callable[[T], R], items: Iterable[T], *, workers: int = 2, depth: int = 8) -> Iterator[R]:
+    """`map(func, items)` computed ahead on `workers` threads, at most `depth` in flight.
+
+    Results come in input order; an exception raised by `func` surfaces when its item is
+    reached. Decoding (PIL, NumPy) releases the GIL, so threads keep a GPU busy.
+    """
+    items = iter(items)
+    if workers <= 0:
+        yield from map(func, items)
+        return
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="deeplab-read") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(func, item))
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            # Stop reading ahead when the consumer stops early or an error surfaces.
+            for future in pending:
+                future.cancel()
