@@ -1,0 +1,298 @@
+"""Image reading (any common format and mode -> upright RGB uint8) and mask writing.
+
+Reading: `read_image` accepts a path or the encoded bytes (for stdin) and always returns
+an RGB uint8 array (H, W, 3) the way a viewer would show the picture: EXIF orientation
+applied, grayscale / palette / CMYK / 16-bit converted, alpha composited onto white.
+Anything a user can get wrong (missing, empty, truncated, not an image, too many pixels)
+raises a one-line DeeplabError naming the file.
+
+Writing: masks are encoded to bytes first (`encode_output`), so the encoding can run on a
+writer thread, then written atomically (`write_bytes`) or to a binary stream (stdout).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import IO, Sequence
+
+import numpy as np
+
+from deeplab_cli.errors import DeeplabError
+from deeplab_cli.fsutil import atomic_path
+
+# Files a directory walk picks up (lower-case suffixes).
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm",
+})
+
+# Decoders PIL may use. Restricting them keeps exotic parsers (and EPS, which shells out
+# to Ghostscript) away from untrusted files. MPO is what many phone cameras write as .jpg.
+READ_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "DIB", "TIFF", "WEBP", "GIF", "PPM")
+
+# Default decompression-bomb cap for reading: 100 megapixels (a 24 MP photo is far below).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+FORMATS = ("palette", "gray", "overlay", "probs")
+
+# Background that transparent pixels are composited onto (what a viewer on a white page shows).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def _display_name(source, name: str | None) -> str:
+    if name is not None:
+        return name
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    return str(source)
+
+
+def read_image(source: str | os.PathLike | bytes, *, name: str | None = None,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file (or its bytes) to an upright RGB uint8 array (H, W, 3).
+
+    - EXIF orientation is applied, so the array is the picture as viewers show it.
+    - Grayscale, palette and CMYK become RGB; transparency (RGBA, LA, palette with a
+      transparent index) is composited onto white.
+    - 16-bit images (I;16, 16-bit PNG/TIFF) are scaled to 8 bits (value / 257), not
+      clipped; 32-bit integer ('I') data in 0..65535 likewise, other ranges and float
+      ('F') data are stretched from their minimum..maximum to 0..255 (floats already in
+      0..1 are multiplied by 255).
+    - `max_pixels` (None or 0 = no cap) is checked from the header, before any pixel is
+      decoded, so a decompression bomb costs nothing.
+
+    Raises:
+        DeeplabError: one line naming the file (`name`, else the path, else '<bytes>')
+            and the reason: missing, empty, not an image, truncated, too many pixels.
+    """
+    from PIL import Image
+
+    label = _display_name(source, name)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DeeplabError(f"{label}: no such file") from None
+        except IsADirectoryError:
+            raise DeeplabError(f"{label}: is a directory, not an image") from None
+        except PermissionError:
+            raise DeeplabError(f"{label}: permission denied") from None
+        except OSError as exc:
+            raise DeeplabError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise DeeplabError(f"{label}: empty file (0 bytes)")
+
+    Image.init()  # register every plugin, so the format names below resolve (MPO, WEBP ...)
+    try:
+        im = Image.open(io.BytesIO(data), formats=[f for f in READ_FORMATS if f in Image.OPEN])
+    except Image.UnidentifiedImageError:
+        raise DeeplabError(
+            f"{label}: not a supported image (expected JPEG, PNG, BMP, TIFF, WebP, GIF or PPM)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        # PIL's own, process-wide guard (twice Image.MAX_IMAGE_PIXELS) fired first.
+        raise DeeplabError(f"{label}: too many pixels ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DeeplabError(f"{label}: truncated or corrupt image header ({exc})") from None
+
+    with im:
+        width, height = im.size
+        if max_pixels and width * height > max_pixels:
+            raise DeeplabError(
+                f"{label}: {width}x{height} is {width * height / 1e6:.1f} megapixels, "
+                f"more than the limit of {max_pixels / 1e6:g} (--max-pixels)"
+            )
+        if width == 0 or height == 0:
+            raise DeeplabError(f"{label}: image has no pixels ({width}x{height})")
+        try:
+            im.load()
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise DeeplabError(f"{label}: truncated or corrupt {im.format or 'image'} ({exc})") from None
+        try:
+            rgb = _to_rgb(_upright(im))
+        except (OSError, ValueError) as exc:
+            raise DeeplabError(f"{label}: cannot convert {im.mode} image to RGB ({exc})") from None
+    # Arrays viewed from PIL's buffer are read-only; callers (and torch) expect to own them.
+    return rgb if rgb.flags.writeable else rgb.copy()
+
+
+def _upright(im):
+    """Apply the EXIF orientation tag. A damaged EXIF block leaves the pixels as stored."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # broken EXIF must not cost the picture itself
+        return im
+
+
+def _to_rgb(im) -> np.ndarray:
+    """Any PIL mode -> RGB uint8 (H, W, 3), C-contiguous."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+    if (mode == "P" and "transparency" in im.info) or mode == "PA":
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "RGBa", "LA", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return np.ascontiguousarray(np.asarray(Image.alpha_composite(background, rgba).convert("RGB")))
+    if mode == "CMYK":
+        return np.ascontiguousarray(np.asarray(_cmyk_to_rgb(im)))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        gray = _high_depth_to_uint8(np.asarray(im), mode)  # (H, W)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    # L, 1, P, YCbCr, LAB, HSV: PIL's own conversion is exact for these.
+    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+
+
+def _cmyk_to_rgb(im):
+    """CMYK -> RGB through the embedded ICC profile when there is one, else PIL's formula."""
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            from PIL import ImageCms
+
+            return ImageCms.profileToProfile(
+                im, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"),
+                outputMode="RGB",
+            )
+        except Exception:  # no LittleCMS, or a profile it cannot use
+            pass
+    return im.convert("RGB")
+
+
+def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16/32-bit or float gray values to uint8 without clipping (see read_image)."""
+    if mode.startswith("I;16") or (mode == "I" and values.size
+                                   and values.min() >= 0 and values.max() <= 65535):
+        # 65535 / 257 == 255 exactly, so full scale maps to full scale.
+        return np.rint(values.astype(np.float32) / 257.0).astype(np.uint8)
+    values = values.astype(np.float64)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+        return np.rint(values * 255.0).astype(np.uint8)
+    if hi <= lo:
+        return np.zeros(values.shape, np.uint8)
+    return np.rint((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+def output_suffix(fmt: str) -> str:
+    """The file suffix each format writes: '.npy' for probs, '.png' for the rest."""
+    if fmt not in FORMATS:
+        raise DeeplabError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    return ".npy" if fmt == "probs" else ".png"
+
+
+def _flat_palette(palette: Sequence[Sequence[int]]) -> list[int]:
+    flat = [int(c) for rgb in list(palette)[:256] for c in rgb]
+    return flat + [0] * (768 - len(flat))
+
+
+def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """Class ids (H, W) -> RGB uint8 (H, W, 3) through `palette`; ids past its end are black."""
+    table = np.zeros((max(len(palette), int(labels.max(initial=0)) + 1), 3), np.uint8)
+    table[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    return table[labels]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]],
+            alpha: float = 0.5) -> np.ndarray:
+    """Blend the colourised mask over the image: (1 - alpha) * image + alpha * colour."""
+    if not 0.0 <= alpha <= 1.0:
+        raise DeeplabError(f"--alpha {alpha}: expected a number from 0 to 1")
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
+    colour = colorize(labels, palette).astype(np.float32)
+    blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colour
+    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+
+def encode_labels_png(labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None,
+                      *, n_classes: int | None = None) -> bytes:
+    """Class ids (H, W) -> PNG bytes whose pixel values are the ids.
+
+    With a palette and at most 256 classes: a mode-P PNG carrying the dataset palette
+    (viewers show colours, readers get ids). Without a palette: mode L (gray ids).
+    More than 256 classes (or ids > 255) cannot fit 8 bits: a 16-bit grayscale PNG.
+    """
+    from PIL import Image
+
+    labels = np.asarray(labels)
+    n = max(n_classes or 0, len(palette) if palette is not None else 0)
+    if n > 256 or labels.max(initial=0) > 255:
+        im = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint16)))  # mode I;16
+    else:
+        im = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint8)))  # mode L
+        if palette is not None:
+            im.putpalette(_flat_palette(palette))  # L + palette -> mode P, same values
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_rgb_png(rgb: np.ndarray) -> bytes:
+    """RGB uint8 (H, W, 3) -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """Array -> .npy bytes (float32 for probabilities)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_output(fmt: str, *, labels: np.ndarray | None = None,
+                  palette: Sequence[Sequence[int]] | None = None,
+                  image: np.ndarray | None = None, probs=None, alpha: float = 0.5) -> bytes:
+    """Encode one result in an output format.
+
+    palette: labels (H, W) + palette -> mode-P PNG (16-bit gray for > 256 classes).
+    gray: labels -> mode-L PNG of class ids (16-bit for > 256 classes).
+    overlay: image (H, W, 3) + labels + palette -> RGB PNG, mask blended with `alpha`.
+    probs: probs (C, H, W) -> float32 .npy.
+    """
+    if fmt == "palette":
+        return encode_labels_png(labels, palette)
+    if fmt == "gray":
+        return encode_labels_png(labels, None, n_classes=len(palette) if palette is not None else None)
+    if fmt == "overlay":
+        return encode_rgb_png(overlay(image, labels, palette, alpha))
+    if fmt == "probs":
+        if hasattr(probs, "detach"):  # torch tensor, maybe on the GPU
+            probs = probs.detach().float().cpu().numpy()
+        return encode_npy(np.asarray(probs, dtype=np.float32))
+    raise DeeplabError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+
+
+def write_bytes(target: str | os.PathLike | IO[bytes], data: bytes) -> None:
+    """Write `data` to a binary stream, or to a file atomically (temp name + rename)."""
+    if hasattr(target, "write"):
+        target.write(data)
+        target.flush()
+        return
+    with atomic_path(target) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def write_labels(target: str | os.PathLike | IO[bytes], labels: np.ndarray,
+                 palette: Sequence[Sequence[int]] | None, fmt: str = "palette", *,
+                 image: np.ndarray | None = None, probs=None, alpha: float = 0.5) -> None:
+    """Encode a result (see `encode_output`) and write it atomically or to a stream."""
+    write_bytes(target, encode_output(fmt, labels=labels, palette=palette, image=image,
+                                      probs=probs, alpha=alpha))

@@ -1,0 +1,623 @@
+"""The segmentation pipeline: RGB image -> network -> probabilities -> CRF -> label map.
+
+`Segmenter` holds a loaded model and runs, for one image or a group of same-size images:
+upload the uint8 pixels to the device once; resize so the longer side is at most
+`max_size` (0 = native); DeepLab v2 (multi-scale or not) under the chosen precision;
+bilinear upsampling of the logits to the ORIGINAL size; softmax; the dense CRF at the
+original resolution with its spatial bandwidths scaled by original / network size; argmax.
+On CUDA everything stays on the GPU and only the label map comes back to the host.
+
+Large images: the network resolution is bounded by `max_size`, and the memory the CRF
+would need at full resolution is estimated first. When it does not fit (or the lattice
+cannot index that many pixels), the CRF runs at the largest resolution that fits and its
+result is upsampled; that is said once on stderr.
+
+`Segmenter.segment_many` streams an iterable of sources: a pool of reader threads decodes
+ahead, the network runs on same-size groups of up to `batch_size` images, and an optional
+writer thread encodes/saves results, so decoding and encoding overlap the network.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from deeplab_cli.crf.params import CRFParams
+from deeplab_cli.errors import DeeplabError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Dense CRF working memory per pixel: about 48 bytes per label (pydensecrf peaks at 3.9 GB
+# for 4 MP x 21 labels, REFERENCE §2: unary, Q, messages and lattice values with up to
+# ~1.2 vertices per pixel), plus the probabilities going in and out, plus per-pixel lattice
+# keys, offsets and barycentric weights.
+CRF_BYTES_PER_PIXEL_LABEL = 56
+CRF_BYTES_PER_PIXEL = 256
+
+_KEEP_META_CRF = object()  # from_weights: "use the weights' own CRF parameters"
+
+
+@dataclasses.dataclass
+class SegmentResult:
+    """One image's segmentation.
+
+    labels: class ids (H, W) at the original (upright) size, uint8 for <= 256 classes,
+        else uint16.
+    probs: class probabilities (C, H, W) float32 on the segmenter's device (after the CRF
+        when there is one), or None unless asked for (`keep_probs=True`).
+    timings: seconds per stage: 'network' (upload, resize, DCNN, upsampling, softmax),
+        'crf', 'labels' (argmax and download); callers add 'decode' and 'encode'.
+    network_size: (h, w) of the image the network saw.
+    crf_size: (h, w) the CRF ran at (the original size unless memory forced less), or None.
+    """
+
+    labels: np.ndarray
+    probs: Any = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    network_size: tuple[int, int] | None = None
+    crf_size: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class BatchItem:
+    """What `segment_many` yields per source, in input order.
+
+    Exactly one of `result` and `error` is set. `output` is what `on_result` returned.
+    """
+
+    source: Any
+    image: np.ndarray | None = None
+    result: SegmentResult | None = None
+    error: BaseException | None = None
+    output: Any = None
+    decode_s: float = 0.0
+
+
+def network_size(height: int, width: int, max_size: int) -> tuple[int, int]:
+    """(h, w) the network sees: the image scaled so its longer side is at most `max_size`
+    (aspect kept, never upscaled; 0 = native size)."""
+    longer = max(height, width)
+    if max_size <= 0 or longer <= max_size:
+        return height, width
+    scale = max_size / longer
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def crf_memory_bytes(height: int, width: int, n_labels: int) -> int:
+    """Estimated peak memory of the dense CRF on an image of this size (either device)."""
+    return height * width * (CRF_BYTES_PER_PIXEL_LABEL * n_labels + CRF_BYTES_PER_PIXEL)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo, else free physical pages, else 8 GB."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+class Segmenter:
+    """DeepLab v2 + dense CRF on one device, for single images or streams of them.
+
+    Args:
+        model: an `MSC` network (see `deeplab_cli.model`), already on `device`.
+        meta: the weights' `WeightsMeta` (class names, palette, CRF defaults).
+        device: torch.device or string ('cpu', 'cuda', 'cuda:1').
+        crf: CRF parameters tuned for the network's resolution, or None for no CRF.
+        msc: fuse the 1, 0.75 and 0.5 input scales (the released models' setting).
+        max_size: longest side the network sees (0 = native resolution).
+        precision: 'fp32', 'bf16' or 'fp16' (autocast). On the CPU fp16 falls back to fp32.
+        memory_budget: bytes the probabilities and CRF may use; None = 80% of the GPU's free
+            memory, or 60% of the host's available memory.
+        notify: where one-line notes go (default: stderr); each distinct note is said once.
+    """
+
+    def __init__(self, model, meta, *, device, crf: CRFParams | None = CRFParams(),
+                 msc: bool = True, max_size: int = 513, precision: str = "fp32",
+                 memory_budget: int | None = None,
+                 notify: Callable[[str], None] | None = None) -> None:
+        import torch
+
+        if precision not in PRECISIONS:
+            raise DeeplabError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        if max_size < 0:
+            raise DeeplabError(f"--max-size {max_size}: expected 0 (native) or a positive size")
+        self.model = model
+        self.meta = meta
+        self.device = torch.device(device)
+        self.crf = crf
+        self.msc = msc
+        self.max_size = int(max_size)
+        self.precision = precision
+        self.memory_budget = memory_budget
+        self._notify = notify or (lambda line: print(f"deeplab: {line}", file=sys.stderr))
+        self._said: set[str] = set()
+        self.n_classes = int(getattr(model, "n_classes", 0) or len(meta.classes))
+        self._autocast_dtype = None
+        if precision != "fp32":
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            if self.device.type == "cpu" and dtype is torch.float16:
+                self.note("--precision fp16 is not supported on the CPU; using fp32")
+            else:
+                self._autocast_dtype = dtype
+
+    @classmethod
+    def from_weights(cls, weights: str | os.PathLike | None = None, *, device="auto",
+                     crf: CRFParams | None = _KEEP_META_CRF, **kw) -> "Segmenter":
+        """Load weights (a registry name, a file, or None for the default) onto `device`
+        ('auto', 'cpu', 'cuda', 'cuda:N'); the CRF defaults to the weights' own parameters."""
+        import torch
+
+        from deeplab_cli.device import resolve_device
+        from deeplab_cli.weights import load_model
+
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        model, meta = load_model(weights, device=dev)
+        if crf is _KEEP_META_CRF:
+            crf = meta.crf
+        return cls(model, meta, device=dev, crf=crf, **kw)
+
+    # --- small helpers -------------------------------------------------------------------
+
+    def note(self, line: str) -> None:
+        """Say `line` once per segmenter (repeats are dropped)."""
+        if line not in self._said:
+            self._said.add(line)
+            self._notify(line)
+
+    def network_size(self, height: int, width: int) -> tuple[int, int]:
+        return network_size(height, width, self.max_size)
+
+    def memory_budget_bytes(self) -> int:
+        """Bytes the probabilities and the CRF may take on this device (see Args)."""
+        import torch
+
+        if self.memory_budget:
+            return int(self.memory_budget)
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            return int(0.8 * (free + cached))
+        return int(0.6 * _host_available_bytes())
+
+    def _autocast(self):
+        import torch
+
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    def _upload(self, rgb: np.ndarray):
+        """RGB uint8 (H, W, 3) or (N, H, W, 3) -> a uint8 tensor on the device (one copy)."""
+        import torch
+
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.shape[-1] != 3 or rgb.ndim not in (3, 4):
+            raise ValueError(f"expected RGB uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays
+            rgb = rgb.copy()
+        return torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
+
+    def _logits(self, x):
+        """uint8 (N, H, W, 3) on the device -> float32 logits (N, C, h, w) at stride 8
+        of the network-size image."""
+        import torch
+        import torch.nn.functional as F
+
+        from deeplab_cli.model import preprocess
+
+        height, width = x.shape[1:3]
+        with torch.no_grad():
+            inp = preprocess(x)  # (N, 3, H, W) float32, BGR minus mean
+            net = self.network_size(height, width)
+            if net != (height, width):
+                # Antialiased: plain bilinear would alias badly at 8x reductions.
+                inp = F.interpolate(inp, size=net, mode="bilinear", align_corners=False,
+                                    antialias=True)  # (N, 3, h', w')
+            with self._autocast():
+                logits = self.model(inp, msc=self.msc)  # (N, C, h, w)
+            return logits.float()
+
+    @staticmethod
+    def _upsampled_softmax(logits, size: tuple[int, int]):
+        """(C, h, w) logits -> (C, H, W) probabilities, bilinear (align_corners=False).
+
+        The softmax runs in place, so the peak is one (C, H, W) buffer, not three.
+        """
+        import torch.nn.functional as F
+
+        up = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+        up -= up.amax(dim=0, keepdim=True)
+        up.exp_()
+        up /= up.sum(dim=0, keepdim=True)
+        return up  # (C, H, W)
+
+    def _upsampled_argmax(self, scores, size: tuple[int, int]):
+        """argmax over C of `scores` (C, h, w) upsampled bilinearly to `size`, without
+        holding the full (C, H, W) upsampled tensor: channels go through in chunks that
+        fit the memory budget, keeping a running maximum (ties keep the lower id, as argmax)."""
+        import torch
+        import torch.nn.functional as F
+
+        if tuple(scores.shape[1:]) == tuple(size):
+            return scores.argmax(dim=0)
+        n = scores.shape[0]
+        plane = size[0] * size[1] * 4
+        chunk = max(1, min(n, self.memory_budget_bytes() // (4 * plane)))
+        best_val = best_idx = None
+        for start in range(0, n, chunk):
+            up = F.interpolate(scores[None, start:start + chunk], size=size, mode="bilinear",
+                               align_corners=False)[0]  # (c, H, W)
+            val, idx = up.max(dim=0)
+            idx += start
+            if best_val is None:
+                best_val, best_idx = val, idx
+            else:
+                better = val > best_val
+                best_val = torch.where(better, val, best_val)
+                best_idx = torch.where(better, idx, best_idx)
+        return best_idx  # (H, W)
+
+    def _resized_image(self, x, size: tuple[int, int]):
+        """uint8 (H, W, 3) on the device resized (antialiased) to `size`, still uint8."""
+        import torch.nn.functional as F
+
+        if tuple(x.shape[:2]) == tuple(size):
+            return x
+        img = x.permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return img[0].round_().clamp_(0, 255).to(x.dtype).permute(1, 2, 0).contiguous()
+
+    # --- CRF parameters and working resolution --------------------------------------------
+
+    def _crf_params_at(self, size: tuple[int, int], net: tuple[int, int]) -> CRFParams | None:
+        """CRF parameters for a CRF run at `size` when the network saw `net`: the spatial
+        stds were tuned at the network's resolution, so they grow with size / net."""
+        if self.crf is None:
+            return None
+        factor = max(size) / max(net)
+        return self.crf if factor == 1 else self.crf.scaled(factor)
+
+    def crf_params_for(self, rgb: np.ndarray) -> CRFParams | None:
+        """The CRF parameters applied at `rgb`'s own resolution (None without a CRF):
+        spatial stds multiplied by original / network size when the network saw a
+        downscaled copy, unchanged otherwise."""
+        height, width = np.shape(rgb)[:2]
+        return self._crf_params_at((height, width), self.network_size(height, width))
+
+    def crf_size(self, height: int, width: int, n_labels: int | None = None) -> tuple[int, int]:
+        """Resolution the CRF runs at for an image of this size: the original one unless its
+        memory estimate exceeds the budget or the lattice cannot index it; then the largest
+        size (aspect kept, not below the network's) that fits.
+
+        Raises:
+            DeeplabError: not even the network's resolution fits.
+        """
+        from deeplab_cli import crf as crf_module
+
+        n_labels = n_labels or self.n_classes
+        budget = self.memory_budget_bytes()
+        net = self.network_size(height, width)
+        check = getattr(crf_module, "check_size", None)
+
+        def fits(h: int, w: int) -> bool:
+            if crf_memory_bytes(h, w, n_labels) > budget:
+                return False
+            if check is not None:
+                try:
+                    check(h, w, n_labels, self._crf_params_at((h, w), net))
+                except DeeplabError:
+                    return False
+            return True
+
+        if fits(height, width):
+            return height, width
+        scale = math.sqrt(budget / crf_memory_bytes(height, width, n_labels))
+        while scale > 0:
+            size = (max(net[0], math.floor(height * scale)), max(net[1], math.floor(width * scale)))
+            if fits(*size):
+                return size
+            if size == net:
+                break
+            scale *= 0.9
+        need = crf_memory_bytes(*net, n_labels) / 1e9
+        raise DeeplabError(
+            f"{width}x{height}: not enough memory for the CRF even at the network's "
+            f"{net[1]}x{net[0]} ({need:.1f} GB needed, {budget / 1e9:.1f} GB available); "
+            "use --no-crf or a smaller --max-size"
+        )
+
+    # --- the public steps ----------------------------------------------------------------
+
+    def probs(self, rgb: np.ndarray):
+        """Class probabilities (C, H, W) float32 on `self.device` at `rgb`'s own size:
+        network, bilinear upsampling of the logits, softmax. No CRF."""
+        import torch
+
+        x = self._upload(rgb)  # (H, W, 3) uint8
+        logits = self._logits(x[None])[0]  # (C, h, w)
+        with torch.no_grad():
+            return self._upsampled_softmax(logits, tuple(x.shape[:2]))
+
+    def refine(self, rgb: np.ndarray, probs):
+        """The CRF on probabilities (C, H, W) at `rgb`'s size, with `crf_params_for(rgb)`;
+        returns (C, H, W) on the same device/type as `probs` (identity when crf is None)."""
+        if self.crf is None:
+            return probs
+        from deeplab_cli import crf as crf_module
+
+        image = self._upload(rgb) if hasattr(probs, "device") and probs.device.type == "cuda" else rgb
+        return crf_module.dense_crf(image, probs, self.crf_params_for(rgb))
+
+    def segment(self, rgb: np.ndarray, *, keep_probs: bool = False) -> SegmentResult:
+        """Labels (H, W) for one RGB uint8 image (H, W, 3); probabilities too if asked."""
+        return self.segment_batch([rgb], keep_probs=keep_probs)[0]
+
+    def segment_batch(self, images: list[np.ndarray], *, keep_probs: bool = False) -> list[SegmentResult]:
+        """Segment same-size images: one network call for all; on CUDA the CRF also runs
+        on as many of them at once as the memory budget allows."""
+        import torch
+
+        if not images:
+            return []
+        shape = np.shape(images[0])
+        if any(np.shape(im) != shape for im in images):
+            raise ValueError("segment_batch needs images of one size; use segment_many")
+        height, width = shape[:2]
+        n = len(images)
+        t0 = time.perf_counter()
+        x = self._upload(np.stack(images) if n > 1 else np.asarray(images[0])[None])  # (N, H, W, 3)
+        logits = self._logits(x)  # (N, C, h, w)
+        _sync(self.device)
+        net_time = (time.perf_counter() - t0) / n
+        results = [SegmentResult(labels=None, timings={"network": net_time},
+                                 network_size=self.network_size(height, width)) for _ in range(n)]
+        with torch.no_grad():
+            if self.crf is None:
+                for i in range(n):
+                    self._finish_plain(logits[i], (height, width), results[i], keep_probs)
+            else:
+                self._finish_crf(x, logits, results, keep_probs)
+        return results
+
+    def _finish_plain(self, logits, size: tuple[int, int], result: SegmentResult,
+                      keep_probs: bool) -> None:
+        """No CRF: upsample, (softmax), argmax, download."""
+        t0 = time.perf_counter()
+        if keep_probs:
+            self._check_probs_memory(size)
+            result.probs = self._upsampled_softmax(logits, size)  # (C, H, W)
+            labels = result.probs.argmax(dim=0)
+        else:
+            # Softmax keeps the order, so the labels come straight from the logits.
+            labels = self._upsampled_argmax(logits, size)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        result.labels = self._download_labels(labels)
+        result.timings.update(crf=0.0, labels=time.perf_counter() - t1)
+        result.timings["network"] += t1 - t0
+
+    def _finish_crf(self, x, logits, results: list[SegmentResult], keep_probs: bool) -> None:
+        """Upsample + softmax at the CRF's resolution, CRF, argmax at the original size."""
+        from deeplab_cli import crf as crf_module
+
+        height, width = x.shape[1:3]
+        size = (height, width)
+        n_labels = logits.shape[1]
+        crf_size = self.crf_size(height, width, n_labels)
+        if crf_size != size:
+            self.note(f"the CRF runs at {crf_size[1]}x{crf_size[0]} for {width}x{height} "
+                      f"images to fit in memory (limit {self.memory_budget_bytes() / 1e9:.1f} GB); "
+                      "its result is upsampled")
+        params = self._crf_params_at(crf_size, self.network_size(height, width))
+        # CUDA: several images per CRF call (fewer, fuller kernel launches) while they fit.
+        per_call = 1
+        if self.device.type == "cuda":
+            per_call = max(1, self.memory_budget_bytes() // crf_memory_bytes(*crf_size, n_labels))
+        for start in range(0, len(results), per_call):
+            idx = range(start, min(start + per_call, len(results)))
+            t0 = time.perf_counter()
+            probs = [self._upsampled_softmax(logits[i], crf_size) for i in idx]  # (C, h', w') each
+            images = [self._resized_image(x[i], crf_size) for i in idx]
+            if self.device.type != "cuda":
+                images = [im.cpu().numpy() for im in images]
+            _sync(self.device)
+            t1 = time.perf_counter()
+            refined = crf_module.dense_crf_batch(images, probs, params) if len(idx) > 1 else \
+                [crf_module.dense_crf(images[0], probs[0], params)]
+            _sync(self.device)
+            t2 = time.perf_counter()
+            for i, q in zip(idx, refined):
+                t3 = time.perf_counter()
+                if keep_probs and crf_size != size:
+                    import torch.nn.functional as F
+
+                    self._check_probs_memory(size)
+                    q = F.interpolate(q[None], size=size, mode="bilinear", align_corners=False)[0]
+                labels = q.argmax(dim=0) if tuple(q.shape[1:]) == size else self._upsampled_argmax(q, size)
+                results[i].labels = self._download_labels(labels)
+                results[i].probs = q if keep_probs else None
+                results[i].crf_size = crf_size
+                results[i].timings["network"] += (t1 - t0) / len(idx)
+                results[i].timings["crf"] = (t2 - t1) / len(idx)
+                results[i].timings["labels"] = time.perf_counter() - t3
+
+    def _check_probs_memory(self, size: tuple[int, int]) -> None:
+        need = self.n_classes * size[0] * size[1] * 4 * 2
+        budget = self.memory_budget_bytes()
+        if need > budget:
+            raise DeeplabError(
+                f"{size[1]}x{size[0]}: {self.n_classes}-class probabilities need {need / 1e9:.1f} GB, "
+                f"more than the {budget / 1e9:.1f} GB available; write labels instead of probs"
+            )
+
+    def _download_labels(self, labels) -> np.ndarray:
+        """(H, W) int64 on the device -> uint8 (<= 256 classes) or uint16 NumPy on the host,
+        narrowed on the device so only 1-2 bytes per pixel cross the bus."""
+        import torch
+
+        if self.n_classes <= 256:
+            return labels.to(torch.uint8).cpu().numpy()
+        return labels.to(torch.int16).cpu().numpy().view(np.uint16)
+
+    # --- streams of images ---------------------------------------------------------------
+
+    def segment_many(self, sources: Iterable[Any], *, read: Callable[[Any], np.ndarray] | None = None,
+                     batch_size: int = 1, readers: int | None = None, prefetch: int | None = None,
+                     keep_probs: bool = False,
+                     on_result: Callable[[BatchItem], Any] | None = None,
+                     pending_writes: int = 4) -> Iterator[BatchItem]:
+        """Segment a stream of sources, yielding one `BatchItem` per source in input order.
+
+        Args:
+            sources: anything `read` accepts (default `image_io.read_image`: paths or bytes);
+                consumed lazily, at most `prefetch` ahead.
+            read: source -> RGB uint8 (H, W, 3). Runs on `readers` threads, ahead of the
+                network. Its exceptions become the item's `error`; the stream goes on.
+            batch_size: consecutive images of one size go through the network together,
+                up to this many.
+            keep_probs: keep each result's probabilities (C, H, W).
+            on_result: called on a single writer thread with each successful item (to
+                encode and save it); its return value becomes `item.output`, an exception
+                becomes `item.error`. Items are yielded only once it has returned.
+            pending_writes: how many items may wait for the writer before the network waits.
+        """
+        if read is None:
+            from deeplab_cli.image_io import read_image as read
+        if batch_size < 1:
+            raise DeeplabError(f"--batch-size {batch_size}: expected a positive number")
+        readers = readers or max(1, min(4, os.cpu_count() or 1))
+        prefetch = prefetch or max(2 * readers, 2 * batch_size)
+
+        def timed_read(source):
+            t0 = time.perf_counter()
+            image = read(source)
+            return image, time.perf_counter() - t0
+
+        source_iter = iter(sources)
+        reads: collections.deque[tuple[Any, Future]] = collections.deque()
+        done: collections.deque[tuple[BatchItem, Future | None]] = collections.deque()
+        read_pool = ThreadPoolExecutor(readers, thread_name_prefix="deeplab-read")
+        write_pool = ThreadPoolExecutor(1, thread_name_prefix="deeplab-write") if on_result else None
+
+        def fill() -> None:
+            while len(reads) < prefetch:
+                try:
+                    source = next(source_iter)
+                except StopIteration:
+                    return
+                reads.append((source, read_pool.submit(timed_read, source)))
+
+        def write(item: BatchItem) -> Any:
+            return on_result(item)
+
+        def finish(entry: tuple[BatchItem, Future | None]) -> BatchItem:
+            item, future = entry
+            if future is not None:
+                try:
+                    item.output = future.result()
+                except Exception as exc:  # the writer's error belongs to this item only
+                    item.error = exc
+            return item
+
+        def hand_on(item: BatchItem) -> None:
+            future = write_pool.submit(write, item) if (write_pool and item.error is None) else None
+            done.append((item, future))
+
+        try:
+            fill()
+            while reads:
+                source, future = reads.popleft()
+                fill()
+                try:
+                    image, decode_s = future.result()
+                except Exception as exc:
+                    hand_on(BatchItem(source, error=exc))
+                else:
+                    group = [BatchItem(source, image=image, decode_s=decode_s)]
+                    # Group the next images while they have the same size.
+                    while len(group) < batch_size and reads:
+                        next_source, next_future = reads[0]
+                        try:
+                            next_image, next_s = next_future.result()
+                        except Exception:
+                            break  # its error is handled when its turn comes
+                        if next_image.shape != image.shape:
+                            break
+                        reads.popleft()
+                        fill()
+                        group.append(BatchItem(next_source, image=next_image, decode_s=next_s))
+                    for item in self._segment_group(group, keep_probs=keep_probs):
+                        hand_on(item)
+                while done and (done[0][1] is None or done[0][1].done() or len(done) > pending_writes):
+                    yield finish(done.popleft())
+            while done:
+                yield finish(done.popleft())
+        finally:
+            read_pool.shutdown(wait=True, cancel_futures=True)
+            if write_pool is not None:
+                write_pool.shutdown(wait=True)  # writes already started finish: whole files only
+
+    def _segment_group(self, group: list[BatchItem], *, keep_probs: bool) -> list[BatchItem]:
+        """Run a same-size group; if the group fails, retry its images one by one so one
+        bad image (or an out-of-memory batch) does not take the others with it."""
+        try:
+            results = self.segment_batch([item.image for item in group], keep_probs=keep_probs)
+        except Exception as exc:
+            self._after_failure(exc)
+            if len(group) == 1:
+                group[0].error = self._explain(exc, group[0].image)
+                return group
+            for item in group:
+                try:
+                    item.result = self.segment(item.image, keep_probs=keep_probs)
+                except Exception as one_exc:
+                    self._after_failure(one_exc)
+                    item.error = self._explain(one_exc, item.image)
+                else:
+                    item.result.timings["decode"] = item.decode_s
+            return group
+        for item, result in zip(group, results):
+            result.timings["decode"] = item.decode_s
+            item.result = result
+        return group
+
+    def _after_failure(self, exc: BaseException) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _explain(self, exc: BaseException, image: np.ndarray | None) -> BaseException:
+        """Out-of-memory errors become one line a user can act on; others pass through."""
+        import torch
+
+        if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc):
+            where = "GPU" if self.device.type == "cuda" else "host"
+            size = f"{image.shape[1]}x{image.shape[0]}" if image is not None else "image"
+            return DeeplabError(f"{size}: out of {where} memory; try a smaller --max-size, "
+                                "--batch-size 1 or --no-crf")
+        return exc

@@ -1,0 +1,557 @@
+"""`deeplab segment` and the Segmenter: CPU, tiny images, random DeepLab v2 weights.
+
+The weights are `build_model(21)` with its random initialisation, saved once per session;
+the images are small odd-sized crops of the shipped photos, and `--max-size 32` keeps the
+ResNet-101 forward pass cheap on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import load_photo
+from deeplab_cli.cli import cli
+from deeplab_cli.crf.params import CRFParams
+from deeplab_cli.errors import DeeplabError
+from deeplab_cli.pipeline import BatchItem, Segmenter, crf_memory_bytes, network_size
+
+N_CLASSES = 21
+H, W = 37, 53
+FAST = ["--max-size", "32", "--no-msc", "-q"]
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """A bare state_dict of a randomly initialised 21-class DeepLab v2 (as users save them)."""
+    from deeplab_cli.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(N_CLASSES)
+    with torch.no_grad():  # a livelier classifier than the init's, so masks hold several classes
+        for i in range(4):
+            getattr(model.base.aspp, f"c{i}").weight.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("weights") / "random21.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+_MODELS: dict = {}
+
+
+@pytest.fixture
+def fast_load(monkeypatch, weights_file):
+    """Load the weights file once per session for the in-process CLI runs (the subprocess
+    tests load it for real)."""
+    import deeplab_cli.weights as weights
+
+    real = weights.load_model
+
+    def cached(name_or_path=None, *, device="cpu", dtype=None):
+        key = (str(name_or_path), str(device))
+        if key not in _MODELS:
+            _MODELS[key] = real(name_or_path, device=device, dtype=dtype)
+        return _MODELS[key]
+
+    monkeypatch.setattr(weights, "load_model", cached)
+    return cached
+
+
+@pytest.fixture
+def model_meta(fast_load, weights_file):
+    return fast_load(str(weights_file))
+
+
+def photo(name: str = "chelsea.jpg", size=(W, H)) -> np.ndarray:
+    """A shipped photo shrunk to a tiny odd size (real structure, cheap to segment)."""
+    return np.array(Image.fromarray(load_photo(name)).resize(size, Image.BILINEAR))
+
+
+def save(path: Path, rgb: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path, **kw)
+    return path
+
+
+def invoke(args, *, input=None, expect=0):
+    result = CliRunner().invoke(cli, ["segment", *map(str, args)], input=input)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == expect, (result.exit_code, result.stderr)
+    return result
+
+
+def read_mask(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+# --- Segmenter -----------------------------------------------------------------------------
+
+
+def test_network_size():
+    assert network_size(37, 53, 32) == (22, 32)
+    assert network_size(53, 37, 32) == (32, 22)
+    assert network_size(37, 53, 0) == (37, 53)  # native
+    assert network_size(37, 53, 513) == (37, 53)  # never upscaled
+    assert network_size(4000, 6000, 513) == (342, 513)
+
+
+def test_probs_are_a_distribution_at_the_original_size(model_meta):
+    model, meta = model_meta
+    seg = Segmenter(model, meta, device="cpu", crf=None, max_size=32, msc=False)
+    probs = seg.probs(photo())
+    assert probs.shape == (N_CLASSES, H, W) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(0), torch.ones(H, W))
+    assert (probs >= 0).all()
+    result = seg.segment(photo())
+    assert result.labels.shape == (H, W) and result.labels.dtype == np.uint8
+    np.testing.assert_array_equal(result.labels, probs.argmax(0).numpy())
+    assert result.network_size == (22, 32) and result.probs is None
+    assert {"network", "crf", "labels"} <= set(result.timings)
+    assert len(np.unique(result.labels)) > 1  # random weights still give structure
+
+
+def test_probs_match_the_model_reference(model_meta):
+    """Same numbers as model.predict_probs on the resized input, upsampled to full size."""
+    import torch.nn.functional as F
+
+    from deeplab_cli.model import predict_probs, preprocess
+
+    model, meta = model_meta
+    seg = Segmenter(model, meta, device="cpu", crf=None, max_size=0, msc=True)
+    rgb = photo()
+    expected = predict_probs(model, preprocess(rgb), msc=True)[0]
+    torch.testing.assert_close(seg.probs(rgb), expected, atol=1e-5, rtol=1e-4)
+    seg32 = Segmenter(model, meta, device="cpu", crf=None, max_size=32, msc=False)
+    small = F.interpolate(preprocess(rgb), size=(22, 32), mode="bilinear", align_corners=False,
+                          antialias=True)
+    expected = predict_probs(model, small, size=(H, W), msc=False)[0]
+    torch.testing.assert_close(seg32.probs(rgb), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_from_weights_takes_the_crf_from_the_metadata(fast_load, weights_file):
+    seg = Segmenter.from_weights(weights_file, device="cpu", max_size=32)
+    _, meta = fast_load(str(weights_file))
+    assert seg.crf == meta.crf and seg.device == torch.device("cpu") and seg.max_size == 32
+    assert Segmenter.from_weights(weights_file, device="cpu", crf=None).crf is None
+
+
+def test_crf_params_scale_with_the_downscaling(model_meta):
+    model, meta = model_meta
+    base = CRFParams()
+    seg = Segmenter(model, meta, device="cpu", crf=base, max_size=32)
+    p = seg.crf_params_for(photo())  # 53 -> 32 on the longer side
+    assert p.bi_xy_std == pytest.approx(67 * 53 / 32)
+    assert p.pos_xy_std == pytest.approx(53 / 32)
+    assert (p.bi_rgb_std, p.bi_w, p.pos_w, p.iterations) == (3, 4, 3, 10)
+    assert Segmenter(model, meta, device="cpu", crf=base, max_size=0).crf_params_for(photo()) == base
+    assert Segmenter(model, meta, device="cpu", crf=base, max_size=513).crf_params_for(photo()) == base
+    assert Segmenter(model, meta, device="cpu", crf=None).crf_params_for(photo()) is None
+
+
+def test_upsampled_argmax_in_chunks_matches_full_interpolation(model_meta):
+    import torch.nn.functional as F
+
+    model, meta = model_meta
+    seg = Segmenter(model, meta, device="cpu", crf=None, memory_budget=4 * 4 * H * W * 3)
+    scores = torch.randn(N_CLASSES, 5, 7)
+    full = F.interpolate(scores[None], size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0)
+    torch.testing.assert_close(seg._upsampled_argmax(scores, (H, W)), full)
+
+
+def test_batch_equals_single_images(model_meta):
+    model, meta = model_meta
+    seg = Segmenter(model, meta, device="cpu", crf=None, max_size=32, msc=False)
+    images = [photo(n) for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")]
+    batch = seg.segment_batch(images, keep_probs=True)
+    for rgb, res in zip(images, batch):
+        single = seg.segment(rgb, keep_probs=True)
+        torch.testing.assert_close(res.probs, single.probs, atol=1e-4, rtol=1e-4)
+
+
+def test_crf_runs_at_full_resolution_with_scaled_params(model_meta, monkeypatch):
+    import deeplab_cli.crf as crf_module
+
+    model, meta = model_meta
+    calls = []
+    real = crf_module.dense_crf
+
+    def spy(image, probs, params):
+        calls.append((np.asarray(image).shape, tuple(probs.shape), params))
+        return real(image, probs, params)
+
+    monkeypatch.setattr(crf_module, "dense_crf", spy)
+    seg = Segmenter(model, meta, device="cpu", crf=CRFParams(iterations=3), max_size=32, msc=False)
+    result = seg.segment(photo(), keep_probs=True)
+    assert calls == [((H, W, 3), (N_CLASSES, H, W), seg.crf_params_for(photo()))]
+    assert result.crf_size == (H, W) and result.labels.shape == (H, W)
+    torch.testing.assert_close(result.probs.sum(0), torch.ones(H, W), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(result.labels, result.probs.argmax(0).numpy())
+    assert result.timings["crf"] > 0
+    # refine() is the same CRF on probs the caller already has.
+    probs = seg.probs(photo())
+    torch.testing.assert_close(seg.refine(photo(), probs), result.probs, atol=1e-5, rtol=1e-4)
+
+
+def test_crf_falls_back_to_a_smaller_resolution_when_memory_is_short(model_meta, monkeypatch):
+    import deeplab_cli.crf as crf_module
+
+    model, meta = model_meta
+    sizes = []
+    real = crf_module.dense_crf
+    monkeypatch.setattr(crf_module, "dense_crf",
+                        lambda image, probs, params: sizes.append((probs.shape[1:], params)) or
+                        real(image, probs, params))
+    notes = []
+    full, net = crf_memory_bytes(H, W, N_CLASSES), crf_memory_bytes(22, 32, N_CLASSES)
+    seg = Segmenter(model, meta, device="cpu", crf=CRFParams(iterations=2), max_size=32, msc=False,
+                    memory_budget=(full + net) // 2, notify=notes.append)
+    for _ in range(2):
+        result = seg.segment(photo())
+    assert result.labels.shape == (H, W)  # always the original size
+    (h, w), params = sizes[0]
+    assert (22, 32) <= (h, w) < (H, W) and crf_memory_bytes(h, w, N_CLASSES) <= (full + net) // 2
+    assert result.crf_size == (h, w)
+    assert params.bi_xy_std == pytest.approx(67 * max(h, w) / 32)
+    assert len(notes) == 1 and "the CRF runs at" in notes[0]  # said once, not per image
+    tiny = Segmenter(model, meta, device="cpu", crf=CRFParams(), max_size=32,
+                     memory_budget=net // 2)
+    with pytest.raises(DeeplabError, match="not enough memory for the CRF"):
+        tiny.segment(photo())
+
+
+def test_cpu_precisions(model_meta):
+    model, meta = model_meta
+    notes = []
+    bf16 = Segmenter(model, meta, device="cpu", crf=None, max_size=32, msc=False, precision="bf16")
+    probs = bf16.probs(photo())
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(0), torch.ones(H, W))
+    Segmenter(model, meta, device="cpu", crf=None, precision="fp16", notify=notes.append)
+    assert notes and "fp32" in notes[0]
+    with pytest.raises(DeeplabError, match="precision"):
+        Segmenter(model, meta, device="cpu", precision="int8")
+
+
+def test_segment_many_keeps_order_and_survives_bad_items(model_meta):
+    model, meta = model_meta
+    seg = Segmenter(model, meta, device="cpu", crf=None, max_size=32, msc=False)
+    images = {"a": photo("chelsea.jpg"), "b": photo("coffee.jpg"), "c": photo("rocket.jpg", (29, 41)),
+              "d": photo("astronaut.jpg")}
+
+    def read(key):
+        if key == "bad":
+            raise DeeplabError("bad: not an image")
+        return images[key]
+
+    written = []
+
+    def on_result(item: BatchItem):
+        if item.source == "d":
+            raise OSError("disk full")
+        written.append(item.source)
+        return item.result.labels.sum()
+
+    items = list(seg.segment_many(["a", "bad", "b", "c", "d"], read=read, batch_size=2,
+                                  on_result=on_result))
+    assert [i.source for i in items] == ["a", "bad", "b", "c", "d"]
+    assert isinstance(items[1].error, DeeplabError) and items[1].result is None
+    assert isinstance(items[4].error, OSError)
+    assert written == ["a", "b", "c"]
+    for item in (items[0], items[2], items[3]):
+        assert item.error is None
+        assert item.output == item.result.labels.sum()
+        np.testing.assert_array_equal(item.result.labels, seg.segment(images[item.source]).labels)
+        assert "decode" in item.result.timings
+    assert items[3].result.labels.shape == (41, 29)
+
+
+# --- the command: inputs and outputs -------------------------------------------------------
+
+
+def test_single_file(tmp_path, fast_load, weights_file):
+    src = save(tmp_path / "cat.jpg", photo())
+    out = tmp_path / "mask.png"
+    invoke([src, "-o", out, "--weights", weights_file, "--no-crf", *FAST])
+    with Image.open(out) as im:
+        assert im.mode == "P" and im.size == (W, H)
+        mask = np.asarray(im)
+    assert mask.max() < N_CLASSES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.jpg", "mask.png"]
+
+
+def test_folder_is_mirrored(tmp_path, fast_load, weights_file):
+    src = tmp_path / "photos"
+    save(src / "b.jpg", photo())
+    save(src / "sub" / "deeper" / "a.png", photo("coffee.jpg", (29, 41)))
+    save(src / "sub" / "c.webp", photo("rocket.jpg"), lossless=True)
+    (src / "notes.txt").write_text("not an image")
+    save(src / ".hidden.jpg", photo())
+    out = tmp_path / "masks"
+    invoke([src, "-o", out, "--weights", weights_file, "--no-crf", *FAST])
+    found = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert found == ["b.png", "sub/c.png", "sub/deeper/a.png"]
+    assert read_mask(out / "sub" / "deeper" / "a.png").shape == (41, 29)
+
+
+def test_stdin_to_stdout(fast_load, weights_file):
+    data = io.BytesIO()
+    Image.fromarray(photo()).save(data, "JPEG")
+    for args in (["-", "-o", "-"], ["-"]):  # no -o: stdout when it is not a terminal
+        result = invoke([*args, "--weights", weights_file, "--no-crf", *FAST], input=data.getvalue())
+        with Image.open(io.BytesIO(result.stdout_bytes)) as im:
+            assert im.format == "PNG" and im.size == (W, H) and im.mode == "P"
+
+
+def test_from_list_nul_separated(tmp_path, fast_load, weights_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = save(tmp_path / "in" / "x" / "one.jpg", photo())
+    b = save(tmp_path / "in" / "y" / "two with space.png", photo("coffee.jpg"))
+    listing = f"in/x/one.jpg\0{b}\0".encode()
+    result = invoke(["--from-list", "-", "-0", "-o", "out", "--json", "--weights", weights_file,
+                     "--no-crf", *FAST], input=listing)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["input"] for r in lines] == ["in/x/one.jpg", str(b)]
+    # Paths are mirrored relative to the deepest folder holding them all (in/).
+    assert (tmp_path / "out" / "x" / "one.png").is_file()
+    assert (tmp_path / "out" / "y" / "two with space.png").is_file()
+    assert a.is_file()
+
+
+@pytest.mark.parametrize("fmt", ["palette", "gray", "overlay", "probs"])
+def test_every_format(tmp_path, fast_load, weights_file, fmt):
+    src = save(tmp_path / "in" / "cat.png", photo())
+    out = tmp_path / "out"
+    invoke([src.parent, "-o", out, "--format", fmt, "--alpha", "0.25", "--weights", weights_file,
+            "--no-crf", *FAST])
+    if fmt == "probs":
+        probs = np.load(out / "cat.npy")
+        assert probs.dtype == np.float32 and probs.shape == (N_CLASSES, H, W)
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        return
+    with Image.open(out / "cat.png") as im:
+        assert im.size == (W, H)
+        assert im.mode == {"palette": "P", "gray": "L", "overlay": "RGB"}[fmt]
+        pixels = np.asarray(im)
+    if fmt == "overlay":
+        # 75% of the photo shows through: the overlay stays close to it.
+        assert np.abs(pixels.astype(int) - photo()).mean() < 0.25 * 255
+    else:
+        assert pixels.max() < N_CLASSES
+
+
+def test_json_lines(tmp_path, fast_load, weights_file):
+    for name in ("a.jpg", "b.jpg"):
+        save(tmp_path / "in" / name, photo())
+    result = invoke([tmp_path / "in", "-o", tmp_path / "out", "--json", "--weights", weights_file,
+                     "--no-crf", *FAST])
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 2
+    for rec in records:
+        assert rec["status"] == "ok" and (rec["width"], rec["height"]) == (W, H)
+        assert math.isclose(sum(c["fraction"] for c in rec["classes"]), 1.0, abs_tol=1e-9)
+        assert sum(c["pixels"] for c in rec["classes"]) == W * H
+        mask = read_mask(rec["output"])
+        for c in rec["classes"]:
+            assert c["name"] == meta_classes()[c["id"]]
+            assert c["pixels"] == int((mask == c["id"]).sum())
+        assert {"decode", "network", "crf", "encode"} <= set(rec["timings"])
+
+
+def meta_classes():
+    from deeplab_cli.labels import VOC_CLASSES
+
+    return VOC_CLASSES
+
+
+def test_colliding_names_keep_their_extension(tmp_path, fast_load, weights_file):
+    src = tmp_path / "in"
+    save(src / "a.jpg", photo())
+    save(src / "a.png", photo("coffee.jpg"))
+    save(src / "b.jpg", photo("rocket.jpg"))
+    out = tmp_path / "out"
+    invoke([src, "-o", out, "--weights", weights_file, "--no-crf", *FAST])
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg.png", "a.png.png", "b.png"]
+    # a.jpg.png is a.jpg's mask, not a.png's (they differ: different photos).
+    seg_a = read_mask(out / "a.jpg.png")
+    again = tmp_path / "again.png"
+    invoke([src / "a.jpg", "-o", again, "--weights", weights_file, "--no-crf", *FAST])
+    np.testing.assert_array_equal(seg_a, read_mask(again))
+
+
+def test_skip_existing_leaves_outputs_alone(tmp_path, fast_load, weights_file):
+    src = tmp_path / "in"
+    save(src / "a.jpg", photo())
+    out = tmp_path / "out"
+    args = [src, "-o", out, "--weights", weights_file, "--no-crf", *FAST]
+    invoke(args)
+    mask = out / "a.png"
+    old = mask.stat().st_mtime_ns
+    os.utime(mask, ns=(old - 10**9, old - 10**9))  # older, so a rewrite would show
+    save(src / "b.jpg", photo("coffee.jpg"))
+    result = invoke([*args, "--skip-existing", "--json"])
+    records = {json.loads(l)["input"]: json.loads(l) for l in result.stdout.splitlines()}
+    assert records[str(src / "a.jpg")]["status"] == "skipped"
+    assert records[str(src / "b.jpg")]["status"] == "ok"
+    assert mask.stat().st_mtime_ns == old - 10**9
+    assert (out / "b.png").is_file()
+
+
+def test_bad_files_do_not_stop_the_batch(tmp_path, fast_load, weights_file):
+    src = tmp_path / "in"
+    save(src / "a.jpg", photo())
+    good = io.BytesIO()  # big enough that half of it is past the JPEG header
+    Image.fromarray(load_photo("coffee.jpg")).save(good, "JPEG")
+    (src / "b_truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (src / "c_empty.png").write_bytes(b"")
+    save(src / "d.png", photo("coffee.jpg"))
+    out = tmp_path / "out"
+    result = invoke([src, "-o", out, "--weights", weights_file, "--no-crf", "--max-size", "32",
+                     "--no-msc"], expect=1)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "d.png"]
+    lines = result.stderr.strip().splitlines()
+    assert any("b_truncated.jpg: truncated or corrupt JPEG" in l for l in lines)
+    assert any("c_empty.png: empty file" in l for l in lines)
+    assert "4 images: 2 segmented, 2 failed" in lines[-1]
+    # --fail-fast stops at the first failure.
+    result = invoke([src, "-o", tmp_path / "ff", "--weights", weights_file, "--no-crf", *FAST,
+                     "--fail-fast"], expect=1)
+    assert "not run (--fail-fast)" in result.stderr
+
+
+def test_no_crf_and_crf_both_run(tmp_path, fast_load, weights_file):
+    src = save(tmp_path / "cat.jpg", photo())
+    plain, refined = tmp_path / "plain.png", tmp_path / "crf.png"
+    invoke([src, "-o", plain, "--weights", weights_file, "--no-crf", *FAST])
+    result = invoke([src, "-o", refined, "--weights", weights_file, "--iters", "5", "--bi-w", "10",
+                     "--json", *FAST])
+    rec = json.loads(result.stdout)
+    assert rec["timings"]["crf"] > 0
+    a, b = read_mask(plain), read_mask(refined)
+    assert a.shape == b.shape == (H, W)
+    assert (a != b).any()  # a strong appearance kernel changes some labels
+
+
+def test_exif_rotated_input_gives_an_upright_mask(tmp_path, fast_load, weights_file):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    src = tmp_path / "rotated.jpg"
+    Image.fromarray(photo()).save(src, exif=exif.tobytes())
+    out = tmp_path / "m.png"
+    invoke([src, "-o", out, "--weights", weights_file, "--no-crf", *FAST])
+    assert read_mask(out).shape == (W, H)
+
+
+def test_outputs_never_escape_or_overwrite(tmp_path, fast_load, weights_file):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    src = tmp_path / "in"
+    save(src / "sub" / "a.jpg", photo())
+    save(src / "b.jpg", photo("coffee.jpg"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(outside, target_is_directory=True)
+    result = invoke([src, "-o", out, "--weights", weights_file, "--no-crf", *FAST], expect=1)
+    assert "outside" in result.stderr and "refused" in result.stderr
+    assert list(outside.iterdir()) == []
+    assert (out / "b.png").is_file()
+    # Segmenting PNGs into their own folder would overwrite them: refused.
+    pngs = tmp_path / "pngs"
+    save(pngs / "p.png", photo())
+    before = (pngs / "p.png").read_bytes()
+    result = invoke([pngs, "-o", pngs, "--weights", weights_file, "--no-crf", *FAST], expect=1)
+    assert "would overwrite an input" in result.stderr
+    assert (pngs / "p.png").read_bytes() == before
+
+
+def test_usage_errors(tmp_path, fast_load, weights_file, monkeypatch):
+    a = save(tmp_path / "a.jpg", photo())
+    b = save(tmp_path / "b.jpg", photo())
+    result = invoke([a, b, "-o", tmp_path / "x.png", "--weights", weights_file], expect=1)
+    assert "looks like a file name" in result.stderr
+    result = invoke([a, b, "-o", "-", "--weights", weights_file], expect=1)
+    assert "stdout holds one image" in result.stderr
+    result = invoke([a, "-o", tmp_path / "m.jpg", "--weights", weights_file], expect=1)
+    assert "writes .png files" in result.stderr
+    result = invoke([a, "--model", "voc12", "--weights", weights_file], expect=1)
+    assert "not both" in result.stderr
+    result = invoke([a, "-o", "-", "--json", "--weights", weights_file], expect=1)
+    assert "--json" in result.stderr
+    monkeypatch.setattr("deeplab_cli.cli.segment._stdout_is_tty", lambda: True)
+    result = invoke([a, "--weights", weights_file], expect=1)
+    assert "stdout is a terminal" in result.stderr
+    result = invoke([tmp_path / "empty_dir_missing", "-o", tmp_path / "o", "--weights", weights_file,
+                     *FAST], expect=1)
+    assert "no such file" in result.stderr
+
+
+# --- through a real process ----------------------------------------------------------------
+
+
+def run_cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "deeplab_cli", "segment", *map(str, args)],
+                          capture_output=True, timeout=300, **kw)
+
+
+def test_subprocess_pipe_round_trip(tmp_path, weights_file):
+    data = io.BytesIO()
+    Image.fromarray(photo()).save(data, "PNG")
+    proc = run_cli(["-", "--weights", weights_file, "--no-crf", *FAST], input=data.getvalue())
+    assert proc.returncode == 0, proc.stderr.decode()
+    with Image.open(io.BytesIO(proc.stdout)) as im:
+        assert im.size == (W, H) and im.mode == "P"
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_only_complete_outputs_and_resumes(tmp_path, weights_file):
+    src = tmp_path / "in"
+    names = [f"img{i:02d}.jpg" for i in range(12)]
+    for i, name in enumerate(names):
+        save(src / name, photo(("chelsea.jpg", "coffee.jpg", "rocket.jpg")[i % 3]))
+    out = tmp_path / "out"
+    args = [src, "-o", out, "--weights", weights_file, "--no-crf", "--max-size", "48", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "deeplab_cli", "segment", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".")
+                                        for p in out.iterdir())):
+            assert proc.poll() is None, "finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    finished = sorted(p for p in out.iterdir() if not p.name.startswith("."))
+    assert 0 < len(finished) < len(names)
+    for path in finished:  # every visible output is a whole PNG
+        assert path.suffix == ".png"
+        assert read_mask(path).shape == (H, W)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in finished}
+    resumed = run_cli([*args, "--skip-existing", "--json"])
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    statuses = [json.loads(l)["status"] for l in resumed.stdout.decode().splitlines()]
+    assert statuses.count("skipped") == len(finished)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        [n.replace(".jpg", ".png") for n in names]
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in mtimes.items())
