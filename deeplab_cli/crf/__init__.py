@@ -1,1 +1,261 @@
-"""Fully connected CRF (mean field on the permutohedral lattice), on the CPU and on CUDA."""
+"""Fully connected CRF (mean field on the permutohedral lattice), on the CPU and on CUDA.
+
+`dense_crf(image, probs, params)` refines one image's class probabilities; `dense_crf_batch`
+does several. Inputs may be NumPy arrays, torch tensors (CPU or CUDA) or CuPy arrays; the
+result has the type and device of `probs`. CPU data runs `deeplab_cli.crf.cpu`, CUDA data
+the CuPy kernels of `deeplab_cli.crf.cuda` (shared with torch zero-copy through DLPack, on
+torch's current stream). Both compute pydensecrf's mean field (REFERENCE §2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from deeplab_cli.crf.params import CRFParams
+from deeplab_cli.errors import DeeplabError
+
+__all__ = ["CRFParams", "dense_crf", "dense_crf_batch", "check_size"]
+
+# Lattice coordinates are int16 in pydensecrf (and in our kernels); indices are int32.
+KEY_LIMIT = 32767
+INDEX_LIMIT = 2**31 - 1
+# How far the probabilities may sum away from 1 over the labels (float16 softmax included).
+SUM_TOLERANCE = 1e-2
+
+
+def check_size(height: int, width: int, n_labels: int, params: CRFParams | None = None) -> None:
+    """Raise DeeplabError when the lattice cannot index an image of this size.
+
+    Limits: every lattice coordinate (and its blur neighbours) fits int16, which depends on
+    width/σ, height/σ and 255/σβ; the d+1 simplex corners of all pixels (at most 6N)
+    are countable with int32. `n_labels` is accepted for callers sizing a batch; label
+    arrays use 64-bit offsets, so it sets no limit here.
+    """
+    params = params or CRFParams()
+    n = height * width
+    if n <= 0:
+        raise DeeplabError(f"CRF: empty image ({width}x{height})")
+    if 6 * n > INDEX_LIMIT:
+        raise DeeplabError(
+            f"CRF: a {width}x{height} image is too large for the lattice's int32 indices "
+            f"(at most {INDEX_LIMIT // 6 / 1e6:.0f} MP); use a smaller image"
+        )
+    kernels = (
+        ("Gaussian", "pos_xy_std", [(width - 1) / params.pos_xy_std, (height - 1) / params.pos_xy_std]),
+        ("bilateral", "bi_xy_std and bi_rgb_std",
+         [(width - 1) / params.bi_xy_std, (height - 1) / params.bi_xy_std] + [255 / params.bi_rgb_std] * 3),
+    )
+    for name, options, fmax in kernels:
+        if _max_key(fmax) > KEY_LIMIT:
+            raise DeeplabError(
+                f"CRF: a {width}x{height} image needs {name} lattice coordinates beyond int16 with "
+                f"these {options}; use larger standard deviations or a smaller image"
+            )
+
+
+def _max_key(fmax: list[float]) -> float:
+    """Largest |lattice coordinate| (plus rounding, corner and neighbour margins) for
+    non-negative features bounded by `fmax` (see the elevation in `crf.cpu`)."""
+    d = len(fmax)
+    inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
+    cf = [f * inv_std / math.sqrt((i + 1) * (i + 2)) for i, f in enumerate(fmax)]
+    # elevated[j] = sum(cf[j:]) - j * cf[j-1] lies in [-j*cf[j-1], sum(cf[j:])].
+    extent = max(max(sum(cf[j:]), j * cf[j - 1] if j else 0.0) for j in range(d))
+    return extent * (1 + 1e-6) + 3 * (d + 1)
+
+
+def dense_crf(image: Any, probs: Any, params: CRFParams = CRFParams()) -> Any:
+    """Refine class probabilities with the fully connected CRF.
+
+    Args:
+        image: RGB uint8 (H, W, 3): NumPy, torch (any device) or CuPy.
+        probs: float probabilities (C, H, W) summing to 1 over C (e.g. a softmax), C >= 2.
+        params: kernel parameters, iterations and normalization.
+
+    Returns:
+        float32 (C, H, W) marginals, of the same type and on the same device as `probs`.
+
+    Raises:
+        DeeplabError: bad shapes, dtypes or values, or an image the lattice cannot index.
+    """
+    return dense_crf_batch([image], [probs], params)[0]
+
+
+def dense_crf_batch(images: Sequence[Any], probs_list: Sequence[Any],
+                    params: CRFParams = CRFParams()) -> list[Any]:
+    """`dense_crf` over several images; CUDA inputs run as one batch on the GPU."""
+    if len(images) != len(probs_list):
+        raise DeeplabError(f"CRF: {len(images)} images but {len(probs_list)} probability maps")
+    results: list[Any] = [None] * len(images)
+    gpu: list[int] = []
+    for i, (image, probs) in enumerate(zip(images, probs_list)):
+        where = f"image {i}" if len(images) > 1 else "input"
+        _validate(image, probs, where, params)
+        if _kind(probs) in ("torch-cuda", "cupy"):
+            gpu.append(i)
+        else:
+            results[i] = _run_cpu(image, probs, params)
+    if gpu:
+        for i, out in zip(gpu, _run_cuda([images[i] for i in gpu], [probs_list[i] for i in gpu], params)):
+            results[i] = out
+    return results
+
+
+# -- validation ----------------------------------------------------------------------------
+
+def _kind(array: Any) -> str:
+    module = type(array).__module__.split(".")[0]
+    if module == "torch":
+        return "torch-cuda" if array.is_cuda else "torch"
+    if module == "cupy":
+        return "cupy"
+    if module == "numpy":
+        return "numpy"
+    raise DeeplabError(f"CRF: expected a NumPy array, torch tensor or CuPy array, got {type(array).__name__}")
+
+
+def _dtype_name(array: Any) -> str:
+    return str(array.dtype).replace("torch.", "")
+
+
+def _validate(image: Any, probs: Any, where: str, params: CRFParams) -> None:
+    """Shapes, dtypes and values; one DeeplabError line naming what is wrong."""
+    _kind(image)
+    kind = _kind(probs)
+    if len(probs.shape) != 3:
+        raise DeeplabError(f"CRF {where}: probabilities must be (C, H, W), got shape {tuple(probs.shape)}")
+    n_labels, height, width = (int(s) for s in probs.shape)
+    if len(image.shape) != 3 or tuple(int(s) for s in image.shape) != (height, width, 3):
+        raise DeeplabError(
+            f"CRF {where}: image shape {tuple(image.shape)} does not match probabilities "
+            f"{tuple(probs.shape)} (expected ({height}, {width}, 3), RGB)"
+        )
+    if _dtype_name(image) != "uint8":
+        raise DeeplabError(f"CRF {where}: image must be uint8 RGB, got {_dtype_name(image)}")
+    if _dtype_name(probs) not in ("float32", "float64", "float16", "bfloat16"):
+        raise DeeplabError(f"CRF {where}: probabilities must be floating point, got {_dtype_name(probs)}")
+    if n_labels < 2:
+        raise DeeplabError(f"CRF {where}: need at least 2 labels, got {n_labels}")
+    check_size(height, width, n_labels, params)
+
+    finite, low, worst_sum = _stats(probs, kind)
+    if not finite:
+        raise DeeplabError(f"CRF {where}: probabilities contain NaN or infinity")
+    if low < 0:
+        raise DeeplabError(f"CRF {where}: probabilities contain negative values (min {low:.3g})")
+    if worst_sum > SUM_TOLERANCE:
+        raise DeeplabError(
+            f"CRF {where}: not a probability map: values do not sum to 1 over the {n_labels} labels "
+            f"(off by up to {worst_sum:.3g}); pass softmax probabilities, not logits"
+        )
+
+
+def _stats(probs: Any, kind: str) -> tuple[bool, float, float]:
+    """(all finite, minimum, largest |sum over C - 1|), with one device sync for GPU data."""
+    if kind in ("torch", "torch-cuda"):
+        import torch
+
+        p = probs.detach().float()
+        stats = torch.stack([torch.isfinite(p).all().float(), p.min(),
+                             (p.sum(0) - 1).abs().max()]).cpu().tolist()
+        return bool(stats[0]), stats[1], stats[2]
+    if kind == "cupy":
+        import cupy as xp
+    else:
+        import numpy as xp
+    p = probs.astype(xp.float32, copy=False)
+    finite = bool(xp.isfinite(p).all())
+    if not finite:
+        return False, 0.0, 0.0
+    return True, float(p.min()), float(xp.abs(p.sum(axis=0) - 1).max())
+
+
+# -- dispatch ------------------------------------------------------------------------------
+
+def _run_cpu(image: Any, probs: Any, params: CRFParams) -> Any:
+    import numpy as np
+
+    from deeplab_cli.crf.cpu import dense_crf_cpu
+
+    kind = _kind(probs)
+    image_np = _to_numpy(image)
+    probs_np = _to_numpy(probs).astype(np.float32, copy=False)
+    out = dense_crf_cpu(image_np, probs_np, params)
+    if kind == "torch":
+        import torch
+
+        return torch.from_numpy(out)
+    return out
+
+
+def _to_numpy(array: Any):
+    import numpy as np
+
+    kind = _kind(array)
+    if kind in ("torch", "torch-cuda"):
+        return array.detach().cpu().float().numpy() if array.dtype.is_floating_point \
+            else array.detach().cpu().numpy()
+    if kind == "cupy":
+        return array.get()
+    return np.asarray(array)
+
+
+def _run_cuda(images: list[Any], probs: list[Any], params: CRFParams) -> list[Any]:
+    """Hand CUDA inputs to the CuPy kernels, zero-copy and on torch's current stream."""
+    try:
+        import cupy
+    except ImportError:
+        raise DeeplabError(
+            "CRF: CUDA inputs need CuPy (pip install 'deeplab-cli[cuda]'); "
+            "or move the probabilities to the CPU"
+        ) from None
+    from deeplab_cli.crf.cuda import dense_crf_cuda_batch
+
+    kinds = {_kind(p) for p in probs}
+    if len(kinds) > 1:
+        raise DeeplabError("CRF: mix of torch CUDA tensors and CuPy arrays in one batch")
+    if kinds == {"torch-cuda"}:
+        import torch
+
+        device = probs[0].device
+        if any(p.device != device for p in probs):
+            raise DeeplabError("CRF: probabilities of one batch are on different GPUs")
+        probs_t = [p.detach().float().contiguous() for p in probs]
+        images_t = [_torch_image(im, device) for im in images]
+        stream = torch.cuda.current_stream(device)
+        with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+            outs = dense_crf_cuda_batch([cupy.from_dlpack(im) for im in images_t],
+                                        [cupy.from_dlpack(p) for p in probs_t], params)
+            # Keep the inputs alive until the work queued on the stream is done with them.
+            results = [torch.from_dlpack(o) for o in outs]
+        for tensor in (*probs_t, *images_t):
+            tensor.record_stream(stream)
+        return results
+
+    device = probs[0].device
+    with device:
+        images_c = [_cupy_image(im) for im in images]
+        probs_c = [cupy.ascontiguousarray(p, dtype=cupy.float32) for p in probs]
+        return dense_crf_cuda_batch(images_c, probs_c, params)
+
+
+def _torch_image(image: Any, device):
+    import torch
+
+    kind = _kind(image)
+    if kind == "cupy":
+        image = torch.from_dlpack(image)
+    elif kind == "numpy":
+        image = torch.from_numpy(image)
+    return image.to(device=device, dtype=torch.uint8).contiguous()
+
+
+def _cupy_image(image: Any):
+    import cupy
+
+    kind = _kind(image)
+    if kind in ("torch", "torch-cuda"):
+        image = image.detach().contiguous()
+        image = cupy.from_dlpack(image) if kind == "torch-cuda" else cupy.asarray(image.numpy())
+    return cupy.ascontiguousarray(cupy.asarray(image), dtype=cupy.uint8)

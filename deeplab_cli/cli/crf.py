@@ -1,0 +1,102 @@
+"""`deeplab crf`: refine any model's class probabilities with the fully connected CRF.
+
+Reads an image and a float32 .npy of probabilities (C, H, W), runs `deeplab_cli.crf.dense_crf`
+and writes the labels as a palette PNG (pixel values = class ids, VOC colours) or the
+refined probabilities as a float32 .npy. Outputs are written atomically; `-o -` is stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option
+from deeplab_cli.errors import DeeplabError
+
+
+@click.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("probs", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, metavar="OUT",
+              help="Output file (.png for palette, .npy for probs), or - for stdout.")
+@click.option("--format", "fmt", type=click.Choice(["palette", "probs"]), default="palette",
+              show_default=True,
+              help="palette: PNG of class ids with the VOC colours; probs: float32 (C, H, W) .npy.")
+@crf_options
+@device_option
+def crf(image: str, probs: str, output: str, fmt: str, device: str, **options) -> None:
+    """Refine PROBS (a float32 .npy of softmax probabilities, shape (C, H, W)) for IMAGE.
+
+    \b
+    Examples:
+      deeplab crf photo.jpg probs.npy -o labels.png
+      deeplab crf photo.jpg probs.npy -o refined.npy --format probs --iters 5
+      deeplab crf photo.jpg probs.npy -o - --bi-rgb-std 5 --device cpu > labels.png
+    """
+    import numpy as np
+
+    from deeplab_cli.crf import dense_crf
+    from deeplab_cli.device import resolve_device
+    from deeplab_cli.image_io import encode_output, read_image, write_bytes
+    from deeplab_cli.labels import palette_for
+
+    params = crf_params_from_options(options)
+    target = resolve_device(device)
+
+    rgb = read_image(image)  # (H, W, 3) uint8, one-line errors naming the file
+    prob_map = _load_probs(probs)
+    if prob_map.shape[1:] != rgb.shape[:2]:
+        raise DeeplabError(
+            f"{probs}: probabilities are {prob_map.shape[2]}x{prob_map.shape[1]} but {image} is "
+            f"{rgb.shape[1]}x{rgb.shape[0]} (expected shape (C, {rgb.shape[0]}, {rgb.shape[1]}))"
+        )
+
+    try:
+        if target.type == "cuda":
+            import torch
+
+            refined = dense_crf(torch.from_numpy(rgb).to(target),
+                                torch.from_numpy(prob_map).to(target), params)
+            refined = refined.cpu().numpy()
+        else:
+            refined = dense_crf(rgb, prob_map, params)
+    except DeeplabError as exc:
+        raise DeeplabError(f"{probs}: {exc}") from None
+
+    n_labels = refined.shape[0]
+    labels = refined.argmax(axis=0).astype(np.uint8 if n_labels <= 256 else np.uint16)
+    data = encode_output(fmt, labels=labels, palette=palette_for(min(n_labels, 256)), probs=refined)
+    if output == "-":
+        stream = getattr(sys.stdout, "buffer", sys.stdout)
+        write_bytes(stream, data)
+    else:
+        write_bytes(output, data)
+
+
+def _load_probs(path: str):
+    """The probability map from a .npy file, float32 (C, H, W); one-line errors."""
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DeeplabError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DeeplabError(f"{path}: is a directory, expected a .npy file") from None
+    except OSError as exc:
+        raise DeeplabError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise DeeplabError(f"{path}: not a NumPy .npy array ({_first_line(exc)})") from None
+    if not isinstance(array, np.ndarray):
+        array.close()  # an .npz archive
+        raise DeeplabError(f"{path}: an .npz archive; expected a single .npy array (C, H, W)")
+    if array.ndim != 3:
+        raise DeeplabError(f"{path}: expected probabilities of shape (C, H, W), got {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DeeplabError(f"{path}: expected float probabilities, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

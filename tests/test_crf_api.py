@@ -1,0 +1,113 @@
+"""The public CRF API: validation, dispatch by input type, batches, size limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_photo
+from deeplab_cli.crf import CRFParams, check_size, dense_crf, dense_crf_batch
+from deeplab_cli.crf.cpu import dense_crf_cpu
+from deeplab_cli.errors import DeeplabError
+
+PARAMS = CRFParams(iterations=3)
+
+
+def inputs(h=23, w=31, c=4, seed=0, y=100, x=150):
+    image = np.ascontiguousarray(load_photo("coffee.jpg")[y:y + h, x:x + w])
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(c, h, w)).astype(np.float32) * 2
+    e = np.exp(logits - logits.max(0))
+    return image, (e / e.sum(0)).astype(np.float32)
+
+
+def test_numpy_in_numpy_out_equals_cpu_oracle():
+    image, probs = inputs()
+    out = dense_crf(image, probs, PARAMS)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == probs.shape
+    np.testing.assert_array_equal(out, dense_crf_cpu(image, probs, PARAMS))
+    assert np.abs(out - probs).max() > 1e-3  # it did refine
+
+
+def test_torch_in_torch_out():
+    image, probs = inputs()
+    out = dense_crf(torch.from_numpy(image), torch.from_numpy(probs), PARAMS)
+    assert isinstance(out, torch.Tensor) and out.device.type == "cpu" and out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), dense_crf(image, probs, PARAMS))
+    # a float64 tensor and a numpy image work too
+    out64 = dense_crf(image, torch.from_numpy(probs).double(), PARAMS)
+    assert isinstance(out64, torch.Tensor)
+    np.testing.assert_allclose(out64.numpy(), out.numpy(), atol=1e-6)
+
+
+def test_default_params_are_deeplab():
+    image, probs = inputs(h=17, w=19)
+    np.testing.assert_array_equal(dense_crf(image, probs), dense_crf_cpu(image, probs, CRFParams()))
+
+
+def test_batch_equals_singles():
+    pairs = [inputs(h=21, w=29, seed=1), inputs(h=13, w=40, c=4, seed=2, y=10, x=10)]
+    outs = dense_crf_batch([p[0] for p in pairs], [torch.from_numpy(p[1]) for p in pairs], PARAMS)
+    assert len(outs) == 2
+    for (image, probs), out in zip(pairs, outs):
+        np.testing.assert_array_equal(out.numpy(), dense_crf(image, probs, PARAMS))
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda im, p: (im, p[:, :-1]), "does not match"),
+    (lambda im, p: (im[..., :2], p), "does not match"),
+    (lambda im, p: (im, p[0]), "(C, H, W)"),
+    (lambda im, p: (im.astype(np.float32), p), "uint8"),
+    (lambda im, p: (im, (p * 100).astype(np.int32)), "floating point"),
+    (lambda im, p: (im, p[:1] / p[:1]), "at least 2 labels"),
+    (lambda im, p: (im, np.where(np.arange(p.shape[2]) == 3, np.nan, p).astype(np.float32)), "NaN"),
+    (lambda im, p: (im, np.where(np.arange(p.shape[2]) == 3, np.inf, p).astype(np.float32)), "NaN"),
+    (lambda im, p: (im, p - p.mean(0)), "negative"),
+    (lambda im, p: (im, p * 3), "not a probability map"),
+])
+def test_validation_errors_are_one_line(mutate, message):
+    image, probs = inputs()
+    bad_image, bad_probs = mutate(image, probs)
+    with pytest.raises(DeeplabError) as info:
+        dense_crf(bad_image, bad_probs, PARAMS)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_batch_length_mismatch_and_unknown_types():
+    image, probs = inputs()
+    with pytest.raises(DeeplabError, match="2 images but 1"):
+        dense_crf_batch([image, image], [probs], PARAMS)
+    with pytest.raises(DeeplabError, match="expected a NumPy array"):
+        dense_crf(image.tolist(), probs, PARAMS)
+
+
+def test_check_size_bounds():
+    check_size(375, 500, 21)
+    check_size(3000, 4000, 21)  # 12 MP with the DeepLab parameters fits int16 keys
+    check_size(3000, 4000, 182)
+    with pytest.raises(DeeplabError, match="int32"):
+        check_size(20000, 20000, 21)  # 400 MP: 6N corners overflow int32
+    with pytest.raises(DeeplabError, match="int16.*pos_xy_std"):
+        check_size(3000, 4000, 21, CRFParams(pos_xy_std=0.2))
+    with pytest.raises(DeeplabError, match="int16.*bi_xy_std and bi_rgb_std"):
+        check_size(100, 100, 21, CRFParams(bi_rgb_std=0.01))
+
+
+def test_check_size_bound_is_real():
+    """The int16 bound holds on the actual lattice of the largest accepted extent."""
+    from deeplab_cli.crf import _max_key
+    from deeplab_cli.crf.cpu import build_lattice
+
+    # Features at their extremes: corners of the image and pure colours.
+    fmax = [(640 - 1) / 3.0, (427 - 1) / 3.0, 255 / 3.0, 255 / 3.0, 255 / 3.0]
+    corners = np.array(np.meshgrid(*[[0.0, f] for f in fmax])).reshape(5, -1).T.astype(np.float32)
+    lat = build_lattice(corners)
+    assert np.abs(lat.keys).max() + 5 <= _max_key(fmax)
+
+
+def test_image_too_large_is_refused_by_dense_crf():
+    image = np.zeros((10, 10, 3), np.uint8)
+    probs = np.full((2, 10, 10), 0.5, np.float32)
+    with pytest.raises(DeeplabError, match="int16"):
+        dense_crf(image, probs, CRFParams(bi_rgb_std=0.001))

@@ -1,0 +1,214 @@
+"""The CPU dense CRF against pydensecrf on real photos, and the lattice's invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import load_photo
+from deeplab_cli.crf import cpu
+from deeplab_cli.crf.params import CRFParams
+
+DEEPLAB = CRFParams(pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3, iterations=10)
+README = CRFParams(pos_w=3, pos_xy_std=3, bi_w=10, bi_xy_std=80, bi_rgb_std=13, iterations=10)
+
+
+def photo_probs(image: np.ndarray, n_labels: int = 21, seed: int = 0) -> np.ndarray:
+    """Realistic, deterministic softmax probabilities (C, H, W) for a photo.
+
+    Logits: a smooth random field (coarse noise, bilinearly upsampled), plus a term that
+    follows the photo's brightness for a few labels (so the bilateral kernel has edges to
+    agree with), plus per-pixel noise that the CRF should clean up.
+    """
+    h, w, _ = image.shape
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(size=(n_labels, h // 24 + 2, w // 24 + 2))
+    ys = np.linspace(0, coarse.shape[1] - 1.001, h)
+    xs = np.linspace(0, coarse.shape[2] - 1.001, w)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    field = (coarse[:, y0][:, :, x0] * (1 - fy) * (1 - fx) + coarse[:, y0 + 1][:, :, x0] * fy * (1 - fx)
+             + coarse[:, y0][:, :, x0 + 1] * (1 - fy) * fx + coarse[:, y0 + 1][:, :, x0 + 1] * fy * fx)
+    brightness = image.mean(axis=2) / 255.0
+    logits = 2.0 * field + rng.normal(scale=0.7, size=(n_labels, h, w))
+    logits[: n_labels // 3] += 3.0 * (brightness - 0.5)
+    e = np.exp(logits - logits.max(axis=0))
+    return (e / e.sum(axis=0)).astype(np.float32)
+
+
+def pydensecrf_reference(image, probs, params: CRFParams) -> np.ndarray:
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    c, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    unary = np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, 1.0)).reshape(c, -1), dtype=np.float32)
+    d.setUnaryEnergy(unary)
+    norm = dcrf.NORMALIZE_SYMMETRIC if params.normalization == "symmetric" else dcrf.NORMALIZE_AFTER
+    d.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w, normalization=norm)
+    d.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std,
+                           rgbim=np.array(image, dtype=np.uint8, order="C"), compat=params.bi_w,
+                           normalization=norm)
+    return np.asarray(d.inference(params.iterations), dtype=np.float32).reshape(c, h, w)
+
+
+def crop(name: str, h: int, w: int, y: int = 0, x: int = 0) -> np.ndarray:
+    return np.ascontiguousarray(load_photo(name)[y:y + h, x:x + w])
+
+
+def assert_matches_pydensecrf(image, params, *, seed=0):
+    probs = photo_probs(image, seed=seed)
+    ours = cpu.dense_crf_cpu(image, probs, params)
+    ref = pydensecrf_reference(image, probs, params)
+    assert ours.shape == probs.shape and ours.dtype == np.float32
+    agree = (ours.argmax(0) == ref.argmax(0)).mean()
+    assert agree >= 0.9999, f"argmax agreement {agree:.6f}"
+    assert np.abs(ours - ref).max() <= 1e-4
+    # The CRF must actually do something on these inputs, or the comparison proves little.
+    changed = (ref.argmax(0) != probs.argmax(0)).mean()
+    assert changed > 0.02, f"CRF changed only {changed:.3%} of the labels"
+    return ours
+
+
+@pytest.mark.parametrize("params", [DEEPLAB, README], ids=["deeplab", "readme"])
+def test_matches_pydensecrf_full_photo(params):
+    assert_matches_pydensecrf(load_photo("chelsea.jpg"), params)  # 451 x 300, odd width
+
+
+@pytest.mark.parametrize("name,params", [
+    ("astronaut.jpg", DEEPLAB), ("coffee.jpg", README), ("rocket.jpg", DEEPLAB),
+])
+def test_matches_pydensecrf_crops(name, params):
+    assert_matches_pydensecrf(crop(name, 157, 203, 40, 31), params, seed=3)
+
+
+@pytest.mark.parametrize("params", [DEEPLAB, README], ids=["deeplab", "readme"])
+def test_after_normalization_matches_pydensecrf(params):
+    image = crop("coffee.jpg", 181, 240, 100, 200)
+    ours = assert_matches_pydensecrf(image, params.replace(normalization="after"), seed=1)
+    # AFTER really is a different operator from SYMMETRIC.
+    symmetric = cpu.dense_crf_cpu(image, photo_probs(image, seed=1), params)
+    assert np.abs(ours - symmetric).max() > 1e-3
+
+
+def test_few_labels_and_one_iteration_match():
+    image = crop("rocket.jpg", 64, 91, 200, 300)
+    probs = photo_probs(image, n_labels=3, seed=5)
+    params = DEEPLAB.replace(iterations=1, pos_w=5.0)
+    ours = cpu.dense_crf_cpu(image, probs, params)
+    np.testing.assert_allclose(ours, pydensecrf_reference(image, probs, params), atol=1e-5)
+
+
+def test_zero_iterations_is_softmax_of_minus_unary():
+    image = crop("astronaut.jpg", 33, 47)
+    probs = photo_probs(image, n_labels=5)
+    probs[0, :4, :4] = 0.0  # clipped to 1e-5 by the unary
+    out = cpu.dense_crf_cpu(image, probs, DEEPLAB.replace(iterations=0))
+    clipped = np.clip(probs, 1e-5, 1.0)
+    np.testing.assert_allclose(out, clipped / clipped.sum(axis=0), rtol=1e-5, atol=1e-7)
+
+
+def test_output_is_a_distribution():
+    image = crop("chelsea.jpg", 50, 70)
+    out = cpu.dense_crf_cpu(image, photo_probs(image, n_labels=4), README)
+    assert np.isfinite(out).all() and out.min() >= 0
+    np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-5)
+
+
+# -- lattice ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lattices():
+    image = crop("coffee.jpg", 71, 97, 150, 250)
+    gauss, bilateral = cpu.kernel_features(image, README)
+    return [cpu.build_lattice(gauss), cpu.build_lattice(bilateral)]
+
+
+def test_lattice_invariants(lattices):
+    for lat in lattices:
+        n, d, m = lat.n_points, lat.dim, lat.n_vertices
+        assert lat.offsets.shape == (n, d + 1) and lat.weights.shape == (n, d + 1)
+        np.testing.assert_allclose(lat.weights.sum(axis=1), 1.0, atol=1e-5)
+        assert lat.weights.min() >= -1e-6 and lat.weights.max() <= 1 + 1e-6
+        assert 0 < m <= (d + 1) * (n + 1)
+        # Every vertex but the padding corners (see build_lattice) is used, keys are
+        # unique, and a pixel's corners are distinct.
+        assert lat.offsets.min() == 0 and m - (d + 1) <= np.unique(lat.offsets).size <= m
+        assert np.unique(lat.keys, axis=0).shape[0] == m
+        assert all(np.unique(row).size == d + 1 for row in lat.offsets[:: max(1, n // 500)])
+        # Corners of one simplex: coordinates (with the implied last one) are each
+        # congruent to the corner index modulo d+1.
+        full = np.concatenate([lat.keys, -lat.keys.sum(axis=1, keepdims=True)], axis=1)
+        remainder = full % (d + 1)
+        assert (remainder == remainder[:, :1]).all()
+        # Neighbours are keys ± the axis step, and n2 undoes n1.
+        for axis in range(d + 1):
+            n1, n2 = lat.neighbours[axis]
+            has = n1 < m
+            step = np.full(d, -1)
+            if axis < d:
+                step[axis] = d
+            np.testing.assert_array_equal(lat.keys[n1[has]], lat.keys[has] + step)
+            np.testing.assert_array_equal(n2[n1[has]], np.flatnonzero(has))
+
+
+def test_padding_corners_are_extra_unused_vertices():
+    """pydensecrf's SSE build also inserts the origin's corners when N % 4 != 0."""
+    image = crop("astronaut.jpg", 30, 41)  # N = 1230, not a multiple of 4
+    _, bilateral = cpu.kernel_features(image, DEEPLAB)
+    padded, plain = cpu.build_lattice(bilateral), cpu.build_lattice(bilateral, block=1)
+    np.testing.assert_array_equal(padded.offsets, plain.offsets)  # first-use numbering
+    extra = padded.keys[plain.n_vertices:]
+    assert 0 < len(extra) <= 6
+    assert not np.isin(np.arange(plain.n_vertices, padded.n_vertices), padded.offsets).any()
+    origin = cpu.build_lattice(np.zeros((4, 5), np.float32))  # the origin's own simplex
+    assert {tuple(k) for k in extra} <= {tuple(k) for k in origin.keys}
+    even = cpu.build_lattice(bilateral[:1228])
+    assert even.n_vertices == cpu.build_lattice(bilateral[:1228], block=1).n_vertices
+
+
+def test_packed_and_row_dedupe_build_the_same_lattice(lattices, monkeypatch):
+    image = crop("coffee.jpg", 71, 97, 150, 250)
+    _, bilateral = cpu.kernel_features(image, README)
+    monkeypatch.setattr(cpu, "_MAX_PACKED", 0)  # force the byte-row fallback
+    rows = cpu.build_lattice(bilateral)
+    packed = lattices[1]
+    for name in ("offsets", "weights", "neighbours", "keys"):
+        np.testing.assert_array_equal(getattr(rows, name), getattr(packed, name), err_msg=name)
+
+
+def test_chunked_build_matches_whole(lattices, monkeypatch):
+    image = crop("coffee.jpg", 71, 97, 150, 250)
+    gauss, _ = cpu.kernel_features(image, README)
+    monkeypatch.setattr(cpu, "_CHUNK_PIXELS", 1000)
+    chunked = cpu.build_lattice(gauss)
+    np.testing.assert_array_equal(chunked.offsets, lattices[0].offsets)
+    np.testing.assert_array_equal(chunked.weights, lattices[0].weights)
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_fast_operator_equals_staged_filter(lattices, normalization):
+    """The merged sparse chain computes the documented splat / blur / slice filter."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    for lat in lattices:
+        values = rng.random((lat.n_points, 4), dtype=np.float32)
+        norm = lat.filter(np.ones((lat.n_points, 1), np.float32))[:, 0].astype(np.float64)
+        if normalization == "symmetric":
+            n = (1 / np.sqrt(norm + 1e-20)).astype(np.float32)[:, None]
+            expected = n * lat.filter(n * values)
+        else:
+            n = (1 / (norm + 1e-20)).astype(np.float32)[:, None]
+            expected = n * lat.filter(values)
+        op = cpu._KernelOperator(lat, 2.5, normalization)
+        out = torch.zeros(lat.n_points, 4)
+        op.add_message(out, torch.from_numpy(values))
+        np.testing.assert_allclose(out.numpy(), 2.5 * expected, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_order_matters():
+    """Bilateral features are (x, y, r, g, b): swapping colour channels changes the result."""
+    image = crop("astronaut.jpg", 60, 80, 200, 200)
+    probs = photo_probs(image, n_labels=4)
+    a = cpu.dense_crf_cpu(image, probs, README)
+    b = cpu.dense_crf_cpu(np.ascontiguousarray(image[..., ::-1]), probs, README)
+    assert np.abs(a - b).max() > 1e-4
