@@ -1,0 +1,326 @@
+"""The GPU CRF: kernels compile (nvcc), run on the CPU through g++ against pydensecrf, and on a
+GPU against the CPU oracle (marker `cuda`)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PHOTOS, load_photo
+from deeplab_cli.crf import cuda
+from deeplab_cli.crf.params import CRFParams
+from deeplab_cli.errors import DeeplabError
+
+DEEPLAB = CRFParams()  # 3/1/4/67/3, the DeepLab v2 ResNet-101 configs
+README = CRFParams(pos_w=3, pos_xy_std=3, bi_w=10, bi_xy_std=80, bi_rgb_std=13)  # pydensecrf README
+PARAM_SETS = {"deeplab": DEEPLAB, "readme": README}
+
+
+def network_like_probs(height: int, width: int, n_labels: int = 21, seed: int = 0) -> np.ndarray:
+    """Softmax probabilities (C, H, W) float32 that vary smoothly, like an upsampled network
+    output: random logits on a coarse grid, bilinearly upsampled."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(scale=3.0, size=(max(height // 16, 2), max(width // 16, 2), n_labels)).astype(np.float32)
+    logits = np.stack([cv2.resize(coarse[..., c], (width, height), interpolation=cv2.INTER_LINEAR)
+                       for c in range(n_labels)])  # (C, H, W)
+    e = np.exp(logits - logits.max(0, keepdims=True))
+    return (e / e.sum(0, keepdims=True)).astype(np.float32)
+
+
+def pydensecrf_reference(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    c, h, w = probs.shape
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, 1.0)).reshape(c, -1)))
+    norm = dcrf.NORMALIZE_SYMMETRIC if params.normalization == "symmetric" else dcrf.NORMALIZE_AFTER
+    crf.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w, normalization=norm)
+    crf.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=np.ascontiguousarray(image),
+                             compat=params.bi_w, normalization=norm)
+    return np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(c, h, w)
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray, *, agreement: float = 0.9999, atol: float = 1e-4) -> None:
+    assert out.shape == ref.shape and out.dtype == np.float32
+    assert np.isfinite(out).all()
+    diff = float(np.abs(out - ref).max())
+    agree = float((out.argmax(0) == ref.argmax(0)).mean())
+    assert agree >= agreement and diff <= atol, f"argmax agreement {agree:.6f}, max abs diff {diff:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side geometry and errors (no compiler, no GPU)
+
+
+def test_kernel_sources_are_found():
+    for name in cuda.KERNEL_FILES:
+        text = cuda.kernel_source(name)
+        for fn in cuda.KERNELS[name]:
+            assert f'extern "C" __global__ void {fn}(' in text
+
+
+def test_keys_pack_in_one_word_for_a_12_mp_photo():
+    for spec in cuda.kernel_specs(DEEPLAB):
+        table, words = cuda.pack_layout(spec, 3000, 4000, n_images=8)
+        assert words == 1
+        assert table.reshape(-1, 4)[:, 2].sum() <= 64
+
+
+def test_int16_key_overflow_is_refused_naming_the_option():
+    with pytest.raises(DeeplabError, match="pos_xy_std"):
+        cuda.check_lattice_size(8000, 10000, CRFParams(pos_xy_std=0.3))
+    cuda.check_lattice_size(3000, 4000, DEEPLAB)  # 12 MP with DeepLab's parameters is fine
+
+
+def test_too_many_pixels_for_int32_indices_is_refused():
+    with pytest.raises(DeeplabError, match="MP"):
+        cuda.check_lattice_size(12000, 12000, CRFParams(pos_xy_std=3, bi_xy_std=80), n_images=3)
+
+
+def test_scale_factors_and_alpha_are_pydensecrf_constants():
+    np.testing.assert_allclose(cuda.scale_factors(2), [np.sqrt(2 / 3) * 3 / np.sqrt(2), np.sqrt(2 / 3) * 3 / np.sqrt(6)],
+                               rtol=1e-6)
+    assert cuda.alpha(2) == np.float32(0.8)
+    assert cuda.alpha(5) == np.float32(1.0) / np.float32(1.03125)
+
+
+# ---------------------------------------------------------------------------------------------
+# nvcc: every kernel compiles to PTX (what CI can check without a GPU)
+
+
+@pytest.mark.nvcc
+def test_every_kernel_compiles_to_ptx_with_nvcc():
+    if shutil.which("nvcc") is None and not Path("/usr/local/bin/nvcc").exists():
+        pytest.skip("nvcc not found")
+    ptx = cuda.compile_ptx("sm_80")
+    assert set(ptx) == set(cuda.KERNEL_FILES)
+    for name, functions in cuda.KERNELS.items():
+        for fn in functions:
+            assert f".entry {fn}(" in ptx[name], f"{fn} missing from {name}'s PTX"
+    # --fmad=false: no multiply-add was fused in the lattice code (it would change rounding).
+    assert "fma.rn.f32" not in ptx["permutohedral.cu"]
+    assert sorted(cuda.compile_all(arch="sm_90")) == sorted(f for fs in cuda.KERNELS.values() for f in fs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA code on the CPU: kernels built with g++ (one thread walks each grid-stride loop)
+
+
+class EmulatedBackend:
+    """CudaCRF's backend interface over NumPy arrays and the kernels compiled for the host."""
+
+    xp = np
+
+    def __init__(self, library: ctypes.CDLL, free: int = 1 << 40) -> None:
+        self.library = library
+        self.free = free
+
+    def launch(self, name, n, args, width=1):
+        if n <= 0:
+            return
+        converted = []
+        for a in args:
+            if a is None:
+                converted.append(ctypes.c_void_p(None))
+            elif isinstance(a, np.ndarray):
+                assert a.flags.c_contiguous, name
+                converted.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                kind = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
+                        np.uint64: ctypes.c_uint64}[type(a)]
+                converted.append(kind(a))
+        getattr(self.library, name)(*converted)
+
+    def to_host(self, array):
+        return np.asarray(array)
+
+    def free_bytes(self):
+        return self.free
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the kernels for the CPU")
+    target = tmp_path_factory.mktemp("emulated") / "kernels.so"
+    sources = [str(cuda.kernel_dir() / name) for name in cuda.KERNEL_FILES]
+    header = Path(__file__).parent / "cuda_emulation.h"
+    subprocess.run([cxx, "-O2", "-std=c++14", "-ffp-contract=off", "-fPIC", "-shared", "-include", str(header),
+                    "-x", "c++", *sources, "-o", str(target)], check=True, capture_output=True)
+    return EmulatedBackend(ctypes.CDLL(str(target)))
+
+
+def crop(name: str, top: int, left: int, height: int, width: int) -> np.ndarray:
+    return np.ascontiguousarray(load_photo(name)[top:top + height, left:left + width])
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+@pytest.mark.parametrize("which", sorted(PARAM_SETS))
+def test_emulated_kernels_match_pydensecrf(emulated, which, normalization):
+    image = crop("chelsea.jpg", 60, 120, 41, 57)
+    probs = network_like_probs(41, 57, seed=3)
+    params = PARAM_SETS[which].replace(normalization=normalization)
+    out = cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0]
+    assert_close(out, pydensecrf_reference(image, probs, params), agreement=1.0, atol=1e-5)
+    assert not np.allclose(out, probs, atol=1e-3)  # the CRF did change the probabilities
+
+
+def test_emulated_two_level_splat_two_word_keys_and_two_labels(emulated):
+    image = np.ascontiguousarray(load_photo("coffee.jpg")[::5, ::5])  # 80 x 120: long vertices
+    h, w, _ = image.shape
+    probs = network_like_probs(h, w, seed=5)
+    crf = cuda.CudaCRF([image], [probs], DEEPLAB, backend=emulated, spread_keys=True)
+    out = crf.run()[0]
+    assert any(lat.run_offset is not None for lat in crf.lattices), "expected a two-level splat"
+    assert_close(out, pydensecrf_reference(image, probs, DEEPLAB), atol=1e-5)
+    two = probs[:2] / probs[:2].sum(0)
+    out2 = cuda.CudaCRF([image], [two], README, backend=emulated).run()[0]  # pydensecrf's scalar path
+    assert_close(out2, pydensecrf_reference(image, two, README), atol=1e-5)
+
+
+def test_emulated_batch_equals_singles(emulated):
+    # b alone has vertices long enough for a two-level splat, a (63 pixels) has none: the batch must
+    # still sum each vertex exactly as the single image does.
+    a, b = crop("rocket.jpg", 100, 200, 9, 7), np.ascontiguousarray(load_photo("coffee.jpg")[::5, ::5])
+    pa, pb = network_like_probs(9, 7, seed=1), network_like_probs(*b.shape[:2], seed=2)
+    alone = cuda.CudaCRF([a], [pa], DEEPLAB, backend=emulated)
+    alone.run()
+    assert all(lat.run_offset is None for lat in alone.lattices)
+    both = cuda.CudaCRF([a, b], [pa, pb], DEEPLAB, backend=emulated).run()
+    assert np.array_equal(both[0], cuda.CudaCRF([a], [pa], DEEPLAB, backend=emulated).run()[0])
+    assert np.array_equal(both[1], cuda.CudaCRF([b], [pb], DEEPLAB, backend=emulated).run()[0])
+
+
+def test_emulated_matches_cpu_oracle(emulated):
+    cpu = pytest.importorskip("deeplab_cli.crf.cpu")
+    image = crop("astronaut.jpg", 100, 150, 39, 47)
+    probs = network_like_probs(39, 47, seed=7)
+    out = cuda.CudaCRF([image], [probs], DEEPLAB, backend=emulated).run()[0]
+    assert_close(out, cpu.dense_crf_cpu(image, probs, DEEPLAB))
+
+
+def test_zero_iterations_return_softmax_of_the_clipped_unary(emulated):
+    image = crop("chelsea.jpg", 0, 0, 9, 11)
+    probs = network_like_probs(9, 11, seed=4)
+    probs[0, 0, 0], probs[1, 0, 0] = 0.0, probs[1, 0, 0] + probs[0, 0, 0]
+    out = cuda.CudaCRF([image], [probs], DEEPLAB.replace(iterations=0), backend=emulated).run()[0]
+    clipped = np.clip(probs, 1e-5, 1.0)
+    np.testing.assert_allclose(out, clipped / clipped.sum(0), rtol=1e-5, atol=1e-7)
+
+
+def test_bad_inputs_and_memory_shortage_are_one_line_errors(emulated):
+    image = crop("chelsea.jpg", 0, 0, 9, 11)
+    probs = network_like_probs(9, 11)
+    with pytest.raises(DeeplabError, match=r"\(C, 9, 11\)"):
+        cuda.CudaCRF([image], [probs[:, :8]], DEEPLAB, backend=emulated)
+    with pytest.raises(DeeplabError, match="uint8"):
+        cuda.CudaCRF([image.astype(np.float32)], [probs], DEEPLAB, backend=emulated)
+    with pytest.raises(DeeplabError, match="GPU memory"):
+        cuda.CudaCRF([image], [probs], DEEPLAB, backend=EmulatedBackend(emulated.library, free=1000)).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU
+
+
+def _cupy():
+    from deeplab_cli.device import cupy_available
+
+    if not cupy_available():
+        pytest.skip("CuPy with a CUDA device is not available")
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture(scope="module")
+def photos_and_probs():
+    return {p.name: (load_photo(p.name), network_like_probs(*load_photo(p.name).shape[:2], seed=i))
+            for i, p in enumerate(PHOTOS)}
+
+
+@pytest.mark.cuda
+def test_nvrtc_compiles_every_kernel():
+    _cupy()
+    assert sorted(cuda.compile_all()) == sorted(f for fs in cuda.KERNELS.values() for f in fs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+@pytest.mark.parametrize("which", sorted(PARAM_SETS))
+@pytest.mark.parametrize("photo", [p.name for p in PHOTOS])
+def test_gpu_matches_cpu_oracle_on_photos(photos_and_probs, photo, which, normalization):
+    cp = _cupy()
+    from deeplab_cli.crf.cpu import dense_crf_cpu
+
+    image, probs = photos_and_probs[photo]
+    params = PARAM_SETS[which].replace(normalization=normalization)
+    out = cuda.dense_crf_cuda_batch([cp.asarray(image)], [cp.asarray(probs)], params)[0]
+    assert isinstance(out, cp.ndarray) and out.shape == probs.shape
+    assert_close(out.get(), dense_crf_cpu(image, probs, params))
+
+
+@pytest.mark.cuda
+def test_gpu_is_deterministic_and_batch_equals_singles(photos_and_probs):
+    cp = _cupy()
+    names = [p.name for p in PHOTOS]
+    images = [cp.asarray(photos_and_probs[n][0]) for n in names]
+    probs = [cp.asarray(photos_and_probs[n][1]) for n in names]
+    first = [o.get() for o in cuda.dense_crf_cuda_batch(images, probs, DEEPLAB)]
+    again = [o.get() for o in cuda.dense_crf_cuda_batch(images, probs, DEEPLAB)]
+    for a, b in zip(first, again):
+        assert np.array_equal(a, b)
+    for i in range(len(names)):
+        single = cuda.dense_crf_cuda_batch([images[i]], [probs[i]], DEEPLAB)[0].get()
+        assert np.array_equal(first[i], single)
+    graphed = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB).run(graph=True)]
+    for a, b in zip(first, graphed):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.cuda
+def test_gpu_182_labels(photos_and_probs):
+    cp = _cupy()
+    from deeplab_cli.crf.cpu import dense_crf_cpu
+
+    image = np.ascontiguousarray(photos_and_probs["coffee.jpg"][0][:200, :300])
+    probs = network_like_probs(200, 300, n_labels=182, seed=9)
+    out = cuda.dense_crf_cuda_batch([cp.asarray(image)], [cp.asarray(probs)], DEEPLAB)[0].get()
+    assert_close(out, dense_crf_cpu(image, probs, DEEPLAB))
+
+
+@pytest.mark.cuda
+def test_torch_cuda_tensors_through_dense_crf(photos_and_probs):
+    cp = _cupy()
+    torch = pytest.importorskip("torch")
+    crf = pytest.importorskip("deeplab_cli.crf")
+    if not hasattr(crf, "dense_crf"):
+        pytest.skip("deeplab_cli.crf.dense_crf not there yet")
+    image, probs = photos_and_probs["chelsea.jpg"]
+    out = crf.dense_crf(torch.from_numpy(image).cuda(), torch.from_numpy(probs).cuda(), DEEPLAB)
+    assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == torch.float32
+    direct = cuda.dense_crf_cuda_batch([cp.asarray(image)], [cp.asarray(probs)], DEEPLAB)[0].get()
+    assert np.array_equal(out.cpu().numpy(), direct)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_12_mp_fits_in_80_gb(photos_and_probs):
+    cp = _cupy()
+    import cv2
+
+    image = cv2.resize(photos_and_probs["rocket.jpg"][0], (4000, 3000), interpolation=cv2.INTER_LINEAR)
+    probs = network_like_probs(3000, 4000, seed=11)
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    out = cuda.dense_crf_cuda_batch([cp.asarray(image)], [cp.asarray(probs)], DEEPLAB.replace(iterations=2))[0]
+    cp.cuda.Device().synchronize()
+    assert pool.total_bytes() < 80 * 2**30
+    assert bool(cp.isfinite(out).all())
