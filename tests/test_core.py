@@ -1,0 +1,139 @@
+"""The package's shared pieces: CLI group, CRF parameters, atomic writes, device choice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from deeplab_cli import __version__
+from deeplab_cli.cli import COMMANDS, cli
+from deeplab_cli.crf.params import CRFParams
+from deeplab_cli.device import resolve_device
+from deeplab_cli.errors import DeeplabError
+from deeplab_cli.fsutil import atomic_open, atomic_path
+
+
+def test_help_lists_every_command_without_heavy_imports():
+    code = (
+        "import sys; from deeplab_cli.cli import main; sys.argv=['deeplab','--help'];\n"
+        "try: main()\n"
+        "except SystemExit: pass\n"
+        "heavy = sorted(m for m in ('torch', 'cupy', 'cv2', 'numpy') if m in sys.modules)\n"
+        "print('HEAVY=' + ','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for name in COMMANDS:
+        assert name in out
+    assert "HEAVY=\n" in out or out.rstrip().endswith("HEAVY=")
+
+
+def test_version_via_python_m():
+    out = subprocess.run([sys.executable, "-m", "deeplab_cli", "--version"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"deeplab, version {__version__}"
+
+
+def test_every_registered_command_imports():
+    for name in COMMANDS:
+        assert cli.get_command(None, name) is not None, name
+    assert cli.get_command(None, "nope") is None
+
+
+def test_crf_params_validation():
+    with pytest.raises(DeeplabError, match="bi_rgb_std"):
+        CRFParams(bi_rgb_std=0)
+    with pytest.raises(DeeplabError, match="pos_xy_std"):
+        CRFParams(pos_xy_std=-1)
+    with pytest.raises(DeeplabError, match="iterations"):
+        CRFParams(iterations=-2)
+    with pytest.raises(DeeplabError, match="normalization"):
+        CRFParams(normalization="before")
+    with pytest.raises(DeeplabError, match="bi_w"):
+        CRFParams(bi_w=float("nan"))
+
+
+def test_crf_params_replace_and_scale():
+    p = CRFParams().replace(bi_w=5.0, iterations=None)
+    assert p.bi_w == 5.0 and p.iterations == 10
+    s = p.scaled(2.0)
+    assert (s.pos_xy_std, s.bi_xy_std, s.bi_rgb_std, s.bi_w) == (2.0, 134.0, 3.0, 5.0)
+
+
+def test_crf_preset_round_trip(tmp_path):
+    params = CRFParams(bi_w=5, bi_xy_std=50, bi_rgb_std=4, normalization="after")
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"crf": params.to_dict(), "score": 0.7, "metric": "miou"}))
+    assert CRFParams.from_json_file(preset) == params
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"bi_w": 6}))
+    assert CRFParams.from_json_file(flat) == CRFParams(bi_w=6)
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("{", "not a JSON CRF preset"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"bi_w": 4, "sigma": 3}', "unknown CRF parameter"),
+    ('{"bi_w": "heavy"}', "could not convert"),
+])
+def test_crf_preset_errors_name_the_file(tmp_path, text, reason):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(DeeplabError, match=reason) as info:
+        CRFParams.from_json_file(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    with atomic_open(target, "w") as fh:
+        fh.write("first")
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, "w") as fh:
+            fh.write("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+    with atomic_path(tmp_path / "x.bin") as tmp:
+        assert tmp.name.startswith(".x.bin.") and tmp.name.endswith(".part")
+        tmp.write_bytes(b"1")
+    assert (tmp_path / "x.bin").read_bytes() == b"1"
+
+
+def test_device_resolution_on_this_machine():
+    import torch
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(DeeplabError, match="expected auto, cpu, cuda"):
+        resolve_device("tpu")
+    with pytest.raises(DeeplabError, match="cuda:N"):
+        resolve_device("cuda:x")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto", quiet=True).type == "cpu"
+        with pytest.raises(DeeplabError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_user_errors_are_one_line_through_the_group(tmp_path):
+    # A DeeplabError raised inside any command comes out as "Error: ..." and exit 1.
+    import click
+
+    from deeplab_cli.cli import LazyGroup
+
+    @click.group(cls=LazyGroup)
+    def group():
+        pass
+
+    @click.command()
+    def boom():
+        raise DeeplabError("x.png: not an image")
+
+    group.get_command = lambda ctx, name: boom if name == "boom" else None
+    result = CliRunner().invoke(group, ["boom"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: x.png: not an image"
