@@ -10,6 +10,7 @@ overlap buys. Weights are random unless --weights is given (speed does not depen
 
     python benchmarks/pipeline.py [--weights FILE] [--devices cpu,cuda] [--repeat 1]
                                   [--max-size 513] [--no-msc] [--batch-size 1] [--iters 10]
+                                  [--precisions fp32,bf16]
                                   [--images a.jpg b.jpg ...]
 """
 
@@ -78,6 +79,7 @@ def main() -> None:
     import torch
 
     from deeplab_cli.crf.params import CRFParams
+    from deeplab_cli.image_io import read_image
     from deeplab_cli.pipeline import Segmenter
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--no-msc", action="store_true")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--iters", type=int, default=10, help="CRF iterations")
+    parser.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, fp16")
     args = parser.parse_args()
 
     devices = args.devices.split(",") if args.devices else \
@@ -100,17 +103,19 @@ def main() -> None:
     if "cuda" in devices and torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name(0)}")
 
-    header = f"{'device':6} {'crf':4} {'mode':10} {'img/s':>7} " + \
+    header = f"{'device':6} {'prec':5} {'crf':4} {'mode':10} {'img/s':>7} " + \
         " ".join(f"{s + ' ms':>10}" for s in STAGES) + f" {'speedup':>8}"
     print(header)
     print("-" * len(header))
     for device_name in devices:
         device = torch.device(device_name)
         model, meta = load(args.weights, device)
-        for crf in (None, CRFParams(iterations=args.iters)):
+        settings = [(precision, crf) for precision in args.precisions.split(",")
+                    for crf in (None, CRFParams(iterations=args.iters))]
+        for precision, crf in settings:
             seg = Segmenter(model, meta, device=device, crf=crf, msc=not args.no_msc,
-                            max_size=args.max_size)
-            seg.segment(seg_warmup_image())  # kernels compiled, caches warm
+                            max_size=args.max_size, precision=precision)
+            seg.segment(read_image(paths[0]))  # kernels compiled, cuDNN algorithms chosen
             baseline = None
             for mode, runner in (("sequential", lambda: run_sequential(seg, paths)),
                                  ("streamed", lambda: run_streamed(seg, paths, args.batch_size))):
@@ -120,13 +125,7 @@ def main() -> None:
                     f"{1000 * statistics.mean(t.get(s, 0.0) for t in timings):10.1f}" for s in STAGES)
                 speedup = "" if baseline is None else f"{rate / baseline:7.2f}x"
                 baseline = baseline or rate
-                print(f"{device_name:6} {'yes' if crf else 'no':4} {mode:10} {rate:7.2f} {stages} {speedup:>8}")
-
-
-def seg_warmup_image():
-    import numpy as np
-
-    return np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8)
+                print(f"{device_name:6} {precision:5} {'yes' if crf else 'no':4} {mode:10} {rate:7.2f} {stages} {speedup:>8}")
 
 
 if __name__ == "__main__":
