@@ -4,7 +4,10 @@ Inputs are the real photos shipped in tests/data, resized to each size (so say t
 21-label probabilities that vary smoothly like an upsampled network output; 10 iterations and
 the DeepLab v2 ResNet-101 parameters unless told otherwise.
 
-    python benchmarks/crf.py [--sizes 0.19,1,4] [--repeat 5] [--no-cpu] [--no-pydensecrf]
+    python benchmarks/crf.py [--sizes 0.19,1,4] [--repeat 5] [--no-cpu] [--no-pydensecrf] [--breakdown]
+
+--breakdown adds per-kernel GPU times; --scalar and --reorder time the other (bit-identical)
+layouts for A/B. The last thing printed is the table.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def make_inputs(mp_: float, n_labels: int, seed: int = 0) -> tuple[np.ndarray, n
 # ---------------------------------------------------------------------------------------------
 
 
-def time_gpu(image, probs, params, repeat: int, graph: bool) -> dict:
+def time_gpu(image, probs, params, repeat: int, graph: bool, **options) -> dict:
     """Median CUDA-event times (ms) of the lattice build, the iterations and the whole call,
     after a warm-up; peak bytes held by CuPy's memory pool."""
     import cupy as cp
@@ -67,7 +70,7 @@ def time_gpu(image, probs, params, repeat: int, graph: bool) -> dict:
     img, prb = cp.asarray(image), cp.asarray(probs)
     pool = cp.get_default_memory_pool()
     for _ in range(2):  # warm-up: NVRTC compile, module load, pool growth
-        CudaCRF([img], [prb], params).run(graph=graph)
+        CudaCRF([img], [prb], params, **options).run(graph=graph)
     cp.cuda.Device().synchronize()
     pool.free_all_blocks()
     base = pool.total_bytes()
@@ -75,7 +78,7 @@ def time_gpu(image, probs, params, repeat: int, graph: bool) -> dict:
     for _ in range(repeat):
         events = [cp.cuda.Event() for _ in range(4)]
         events[0].record()
-        crf = CudaCRF([img], [prb], params)
+        crf = CudaCRF([img], [prb], params, **options)
         crf.prepare()
         events[1].record()
         crf.iterate(graph=graph)
@@ -124,12 +127,12 @@ class _KernelTimer:
         return out
 
 
-def kernel_breakdown(image, probs, params) -> None:
+def kernel_breakdown(image, probs, params, **options) -> None:
     """Print per-kernel GPU time (summed over launches) of one call, warm."""
     from deeplab_cli.crf.cuda import CudaCRF, CupyBackend
 
     timer = _KernelTimer(CupyBackend())
-    crf = CudaCRF([image], [probs], params, backend=timer)
+    crf = CudaCRF([image], [probs], params, backend=timer, **options)
     crf.run()
     rows = sorted(timer.summary().items(), key=lambda kv: -kv[1][1])
     print(f"  per-kernel time, {image.shape[1]}x{image.shape[0]} (launches, ms): "
@@ -159,6 +162,8 @@ def _cpu_worker(kind: str, inputs: str, params: dict, repeat: int, queue) -> Non
     params = CRFParams(**params)
     if kind == "ours":
         from deeplab_cli.crf.cpu import dense_crf_cpu
+
+        dense_crf_cpu(image[:16, :16].copy(), probs[:, :16, :16].copy(), params)  # warm-up (any JIT) untimed
     else:
         import pydensecrf.densecrf as dcrf
     base = _rss()
@@ -213,6 +218,8 @@ def main() -> None:
     ap.add_argument("--no-pydensecrf", action="store_true", help="skip pydensecrf")
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also print per-kernel GPU times")
+    ap.add_argument("--reorder", action="store_true", help="number lattice vertices by first use (A/B)")
+    ap.add_argument("--scalar", action="store_true", help="plain label rows instead of float4-padded ones (A/B)")
     args = ap.parse_args()
     params = CRFParams(iterations=args.iters)
     sizes = [float(s) for s in args.sizes.split(",")]
@@ -252,13 +259,14 @@ def main() -> None:
         h, w = image.shape[:2]
         row = {"size": f"{w}x{h}", "mp": h * w / 1e6, "photo": photo}
         if have_gpu:
-            row["gpu"] = time_gpu(image, probs, params, args.repeat, graph=False)
-            row["gpu_graph"] = time_gpu(image, probs, params, args.repeat, graph=True)
+            options = {"reorder": args.reorder, "vector": not args.scalar}
+            row["gpu"] = time_gpu(image, probs, params, args.repeat, graph=False, **options)
+            row["gpu_graph"] = time_gpu(image, probs, params, args.repeat, graph=True, **options)
             row["gpu_labels"] = gpu_labels(image, probs, params)
             if args.breakdown:
                 import cupy as cp
 
-                kernel_breakdown(cp.asarray(image), cp.asarray(probs), params)
+                kernel_breakdown(cp.asarray(image), cp.asarray(probs), params, **options)
         cpu_repeat = max(1, min(args.repeat, 3 if mp_ < 0.5 else 1))
         if not args.no_cpu:
             row["cpu"] = time_cpu("ours", image, probs, params, cpu_repeat)
@@ -266,6 +274,7 @@ def main() -> None:
             row["pyd"] = time_cpu("pydensecrf", image, probs, params, cpu_repeat)
         rows.append(row)
         print_row(row, flush=True)
+        print_table(rows, file=sys.stderr)  # so far, in case a later size does not finish
     print()
     print_table(rows)
 
@@ -278,7 +287,7 @@ def print_row(row, flush=False):
     print(f"  done {row['size']} ({row['photo']})", flush=flush, file=sys.stderr)
 
 
-def print_table(rows) -> None:
+def print_table(rows, file=None) -> None:
     cols = ["size", "MP", "GPU build ms", "GPU iters ms", "GPU total ms", "GPU graph ms", "GPU peak MiB",
             "CPU s", "CPU peak MiB", "pydensecrf s", "pyd peak MiB", "pyd/GPU", "CPU/pyd", "GPU=pyd argmax"]
     lines = []
@@ -299,10 +308,10 @@ def print_table(rows) -> None:
             _fmt(agree, ".3f"),
         ])
     widths = [max(len(col), *(len(line[i]) for line in lines)) for i, col in enumerate(cols)]
-    print(" | ".join(col.rjust(wd) for col, wd in zip(cols, widths)))
-    print("-+-".join("-" * wd for wd in widths))
+    print(" | ".join(col.rjust(wd) for col, wd in zip(cols, widths)), file=file)
+    print("-+-".join("-" * wd for wd in widths), file=file)
     for line in lines:
-        print(" | ".join(v.rjust(wd) for v, wd in zip(line, widths)))
+        print(" | ".join(v.rjust(wd) for v, wd in zip(line, widths)), file=file, flush=True)
 
 
 if __name__ == "__main__":

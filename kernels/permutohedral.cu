@@ -19,6 +19,8 @@
 // atomics, no shared memory): results are deterministic.
 
 #define PACK_FIELDS_MAX 8
+// Entries a splat thread loads at once (see lattice_splat).
+#define SPLAT_GROUP 4
 
 typedef unsigned long long u64;
 
@@ -62,13 +64,19 @@ static __device__ __forceinline__ long long pack_get(const u64* words, const int
 template <int D>
 static __device__ void elevate_pixel(long long i, const unsigned char* image, int width, long long pixel0,
                                      int image_index, const float* stds, const float* scale, float inv_dp1,
-                                     const int* pack, u64* key_lo, u64* key_hi, float* weight, int* error) {
-    const int x = (int)(i % width), y = (int)(i / width);
+                                     const int* pack, u64* key_lo, u64* key_hi, float* weight, int* error,
+                                     bool origin = false) {
     float f[D];
-    f[0] = __fdiv_rn((float)x, stds[0]);
-    f[1] = __fdiv_rn((float)y, stds[1]);
+    if (origin) {
 #pragma unroll
-    for (int k = 2; k < D; ++k) f[k] = __fdiv_rn((float)image[i * 3 + (k - 2)], stds[k]);
+        for (int k = 0; k < D; ++k) f[k] = 0.0f;
+    } else {
+        const int x = (int)(i % width), y = (int)(i / width);
+        f[0] = __fdiv_rn((float)x, stds[0]);
+        f[1] = __fdiv_rn((float)y, stds[1]);
+#pragma unroll
+        for (int k = 2; k < D; ++k) f[k] = __fdiv_rn((float)image[i * 3 + (k - 2)], stds[k]);
+    }
 
     float elevated[D + 1];
     float sm = 0.0f;
@@ -171,6 +179,30 @@ extern "C" __global__ void lattice_elevate_d5(const unsigned char* image, int he
                          weight, error);
 }
 
+// pydensecrf elevates points 4 at a time and fills the unused lanes of an image's last group
+// (when H*W % 4 != 0) with all-zero features; their simplex corners become real lattice
+// vertices that no pixel splats to or slices from, but the blur passes values through them.
+// One thread: one such image k = pad_images[j]. Writes the d+1 corners of the origin (keys
+// tagged with image k, weights unused) at entries (pixel0 + j) * (d+1) + r, past all pixels.
+extern "C" __global__ void lattice_elevate_origin_d2(const int* pad_images, long long n_pad, long long pixel0,
+                                                     const float* stds, const float* scale, float inv_dp1,
+                                                     const int* pack, u64* key_lo, u64* key_hi, float* weight,
+                                                     int* error) {
+    for (long long j = grid_start(); j < n_pad; j += grid_step())
+        elevate_pixel<2>(0, nullptr, 1, pixel0 + j, pad_images[j], stds, scale, inv_dp1, pack, key_lo, key_hi,
+                         weight, error, true);
+}
+
+// Same as lattice_elevate_origin_d2 for the 5-d bilateral lattice.
+extern "C" __global__ void lattice_elevate_origin_d5(const int* pad_images, long long n_pad, long long pixel0,
+                                                     const float* stds, const float* scale, float inv_dp1,
+                                                     const int* pack, u64* key_lo, u64* key_hi, float* weight,
+                                                     int* error) {
+    for (long long j = grid_start(); j < n_pad; j += grid_step())
+        elevate_pixel<5>(0, nullptr, 1, pixel0 + j, pad_images[j], stds, scale, inv_dp1, pack, key_lo, key_hi,
+                         weight, error, true);
+}
+
 // One thread: one position s of the sorted entries. Reads the sorted keys at s and s-1;
 // writes flags[s] = 1 where a new vertex starts (the key differs from the previous one).
 extern "C" __global__ void lattice_mark(const u64* sorted_lo, const u64* sorted_hi, long long n_entries,
@@ -211,6 +243,33 @@ extern "C" __global__ void lattice_lengths(const int* flags, const int* vertex, 
     }
 }
 
+// One thread: one position s of the sorted entries. Reads the entry order[s] there, its vertex
+// id and its weight; writes entry_vertex[order[s]] = vertex[s] (each pixel's corner -> vertex,
+// for slicing), and at s the entry's pixel (-1 for the origin corners past n_pixels: no pixel
+// splats from them) and weight (for splatting). order is a permutation: no two threads write
+// the same place.
+extern "C" __global__ void lattice_entries(const long long* order, const int* vertex, const float* weight,
+                                           long long n_entries, long long n_pixels, int dp1, int* entry_vertex,
+                                           int* sorted_pixel, float* sorted_weight) {
+    for (long long s = grid_start(); s < n_entries; s += grid_step()) {
+        const long long e = order[s];
+        entry_vertex[e] = vertex[s];
+        const long long p = e / dp1;
+        sorted_pixel[s] = p < n_pixels ? (int)p : -1;
+        sorted_weight[s] = weight[e];
+    }
+}
+
+// One thread: one pixel p. Reads raw[p] = (K 1)[p] and writes the normalization factor
+// 1 / sqrt(raw + 1e-20) (symmetric) or 1 / (raw + 1e-20) (after), computed in double and
+// rounded to float once, as pydensecrf does.
+extern "C" __global__ void lattice_norm(const float* raw, long long n_pixels, int symmetric, float* norm) {
+    for (long long p = grid_start(); p < n_pixels; p += grid_step()) {
+        const double total = __dadd_rn((double)raw[p], 1e-20);
+        norm[p] = __double2float_rn(__ddiv_rn(1.0, symmetric ? __dsqrt_rn(total) : total));
+    }
+}
+
 // Index of `want` among the M sorted unique keys, or -1.
 static __device__ __forceinline__ int find_key(const u64* unique_lo, const u64* unique_hi, long long n,
                                                u64 want_lo, u64 want_hi) {
@@ -241,7 +300,7 @@ static __device__ __forceinline__ bool pack_point(const int* coords, int r, long
 
 template <int D>
 static __device__ void neighbours_of(long long v, const u64* unique_lo, const u64* unique_hi, long long n,
-                                     const int* pack, int* nbr) {
+                                     const int* pack, const int* renumber, int* nbr) {
     u64 own[2] = {unique_lo[v], unique_hi ? unique_hi[v] : 0ULL};
     const int r = (int)pack_get(own, pack, 0);
     const long long b = pack_get(own, pack, 1);
@@ -262,25 +321,33 @@ static __device__ void neighbours_of(long long v, const u64* unique_lo, const u6
             c2[j] = key[j] - D;
         }
         u64 w1[2], w2[2];
-        const long long out = ((long long)j * n + v) * 2;
-        nbr[out] = pack_point<D>(c1, r1, b, pack, w1) ? find_key(unique_lo, unique_hi, n, w1[0], w1[1]) : -1;
-        nbr[out + 1] = pack_point<D>(c2, r2, b, pack, w2) ? find_key(unique_lo, unique_hi, n, w2[0], w2[1]) : -1;
+        const long long out = ((long long)j * n + (renumber ? renumber[v] : v)) * 2;
+        int i1 = pack_point<D>(c1, r1, b, pack, w1) ? find_key(unique_lo, unique_hi, n, w1[0], w1[1]) : -1;
+        int i2 = pack_point<D>(c2, r2, b, pack, w2) ? find_key(unique_lo, unique_hi, n, w2[0], w2[1]) : -1;
+        if (renumber) {
+            i1 = i1 >= 0 ? renumber[i1] : -1;
+            i2 = i2 >= 0 ? renumber[i2] : -1;
+        }
+        nbr[out] = i1;
+        nbr[out + 1] = i2;
     }
 }
 
-// One thread: one vertex v. Reads its key and binary-searches the sorted unique keys for its
-// two neighbours along each of the d+1 axes; writes nbr[(axis, v, 0..1)] (-1 = missing).
+// One thread: one vertex v (numbered in key order). Reads its key and binary-searches the
+// sorted unique keys for its two neighbours along each of the d+1 axes; writes
+// nbr[(axis, v', 0..1)] (-1 = missing), where v' and the neighbour ids are renumbered through
+// renumber[] when it is given (key order -> order of first use).
 extern "C" __global__ void lattice_neighbours_d2(const u64* unique_lo, const u64* unique_hi, long long n_vertices,
-                                                 const int* pack, int* nbr) {
+                                                 const int* pack, const int* renumber, int* nbr) {
     for (long long v = grid_start(); v < n_vertices; v += grid_step())
-        neighbours_of<2>(v, unique_lo, unique_hi, n_vertices, pack, nbr);
+        neighbours_of<2>(v, unique_lo, unique_hi, n_vertices, pack, renumber, nbr);
 }
 
 // Same as lattice_neighbours_d2 for the 5-d bilateral lattice.
 extern "C" __global__ void lattice_neighbours_d5(const u64* unique_lo, const u64* unique_hi, long long n_vertices,
-                                                 const int* pack, int* nbr) {
+                                                 const int* pack, const int* renumber, int* nbr) {
     for (long long v = grid_start(); v < n_vertices; v += grid_step())
-        neighbours_of<5>(v, unique_lo, unique_hi, n_vertices, pack, nbr);
+        neighbours_of<5>(v, unique_lo, unique_hi, n_vertices, pack, renumber, nbr);
 }
 
 // One thread: one vertex v. Reads its entry count; writes how many splat runs it is cut into.
@@ -310,6 +377,7 @@ extern "C" __global__ void lattice_runs(const int* starts, const int* lengths, c
 // over the key-sorted entries (for a one-level splat, runs are the vertices). Reads each
 // entry's pixel and weight and that pixel's label value (times in_scale[pixel] when given);
 // writes the sum, in entry order, to out[r * C + c]. *n_runs (on the device) bounds r.
+// Entries with pixel -1 (the origin corners of padded groups) hold a vertex but add nothing.
 extern "C" __global__ void lattice_splat(const float* in, const float* in_scale, const int* run_bounds,
                                          const int* n_runs, long long n_runs_max, int n_labels,
                                          const int* sorted_pixel, const float* sorted_weight, float* out) {
@@ -318,11 +386,25 @@ extern "C" __global__ void lattice_splat(const float* in, const float* in_scale,
         const int first = run_bounds[r], end = run_bounds[r + 1];
         for (int c = threadIdx.x; c < n_labels; c += blockDim.x) {
             float acc = 0.0f;
-            for (int s = first; s < end; ++s) {
-                const long long p = sorted_pixel[s];
-                float x = in[p * n_labels + c];
-                if (in_scale) x = __fmul_rn(x, in_scale[p]);
-                acc = __fadd_rn(acc, __fmul_rn(sorted_weight[s], x));
+            // Entries in groups of SPLAT_GROUP: all loads of a group are issued before the sums
+            // (memory latency overlaps), the sums still go in entry order.
+            for (int s = first; s < end; s += SPLAT_GROUP) {
+                long long p[SPLAT_GROUP];
+                float w[SPLAT_GROUP], x[SPLAT_GROUP];
+#pragma unroll
+                for (int k = 0; k < SPLAT_GROUP; ++k) {
+                    const bool in_run = s + k < end;
+                    p[k] = in_run ? sorted_pixel[s + k] : -1;
+                    w[k] = in_run ? sorted_weight[s + k] : 0.0f;
+                }
+#pragma unroll
+                for (int k = 0; k < SPLAT_GROUP; ++k) {
+                    x[k] = p[k] >= 0 ? in[p[k] * n_labels + c] : 0.0f;
+                    if (in_scale && p[k] >= 0) x[k] = __fmul_rn(x[k], in_scale[p[k]]);
+                }
+#pragma unroll
+                for (int k = 0; k < SPLAT_GROUP; ++k)
+                    if (p[k] >= 0) acc = __fadd_rn(acc, __fmul_rn(w[k], x[k]));
             }
             out[r * n_labels + c] = acc;
         }
@@ -387,6 +469,96 @@ extern "C" __global__ void lattice_slice(const float* values, const int* entry_v
             if (out_scale) acc = __fmul_rn(acc, scale);
             const long long t = p * n_labels + c;
             out[t] = base ? __fadd_rn(base[t], __fmul_rn(weight, acc)) : acc;
+        }
+    }
+}
+
+// ---- float4 forms of splat and blur, for rows padded to ld = 4 * n_vec floats ----------------
+// One thread: one float4 (4 consecutive labels) of one row, in the launch shape above with
+// n_vec lanes per row. Every component goes through exactly the scalar kernel's operations in
+// the same order, so the results are bit-identical to lattice_splat / lattice_blur; only the
+// loads and stores are 16 bytes wide.
+
+static __device__ __forceinline__ float4 f4_scale(float4 a, float s) {
+    return make_float4(__fmul_rn(a.x, s), __fmul_rn(a.y, s), __fmul_rn(a.z, s), __fmul_rn(a.w, s));
+}
+
+// acc + w * x, per component
+static __device__ __forceinline__ float4 f4_add_scaled(float4 acc, float w, float4 x) {
+    return make_float4(__fadd_rn(acc.x, __fmul_rn(w, x.x)), __fadd_rn(acc.y, __fmul_rn(w, x.y)),
+                       __fadd_rn(acc.z, __fmul_rn(w, x.z)), __fadd_rn(acc.w, __fmul_rn(w, x.w)));
+}
+
+static __device__ __forceinline__ float4 f4_add(float4 a, float4 b) {
+    return make_float4(__fadd_rn(a.x, b.x), __fadd_rn(a.y, b.y), __fadd_rn(a.z, b.z), __fadd_rn(a.w, b.w));
+}
+
+// The blur update of one value: own + 0.5 * pair, as lattice_blur (seq: through double).
+static __device__ __forceinline__ float blur_one(float own, float pair, int seq) {
+    return seq ? __double2float_rn(__dadd_rn((double)own, __dmul_rn(0.5, (double)pair)))
+               : __fadd_rn(own, __fmul_rn(0.5f, pair));
+}
+
+// lattice_splat on float4 rows: reads in[p * n_vec + c] (times in_scale[p]) for each entry of
+// run r; writes out[r * n_vec + c].
+extern "C" __global__ void lattice_splat_v4(const float4* in, const float* in_scale, const int* run_bounds,
+                                            const int* n_runs, long long n_runs_max, int n_vec,
+                                            const int* sorted_pixel, const float* sorted_weight, float4* out) {
+    const long long runs = *n_runs < n_runs_max ? *n_runs : n_runs_max;
+    for (long long r = grid_start(); r < runs; r += grid_step()) {
+        const int first = run_bounds[r], end = run_bounds[r + 1];
+        for (int c = threadIdx.x; c < n_vec; c += blockDim.x) {
+            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int s = first; s < end; s += SPLAT_GROUP) {
+                long long p[SPLAT_GROUP];
+                float w[SPLAT_GROUP];
+                float4 x[SPLAT_GROUP];
+#pragma unroll
+                for (int k = 0; k < SPLAT_GROUP; ++k) {
+                    const bool in_run = s + k < end;
+                    p[k] = in_run ? sorted_pixel[s + k] : -1;
+                    w[k] = in_run ? sorted_weight[s + k] : 0.0f;
+                }
+#pragma unroll
+                for (int k = 0; k < SPLAT_GROUP; ++k) {
+                    x[k] = p[k] >= 0 ? in[p[k] * n_vec + c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    if (in_scale && p[k] >= 0) x[k] = f4_scale(x[k], in_scale[p[k]]);
+                }
+#pragma unroll
+                for (int k = 0; k < SPLAT_GROUP; ++k)
+                    if (p[k] >= 0) acc = f4_add_scaled(acc, w[k], x[k]);
+            }
+            out[r * n_vec + c] = acc;
+        }
+    }
+}
+
+// lattice_splat_reduce on float4 rows: values[v * n_vec + c] = ordered sum of the vertex's runs.
+extern "C" __global__ void lattice_splat_reduce_v4(const float4* partial, const int* run_offset,
+                                                   long long n_vertices, int n_vec, float4* values) {
+    for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
+        const int first = run_offset[v], end = run_offset[v + 1];
+        for (int c = threadIdx.x; c < n_vec; c += blockDim.x) {
+            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int r = first; r < end; ++r) acc = f4_add(acc, partial[(long long)r * n_vec + c]);
+            values[v * n_vec + c] = acc;
+        }
+    }
+}
+
+// lattice_blur on float4 rows: dst = src + 0.5 * (n1 + n2) along one axis (Jacobi).
+extern "C" __global__ void lattice_blur_v4(const float4* src, float4* dst, const int* nbr, long long n_vertices,
+                                           int n_vec, int seq) {
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
+        const int n1 = nbr[2 * v], n2 = nbr[2 * v + 1];
+        for (int c = threadIdx.x; c < n_vec; c += blockDim.x) {
+            const long long t = v * n_vec + c;
+            const float4 a = n1 >= 0 ? src[(long long)n1 * n_vec + c] : zero;
+            const float4 b = n2 >= 0 ? src[(long long)n2 * n_vec + c] : zero;
+            const float4 own = src[t];
+            dst[t] = make_float4(blur_one(own.x, __fadd_rn(a.x, b.x), seq), blur_one(own.y, __fadd_rn(a.y, b.y), seq),
+                                 blur_one(own.z, __fadd_rn(a.z, b.z), seq), blur_one(own.w, __fadd_rn(a.w, b.w), seq));
         }
     }
 }

@@ -51,6 +51,7 @@ def assert_close(out: np.ndarray, ref: np.ndarray, *, agreement: float = 0.9999,
     assert np.isfinite(out).all()
     diff = float(np.abs(out - ref).max())
     agree = float((out.argmax(0) == ref.argmax(0)).mean())
+    print(f"[agreement] argmax {agree:.6f}, max abs diff {diff:.2e}")  # shown with pytest -s
     assert agree >= agreement and diff <= atol, f"argmax agreement {agree:.6f}, max abs diff {diff:.2e}"
 
 
@@ -88,6 +89,33 @@ def test_scale_factors_and_alpha_are_pydensecrf_constants():
                                rtol=1e-6)
     assert cuda.alpha(2) == np.float32(0.8)
     assert cuda.alpha(5) == np.float32(1.0) / np.float32(1.03125)
+
+
+def test_torch_stream_wraps_with_from_external_else_external_stream():
+    import types
+
+    from deeplab_cli import crf
+
+    calls = []
+
+    class NewStream:  # CuPy 14: from_external(obj) reads obj.__cuda_stream__() -> (version, handle)
+        @staticmethod
+        def from_external(obj):
+            calls.append(("from_external", obj.__cuda_stream__()))
+            return "new"
+
+    class OldStream:  # CuPy before Stream.from_external
+        pass
+
+    def external(ptr, device_id):
+        calls.append(("ExternalStream", ptr, device_id))
+        return "old"
+
+    new = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=NewStream, ExternalStream=external))
+    old = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=OldStream, ExternalStream=external))
+    assert crf._external_stream(new, 1234, 1) == "new"
+    assert crf._external_stream(old, 1234, 1) == "old"
+    assert calls == [("from_external", (0, 1234)), ("ExternalStream", 1234, 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +213,34 @@ def test_emulated_two_level_splat_two_word_keys_and_two_labels(emulated):
     assert_close(out2, pydensecrf_reference(image, two, README), atol=1e-5)
 
 
+def test_emulated_vertex_order_changes_no_bit(emulated):
+    # Numbering vertices by first use (for locality) instead of key order keeps every vertex's
+    # entry order and every blur step, so the result must be bit-identical.
+    images = [np.ascontiguousarray(load_photo("coffee.jpg")[::5, ::5]), crop("astronaut.jpg", 0, 0, 21, 19)]
+    probs = [network_like_probs(*im.shape[:2], seed=6) for im in images]
+    by_use = cuda.CudaCRF(images, probs, DEEPLAB, backend=emulated, reorder=True)
+    by_key = cuda.CudaCRF(images, probs, DEEPLAB, backend=emulated, reorder=False)
+    for a, b in zip(by_use.run(), by_key.run()):
+        assert np.array_equal(a, b)
+    # and the numbering did change: the first pixel's corners come first
+    first = by_use.lattices[1].entry_vertex[:6]
+    assert sorted(first.tolist()) == list(range(len(set(first.tolist()))))
+    assert not np.array_equal(by_use.lattices[1].entry_vertex, by_key.lattices[1].entry_vertex)
+
+
+@pytest.mark.parametrize("n_labels", [3, 21])
+def test_emulated_float4_rows_change_no_bit(emulated, n_labels):
+    # Rows padded to a multiple of 4 labels and filtered as float4 do each label's arithmetic
+    # exactly as the scalar kernels: bit-identical results (two-level splat and padding included).
+    images = [np.ascontiguousarray(load_photo("coffee.jpg")[::5, ::5]), crop("astronaut.jpg", 0, 0, 21, 19)]
+    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=8) for im in images]
+    vector = cuda.CudaCRF(images, probs, DEEPLAB, backend=emulated)
+    scalar = cuda.CudaCRF(images, probs, DEEPLAB, backend=emulated, vector=False)
+    assert vector.ld == 4 * -(-n_labels // 4) and scalar.ld == n_labels
+    for a, b in zip(vector.run(), scalar.run()):
+        assert np.array_equal(a, b)
+
+
 def test_emulated_batch_equals_singles(emulated):
     # b alone has vertices long enough for a two-level splat, a (63 pixels) has none: the batch must
     # still sum each vertex exactly as the single image does.
@@ -204,6 +260,35 @@ def test_emulated_matches_cpu_oracle(emulated):
     probs = network_like_probs(39, 47, seed=7)
     out = cuda.CudaCRF([image], [probs], DEEPLAB, backend=emulated).run()[0]
     assert_close(out, cpu.dense_crf_cpu(image, probs, DEEPLAB))
+
+
+# Dark top-left crops whose pixel count is not a multiple of 4: pydensecrf's 4-wide build adds the
+# origin's simplex corners as vertices, which moves these results by about 7e-4 if left out.
+PADDED_CROPS = [(21, 19, "deeplab"), (13, 17, "readme")]
+
+
+@pytest.mark.parametrize("height,width,which", PADDED_CROPS)
+def test_emulated_padding_corners_match_pydensecrf_and_cpu_oracle(emulated, height, width, which):
+    cpu = pytest.importorskip("deeplab_cli.crf.cpu")
+    assert (height * width) % 4 != 0
+    image = crop("astronaut.jpg", 0, 0, height, width)
+    probs = network_like_probs(height, width, seed=3)
+    params = PARAM_SETS[which]
+    out = cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0]
+    assert_close(out, pydensecrf_reference(image, probs, params), agreement=1.0, atol=1e-5)
+    assert_close(out, cpu.dense_crf_cpu(image, probs, params), atol=1e-5)
+
+
+def test_emulated_padding_corners_are_per_image_in_a_batch(emulated):
+    # Each padded image needs its own origin corners (keys carry the image index): a batch of
+    # two padded crops and an unpadded one must equal the images run alone.
+    images = [crop("astronaut.jpg", 0, 0, 21, 19), crop("astronaut.jpg", 0, 0, 13, 17),
+              crop("chelsea.jpg", 0, 0, 8, 10)]
+    probs = [network_like_probs(*im.shape[:2], seed=3) for im in images]
+    both = cuda.CudaCRF(images, probs, DEEPLAB, backend=emulated).run()
+    for image, p, out in zip(images, probs, both):
+        assert np.array_equal(out, cuda.CudaCRF([image], [p], DEEPLAB, backend=emulated).run()[0])
+    assert_close(both[0], pydensecrf_reference(images[0], probs[0], DEEPLAB), agreement=1.0, atol=1e-5)
 
 
 def test_zero_iterations_return_softmax_of_the_clipped_unary(emulated):
@@ -268,6 +353,24 @@ def test_gpu_matches_cpu_oracle_on_photos(photos_and_probs, photo, which, normal
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("height,width,which", PADDED_CROPS + [(203, 157, "deeplab")])
+def test_gpu_padding_corners_match_cpu_oracle_and_pydensecrf(height, width, which):
+    cp = _cupy()
+    from deeplab_cli.crf.cpu import dense_crf_cpu
+
+    image = crop("astronaut.jpg", 0, 0, height, width)
+    probs = network_like_probs(height, width, seed=3)
+    params = PARAM_SETS[which]
+    out = cuda.dense_crf_cuda_batch([cp.asarray(image)], [cp.asarray(probs)], params)[0].get()
+    assert_close(out, dense_crf_cpu(image, probs, params))
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return
+    assert_close(out, pydensecrf_reference(image, probs, params))
+
+
+@pytest.mark.cuda
 def test_gpu_is_deterministic_and_batch_equals_singles(photos_and_probs):
     cp = _cupy()
     names = [p.name for p in PHOTOS]
@@ -283,6 +386,11 @@ def test_gpu_is_deterministic_and_batch_equals_singles(photos_and_probs):
     graphed = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB).run(graph=True)]
     for a, b in zip(first, graphed):
         assert np.array_equal(a, b)
+    # the other layouts (scalar rows, vertices by first use) give the same bits
+    for options in ({"vector": False}, {"reorder": True}):
+        other = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB, **options).run()]
+        for a, b in zip(first, other):
+            assert np.array_equal(a, b), options
 
 
 @pytest.mark.cuda

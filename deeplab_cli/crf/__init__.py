@@ -224,7 +224,7 @@ def _run_cuda(images: list[Any], probs: list[Any], params: CRFParams) -> list[An
         probs_t = [p.detach().float().contiguous() for p in probs]
         images_t = [_torch_image(im, device) for im in images]
         stream = torch.cuda.current_stream(device)
-        with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+        with cupy.cuda.Device(device.index), _external_stream(cupy, stream.cuda_stream, device.index):
             outs = dense_crf_cuda_batch([cupy.from_dlpack(im) for im in images_t],
                                         [cupy.from_dlpack(p) for p in probs_t], params)
             # Keep the inputs alive until the work queued on the stream is done with them.
@@ -238,6 +238,26 @@ def _run_cuda(images: list[Any], probs: list[Any], params: CRFParams) -> list[An
         images_c = [_cupy_image(im) for im in images]
         probs_c = [cupy.ascontiguousarray(p, dtype=cupy.float32) for p in probs]
         return dense_crf_cuda_batch(images_c, probs_c, params)
+
+
+def _external_stream(cupy: Any, pointer: int, device_index: int) -> Any:
+    """A CuPy stream object for a CUDA stream CuPy does not own (torch's current stream):
+    `Stream.from_external` (CuPy 14+, which takes an object speaking the CUDA stream
+    protocol) where this CuPy has it, else the older, deprecated `ExternalStream`."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:
+        return cupy.cuda.ExternalStream(pointer, device_index)
+    return from_external(_StreamHandle(pointer))
+
+
+class _StreamHandle:
+    """A raw cudaStream_t exposed through the CUDA stream protocol (`__cuda_stream__`)."""
+
+    def __init__(self, pointer: int) -> None:
+        self.pointer = int(pointer)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.pointer)  # (protocol version, handle)
 
 
 def _torch_image(image: Any, device):

@@ -9,10 +9,14 @@ How one batch goes (all images of a batch share each lattice; keys carry the ima
   2. per kernel (Gaussian d = 2, bilateral d = 5): elevate every pixel to its d+1 simplex
      corners (keys and barycentric weights, bit-identical to pydensecrf), stable-sort the
      keys, mark and number unique vertices, build the per-vertex entry ranges (CSR) and the
-     neighbour table along the d+1 axes; then norm = K 1 through the same filter;
-  3. each iteration: per kernel splat (gather over each vertex's entries, no atomics), blur
-     along the d+1 axes (Jacobi, double buffer), slice fused with the normalization and the
-     Potts message; then softmax over labels.
+     neighbour table along the d+1 axes; then norm = K 1 through the same filter. An image
+     whose H*W is not a multiple of 4 also gets the origin's d+1 corners as vertices, as in
+     pydensecrf (its 4-wide build pads the last group with all-zero features);
+  3. each iteration: per kernel splat (gather over each vertex's entries, no atomics) and
+     blur along the d+1 axes (Jacobi, double buffer); then one kernel slices both lattices,
+     adds the normalized Potts messages to -U and takes the softmax over labels.
+Per-pixel and per-vertex label rows are padded to a multiple of 4 floats (pad columns stay 0)
+so splat and blur move them as float4; each label's arithmetic is unchanged (same bits).
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ from deeplab_cli.errors import DeeplabError
 KERNEL_FILES = ("permutohedral.cu", "meanfield.cu")
 KERNELS = {
     "permutohedral.cu": (
-        "lattice_elevate_d2", "lattice_elevate_d5", "lattice_mark", "lattice_segments", "lattice_lengths",
+        "lattice_elevate_d2", "lattice_elevate_d5", "lattice_elevate_origin_d2", "lattice_elevate_origin_d5",
+        "lattice_mark", "lattice_segments", "lattice_lengths",
         "lattice_neighbours_d2", "lattice_neighbours_d5", "lattice_run_counts", "lattice_runs", "lattice_splat",
-        "lattice_splat_reduce", "lattice_blur", "lattice_slice",
+        "lattice_splat_reduce", "lattice_blur", "lattice_slice", "lattice_entries", "lattice_norm",
+        "lattice_splat_v4", "lattice_splat_reduce_v4", "lattice_blur_v4",
     ),
-    "meanfield.cu": ("mf_unary", "mf_softmax", "mf_to_planes"),
+    "meanfield.cu": ("mf_unary", "mf_softmax", "mf_slice_softmax", "mf_to_planes"),
 }
 # No fused multiply-add anywhere: the lattice must round exactly as pydensecrf's SSE code.
 NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")
@@ -180,7 +186,7 @@ def check_lattice_size(height: int, width: int, params: CRFParams, n_images: int
     """Raise DeeplabError when the lattice cannot index an image of this size (int16 keys,
     int32 entry indices), before any memory is touched."""
     n = height * width * n_images
-    if 6 * n > _INDEX_LIMIT:
+    if 6 * (n + n_images) > _INDEX_LIMIT:
         raise DeeplabError(
             f"CRF: {n_images} image(s) of {width}x{height} is {n / 1e6:.0f} MP, over the lattice's "
             f"{_INDEX_LIMIT // 6 / 1e6:.0f} MP limit (int32 indices); run fewer or smaller images"
@@ -301,21 +307,24 @@ class Lattice:
     run_offset: Any  # (M+1,) int32 runs of each vertex, or None for a one-level splat
     neighbours: Any  # (d+1, M, 2) int32, -1 = missing
     norm: Any = None  # (N,) float32: 1/sqrt(K1) (symmetric) or 1/K1 (after)
+    values: Any = None  # two (M * ld,) float32 buffers: the splat/blur double buffer
 
 
-def _bytes_before_lattice(n_pixels: int, n_labels: int, words: int) -> int:
-    """Device bytes for the per-pixel arrays, both lattices' entry tables, and the peak of
-    building the larger (bilateral, E = 6N) lattice; vertex-sized arrays come later."""
-    per_pixel = 4 * n_pixels * n_labels * 4 + 4 * n_pixels * 4  # -U, Q, acc, outputs; norms, ones
+def _bytes_before_lattice(n_pixels: int, row: int, words: int) -> int:
+    """Device bytes for the per-pixel arrays (rows of `row` floats), both lattices' entry
+    tables, and the peak of building the larger (bilateral, E = 6N) lattice; vertex-sized
+    arrays come later."""
+    per_pixel = 3 * n_pixels * row * 4 + 4 * n_pixels * 4  # -U, Q, outputs; norms, ones
     entries = 16 * 9 * n_pixels  # vertex id, weight, sorted pixel, sorted weight for E = 3N + 6N
-    build = 6 * n_pixels * (3 * 8 * words + 8 + 4 * 4 + 16)  # keys, order, flags/ids, sort scratch
+    # keys, order, flags/ids, sort scratch, the regrouping by first use
+    build = 6 * n_pixels * (3 * 8 * words + 8 + 4 * 4 + 16 + 16)
     return per_pixel + entries + build
 
 
-def _bytes_after_lattice(lattices: list[Lattice], n_labels: int) -> int:
-    most = max(lat.n_vertices for lat in lattices)
+def _bytes_after_lattice(lattices: list[Lattice], row: int) -> int:
+    vertices = sum(lat.n_vertices for lat in lattices)  # each lattice keeps its own double buffer
     partial = max(lat.n_runs_max if lat.run_offset is not None else 0 for lat in lattices)
-    return 4 * (2 * most + partial) * n_labels
+    return 4 * (2 * vertices + partial) * row
 
 
 def _gib(n: int) -> str:
@@ -327,7 +336,8 @@ class CudaCRF:
     `result`) so benchmarks can time the lattice build and the iterations apart."""
 
     def __init__(self, images: Sequence[Any], probs: Sequence[Any], params: CRFParams = CRFParams(),
-                 backend: Any = None, *, spread_keys: bool = False) -> None:
+                 backend: Any = None, *, spread_keys: bool = False, reorder: bool = False,
+                 vector: bool = True) -> None:
         self.bk = backend if backend is not None else CupyBackend()
         xp = self.bk.xp
         if len(images) != len(probs) or not images:
@@ -356,33 +366,41 @@ class CudaCRF:
         check_lattice_size(self.max_h, self.max_w, params, len(self.images))
         self.specs = [s for s in kernel_specs(params) if s.weight != 0] if params.iterations > 0 else []
         self.spread_keys = spread_keys
+        # Vertices numbered by first use instead of key order: same bits, but measured slower on
+        # an H200 (key order is already raster-like for the Gaussian lattice), so off by default.
+        self.reorder = reorder
+        # Label rows padded to a multiple of 4 floats and filtered as float4 (same bits, wider
+        # loads); pydensecrf's scalar path (C <= 2) keeps plain rows.
+        self.vector = vector and self.n_labels > 2
+        self.ld = -(-self.n_labels // 4) * 4 if self.vector else self.n_labels
         self.lattices: list[Lattice] = []
-        self.q = self.neg_unary = self.acc = None
+        self.q = self.neg_unary = None
 
     # -- stage 1: unary, Q0, lattices and their norms ------------------------------------------
 
     def prepare(self) -> None:
         bk, xp = self.bk, self.bk.xp
-        n, c = self.n_pixels, self.n_labels
+        n, c, ld = self.n_pixels, self.n_labels, self.ld
         words = max((pack_layout(s, self.max_h, self.max_w, len(self.images))[1] for s in self.specs), default=1)
-        need = _bytes_before_lattice(n, c, words)
+        need = _bytes_before_lattice(n, ld, words)
         free = bk.free_bytes()
         if need > free:
             raise DeeplabError(
                 f"CRF: {n / 1e6:.1f} MP with {c} labels needs about {_gib(need)} of GPU memory "
                 f"to build the lattice, {_gib(free)} free; use smaller or fewer images"
             )
-        self.neg_unary = xp.empty((n, c), dtype=xp.float32)  # (N, C)
+        self.neg_unary = xp.empty((n, ld), dtype=xp.float32)  # (N, ld), C labels used
         for b, p in enumerate(self.probs):
             count = self.offsets[b + 1] - self.offsets[b]
             bk.launch("mf_unary", count * c, (p, _i64(count), _i32(c), _i64(self.offsets[b]),
-                                              _f32(UNARY_CLIP), self.neg_unary))
-        self.q = xp.empty((n, c), dtype=xp.float32)  # (N, C)
-        bk.launch("mf_softmax", n, (self.neg_unary, _i64(n), _i32(c), self.q), 32)
+                                              _f32(UNARY_CLIP), _i32(ld), self.neg_unary))
+        # (N, ld): pad columns stay 0, so splatting and blurring them adds nothing anywhere
+        self.q = xp.zeros((n, ld), dtype=xp.float32) if ld > c else xp.empty((n, c), dtype=xp.float32)
+        bk.launch("mf_softmax", n, (self.neg_unary, _i64(n), _i32(c), _i32(ld), self.q), 32)
         if not self.specs:
             return
         self.lattices = [self._build(spec) for spec in self.specs]
-        need = _bytes_after_lattice(self.lattices, c)
+        need = _bytes_after_lattice(self.lattices, ld)
         free = bk.free_bytes()
         if need > free:
             most = max(lat.n_vertices for lat in self.lattices)
@@ -390,25 +408,25 @@ class CudaCRF:
                 f"CRF: the lattice has {most} vertices; filtering {c} labels needs about {_gib(need)} "
                 f"more GPU memory, {_gib(free)} free; use smaller or fewer images"
             )
-        most = max(lat.n_vertices for lat in self.lattices)
-        self._values = (xp.empty(most * c, dtype=xp.float32), xp.empty(most * c, dtype=xp.float32))
+        for lat in self.lattices:
+            m = lat.n_vertices
+            lat.values = (xp.empty(m * ld, dtype=xp.float32), xp.empty(m * ld, dtype=xp.float32))  # (M, ld) each
         partial = max(lat.n_runs_max if lat.run_offset is not None else 0 for lat in self.lattices)
-        self._partial = xp.empty(max(partial, 1) * c, dtype=xp.float32)
+        self._partial = xp.empty(max(partial, 1) * ld, dtype=xp.float32)
         ones = xp.ones(n, dtype=xp.float32)  # (N, 1)
         raw = xp.empty(n, dtype=xp.float32)
         for lat in self.lattices:
             self._filter(lat, ones, 1, in_scale=None, out_scale=None, base=None, weight=0.0, out=raw, seq=True)
-            total = raw.astype(xp.float64) + 1e-20
-            if self.params.normalization == "symmetric":
-                lat.norm = (1.0 / xp.sqrt(total)).astype(xp.float32)
-            else:
-                lat.norm = (1.0 / total).astype(xp.float32)
-        self.acc = xp.empty((n, c), dtype=xp.float32)  # (N, C)
+            lat.norm = xp.empty(n, dtype=xp.float32)
+            bk.launch("lattice_norm", n, (raw, _i64(n), _i32(self.params.normalization == "symmetric"), lat.norm))
 
     def _build(self, spec: KernelSpec) -> Lattice:
         bk, xp = self.bk, self.bk.xp
         d, n = spec.d, self.n_pixels
-        e = (d + 1) * n
+        # Images whose pixel count is not a multiple of 4 add one pseudo-pixel each, past all
+        # real pixels: the origin, whose corners pydensecrf's padded build inserts.
+        padded = [b for b, (h, w) in enumerate(self.sizes) if (h * w) % 4]
+        e = (d + 1) * (n + len(padded))
         pack, words = pack_layout(spec, self.max_h, self.max_w, len(self.images), spread=self.spread_keys)
         pack_dev = xp.asarray(pack)
         stds = xp.asarray(np.array(spec.stds, dtype=np.float32))
@@ -422,6 +440,10 @@ class CudaCRF:
             h, w = self.sizes[b]
             bk.launch(f"lattice_elevate_d{d}", h * w, (im, _i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), stds,
                                                        scale, inv_dp1, pack_dev, key_lo, key_hi, weight, error))
+        if padded:
+            bk.launch(f"lattice_elevate_origin_d{d}", len(padded), (xp.asarray(np.array(padded, np.int32)),
+                                                                    _i64(len(padded)), _i64(n), stds, scale, inv_dp1,
+                                                                    pack_dev, key_lo, key_hi, weight, error))
         # Stable sorts keep each vertex's entries in pixel order, pydensecrf's splat order.
         order = xp.argsort(key_lo, kind="stable")
         if key_hi is not None:
@@ -445,16 +467,40 @@ class CudaCRF:
         if err:
             raise RuntimeError(f"CRF {spec.name} lattice: a key fell outside its packed range (a bug)")
         del flags, sorted_lo, sorted_hi
+        starts = starts[: m + 1]
+        lengths = lengths[:m]
+        renumber = None
+        if self.reorder:
+            # Number vertices by first use (pixel order) instead of key order, so the vertices of
+            # nearby pixels, and blur neighbours, sit close in memory. A stable sort put each
+            # vertex's smallest entry first; entries are regrouped by the new ids without a sort.
+            first_entry = order[starts[:m]]
+            by_first_use = xp.argsort(first_entry)  # old ids in new order (keys distinct)
+            renumber = xp.empty(m, dtype=xp.int32)
+            renumber[by_first_use] = xp.arange(m, dtype=xp.int32)
+            lengths = lengths[by_first_use]
+            new_starts = xp.empty(m + 1, dtype=xp.int32)
+            new_starts[0] = 0
+            xp.cumsum(lengths, dtype=xp.int32, out=new_starts[1:])
+            # (E,) new sorted position of each old sorted position: same offset within its vertex
+            dest = new_starts[renumber[vertex]] + (xp.arange(e, dtype=xp.int32) - starts[vertex])
+            regrouped = xp.empty_like(order)
+            regrouped[dest] = order
+            regrouped_vertex = xp.empty_like(vertex)
+            regrouped_vertex[dest] = renumber[vertex]
+            vertex = regrouped_vertex
+            del dest, first_entry, by_first_use
+            order, starts = regrouped, new_starts
         entry_vertex = xp.empty(e, dtype=xp.int32)
-        entry_vertex[order] = vertex
-        sorted_pixel = (order // (d + 1)).astype(xp.int32)
-        sorted_weight = weight[order]
+        sorted_pixel = xp.empty(e, dtype=xp.int32)
+        sorted_weight = xp.empty(e, dtype=xp.float32)
+        bk.launch("lattice_entries", e, (order, vertex, weight, _i64(e), _i64(n), _i32(d + 1), entry_vertex,
+                                         sorted_pixel, sorted_weight))
         del order, vertex
         neighbours = xp.empty((d + 1, m, 2), dtype=xp.int32)
         bk.launch(f"lattice_neighbours_d{d}", m, (unique_lo[:m], None if unique_hi is None else unique_hi[:m],
-                                                  _i64(m), pack_dev, neighbours))
-        del unique_lo, unique_hi
-        starts = starts[: m + 1]
+                                                  _i64(m), pack_dev, renumber, neighbours))
+        del unique_lo, unique_hi, renumber
         if longest <= SINGLE_LEVEL_MAX:
             run_bounds, n_runs, n_runs_max, run_offset = starts, xp.asarray(np.array([m], np.int32)), m, None
         else:
@@ -476,23 +522,33 @@ class CudaCRF:
                 weight: float, out: Any, seq: bool) -> None:
         """out = slice(blur(splat(src * in_scale))) * out_scale, or base + weight * that."""
         bk = self.bk
-        m, d = lat.n_vertices, lat.spec.d
-        a, b = self._values[0][: m * c], self._values[1][: m * c]  # (M, C) each
-        if lat.run_offset is None:
-            bk.launch("lattice_splat", m, (src, in_scale, lat.run_bounds, lat.n_runs, _i64(m), _i32(c),
-                                           lat.sorted_pixel, lat.sorted_weight, a), c)
-        else:
-            partial = self._partial[: lat.n_runs_max * c]  # (R, C)
-            bk.launch("lattice_splat", lat.n_runs_max, (src, in_scale, lat.run_bounds, lat.n_runs,
-                                                        _i64(lat.n_runs_max), _i32(c), lat.sorted_pixel,
-                                                        lat.sorted_weight, partial), c)
-            bk.launch("lattice_splat_reduce", m, (partial, lat.run_offset, _i64(m), _i32(c), a), c)
-        for axis in range(d + 1):
-            bk.launch("lattice_blur", m, (a, b, lat.neighbours[axis], _i64(m), _i32(c), _i32(seq)), c)
-            a, b = b, a
+        d = lat.spec.d
+        a, b = self._splat_blur(lat, src, c, in_scale=in_scale, seq=seq)
         n = self.n_pixels
         bk.launch("lattice_slice", n, (a, lat.entry_vertex, lat.entry_weight, _i64(n), _i32(c), _i32(d + 1),
                                        alpha(d), _i32(seq), out_scale, base, _f32(weight), out), c)
+
+    def _splat_blur(self, lat: Lattice, src: Any, c: int, *, in_scale: Any, seq: bool) -> tuple[Any, Any]:
+        """Splat src * in_scale (rows of c floats) onto the lattice and blur it; (result,
+        scratch), (M, c) each. Rows of a multiple of 4 floats (c = ld > 1) move as float4."""
+        bk = self.bk
+        m, d = lat.n_vertices, lat.spec.d
+        a, b = lat.values[0][: m * c], lat.values[1][: m * c]  # (M, c) each
+        suffix, lanes = ("_v4", c // 4) if self.vector and c == self.ld else ("", c)
+        if lat.run_offset is None:
+            bk.launch("lattice_splat" + suffix, m, (src, in_scale, lat.run_bounds, lat.n_runs, _i64(m),
+                                                    _i32(lanes), lat.sorted_pixel, lat.sorted_weight, a), lanes)
+        else:
+            partial = self._partial[: lat.n_runs_max * c]  # (R, c)
+            bk.launch("lattice_splat" + suffix, lat.n_runs_max, (src, in_scale, lat.run_bounds, lat.n_runs,
+                                                                 _i64(lat.n_runs_max), _i32(lanes), lat.sorted_pixel,
+                                                                 lat.sorted_weight, partial), lanes)
+            bk.launch("lattice_splat_reduce" + suffix, m, (partial, lat.run_offset, _i64(m), _i32(lanes), a), lanes)
+        for axis in range(d + 1):
+            bk.launch("lattice_blur" + suffix, m, (a, b, lat.neighbours[axis], _i64(m), _i32(lanes), _i32(seq)),
+                      lanes)
+            a, b = b, a
+        return a, b
 
     # -- stage 2: mean-field iterations -----------------------------------------------------------
 
@@ -510,24 +566,27 @@ class CudaCRF:
                 self._iteration()
 
     def _iteration(self) -> None:
-        n, c = self.n_pixels, self.n_labels
+        n, c, ld = self.n_pixels, self.n_labels, self.ld
         symmetric = self.params.normalization == "symmetric"
         seq = c <= 2  # pydensecrf filters 1 or 2 labels with its scalar code, more with SSE
-        base = self.neg_unary
+        slots = {2: [None, None, None, None, _f32(0), _f32(0)], 5: [None, None, None, None, _f32(0), _f32(0)]}
         for lat in self.lattices:  # Gaussian, then bilateral
-            self._filter(lat, self.q, c, in_scale=lat.norm if symmetric else None, out_scale=lat.norm,
-                         base=base, weight=lat.spec.weight, out=self.acc, seq=seq)
-            base = self.acc
-        self.bk.launch("mf_softmax", n, (self.acc, _i64(n), _i32(c), self.q), 32)
+            blurred, _ = self._splat_blur(lat, self.q, ld, in_scale=lat.norm if symmetric else None, seq=seq)
+            d = lat.spec.d
+            slots[d] = [blurred, lat.entry_vertex, lat.entry_weight, lat.norm, alpha(d), _f32(lat.spec.weight)]
+        # Q is read by the splats above and only then rewritten.
+        args = (self.neg_unary, _i64(n), _i32(c), _i32(ld), _i32(seq), *slots[2], *slots[5], self.q)
+        self.bk.launch("mf_slice_softmax", n, args, 32)
 
     # -- stage 3: back to (C, H, W) per image ----------------------------------------------------
 
     def result(self) -> list[Any]:
-        bk, xp, c = self.bk, self.bk.xp, self.n_labels
+        bk, xp, c, ld = self.bk, self.bk.xp, self.n_labels, self.ld
         outs = []
         for b, (h, w) in enumerate(self.sizes):
             out = xp.empty((c, h, w), dtype=xp.float32)
-            bk.launch("mf_to_planes", h * w * c, (self.q, _i64(h * w), _i32(c), _i64(self.offsets[b]), out))
+            bk.launch("mf_to_planes", h * w * c, (self.q, _i64(h * w), _i32(c), _i64(self.offsets[b]), _i32(ld),
+                                                  out))
             outs.append(out)
         return outs
 
