@@ -165,14 +165,15 @@ def test_padding_corners_are_extra_unused_vertices():
     assert even.n_vertices == cpu.build_lattice(bilateral[:1228], block=1).n_vertices
 
 
-def test_packed_and_row_dedupe_build_the_same_lattice(lattices, monkeypatch):
+def test_growing_hash_table_builds_the_same_lattice(lattices, monkeypatch):
+    """Starting from the smallest table and key store (many rehashes) changes nothing."""
     image = crop("coffee.jpg", 71, 97, 150, 250)
     _, bilateral = cpu.kernel_features(image, README)
-    monkeypatch.setattr(cpu, "_MAX_PACKED", 0)  # force the byte-row fallback
-    rows = cpu.build_lattice(bilateral)
+    monkeypatch.setattr(cpu, "_VERTICES_PER_POINT", 0)
+    grown = cpu.build_lattice(bilateral)
     packed = lattices[1]
     for name in ("offsets", "weights", "neighbours", "keys"):
-        np.testing.assert_array_equal(getattr(rows, name), getattr(packed, name), err_msg=name)
+        np.testing.assert_array_equal(getattr(grown, name), getattr(packed, name), err_msg=name)
 
 
 def test_chunked_build_matches_whole(lattices, monkeypatch):
@@ -212,3 +213,30 @@ def test_feature_order_matters():
     a = cpu.dense_crf_cpu(image, probs, README)
     b = cpu.dense_crf_cpu(np.ascontiguousarray(image[..., ::-1]), probs, README)
     assert np.abs(a - b).max() > 1e-4
+
+
+def test_result_does_not_depend_on_the_thread_count():
+    image = crop("rocket.jpg", 97, 131, 150, 200)
+    probs = photo_probs(image, n_labels=6, seed=2)
+    one = cpu.dense_crf_cpu(image, probs, DEEPLAB.replace(iterations=3), threads=1)
+    two = cpu.dense_crf_cpu(image, probs, DEEPLAB.replace(iterations=3), threads=2)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_vectorized_exp_is_accurate():
+    import numba
+
+    @numba.njit
+    def exp_all(x, out):
+        for i in range(x.size):
+            out[i] = cpu._exp(x[i])
+
+    x = np.concatenate([-np.linspace(0, 87, 100_003), np.linspace(0, 80, 1001)]).astype(np.float32)
+    out = np.empty_like(x)
+    exp_all(x, out)
+    exact = np.exp(x.astype(np.float64))
+    assert out[0] == 1.0
+    np.testing.assert_allclose(out, exact, rtol=2.5e-7, atol=0)
+    exp_all(np.array([-88.0, -200.0, -np.inf], np.float32), out[:3])
+    assert (out[:3] >= 0).all() and (out[:3] < 2e-38).all()
+
