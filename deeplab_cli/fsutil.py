@@ -36,3 +36,24 @@ def atomic_open(target: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file for writing that replaces `target` only once closed cleanly."""
     with atomic_path(target) as tmp, open(tmp, mode) as fh:
         yield fh
+
+
+def read_input(path: str | os.PathLike, *, label: str | None = None, expected: str = "a file") -> bytes:
+    """The whole content of an input file, or a one-line DeeplabError naming it.
+
+    `label` is how the file is named in the message (default: the path); `expected` says
+    what should have been there, for the directory case ('an image', 'a .npy file').
+    """
+    from deeplab_cli.errors import DeeplabError
+
+    label = label or str(path)
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DeeplabError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise DeeplabError(f"{label}: is a directory, expected {expected}") from None
+    except PermissionError:
+        raise DeeplabError(f"{label}: permission denied") from None
+    except OSError as exc:
+        raise DeeplabError(f"{label}: cannot read ({exc.strerror or exc})") from None

@@ -20,7 +20,7 @@ from typing import IO, Sequence
 import numpy as np
 
 from deeplab_cli.errors import DeeplabError
-from deeplab_cli.fsutil import atomic_path
+from deeplab_cli.fsutil import atomic_path, read_input
 
 # Files a directory walk picks up (lower-case suffixes).
 IMAGE_EXTENSIONS = frozenset({
@@ -73,17 +73,7 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None,
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     else:
-        path = Path(source)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise DeeplabError(f"{label}: no such file") from None
-        except IsADirectoryError:
-            raise DeeplabError(f"{label}: is a directory, not an image") from None
-        except PermissionError:
-            raise DeeplabError(f"{label}: permission denied") from None
-        except OSError as exc:
-            raise DeeplabError(f"{label}: cannot read ({exc.strerror or exc})") from None
+        data = read_input(source, label=label, expected="an image")
     if not data:
         raise DeeplabError(f"{label}: empty file (0 bytes)")
 

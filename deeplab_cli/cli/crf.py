@@ -7,12 +7,14 @@ refined probabilities as a float32 .npy. Outputs are written atomically; `-o -` 
 
 from __future__ import annotations
 
+import io
 import sys
 
 import click
 
 from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option
 from deeplab_cli.errors import DeeplabError
+from deeplab_cli.fsutil import read_input
 
 
 @click.command()
@@ -78,15 +80,10 @@ def _load_probs(path: str):
     """The probability map from a .npy file, float32 (C, H, W); one-line errors."""
     import numpy as np
 
+    data = read_input(path, expected="a .npy file")
     try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DeeplabError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DeeplabError(f"{path}: is a directory, expected a .npy file") from None
-    except OSError as exc:
-        raise DeeplabError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except ValueError as exc:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
         raise DeeplabError(f"{path}: not a NumPy .npy array ({_first_line(exc)})") from None
     if not isinstance(array, np.ndarray):
         array.close()  # an .npz archive
