@@ -6,8 +6,9 @@ the DeepLab v2 ResNet-101 parameters unless told otherwise.
 
     python benchmarks/crf.py [--sizes 0.19,1,4] [--repeat 5] [--no-cpu] [--no-pydensecrf] [--breakdown]
 
---breakdown adds per-kernel GPU times; --scalar and --reorder time the other (bit-identical)
-layouts for A/B. The last thing printed is the table.
+--breakdown adds per-kernel GPU times; --reorder times the other (bit-identical) vertex order;
+--ab VARIANT,... times CudaCRF options against each other in one process (see VARIANTS). The
+last thing printed is the table.
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ def time_gpu(image, probs, params, repeat: int, graph: bool, **options) -> dict:
     cp.cuda.Device().synchronize()
     pool.free_all_blocks()
     base = pool.total_bytes()
-    builds, iters, totals, peak = [], [], [], 0
+    builds, iters, totals, hosts, peak = [], [], [], [], 0
     for _ in range(repeat):
         events = [cp.cuda.Event() for _ in range(4)]
         events[0].record()
+        t0 = time.perf_counter()
         crf = CudaCRF([img], [prb], params, **options)
         crf.prepare()
+        hosts.append((time.perf_counter() - t0) * 1e3)  # host time to issue the build (one sync inside)
         events[1].record()
         crf.iterate(graph=graph)
         events[2].record()
@@ -92,7 +95,7 @@ def time_gpu(image, probs, params, repeat: int, graph: bool, **options) -> dict:
         peak = max(peak, pool.total_bytes() - base)
         del crf, out
     return {"build": statistics.median(builds), "iters": statistics.median(iters),
-            "total": statistics.median(totals), "peak": peak, "labels": None}
+            "total": statistics.median(totals), "peak": peak, "labels": None, "host_build": statistics.median(hosts)}
 
 
 class _KernelTimer:
@@ -108,7 +111,7 @@ class _KernelTimer:
         start.record()
         self.inner.launch(name, n, args, width)
         end.record()
-        self.records.append((name, start, end))
+        self.records.append((f"{name}[{n}]", start, end))  # rows tell the two lattices apart
 
     def to_host(self, array):
         return self.inner.to_host(array)
@@ -131,6 +134,7 @@ def kernel_breakdown(image, probs, params, **options) -> None:
     """Print per-kernel GPU time (summed over launches) of one call, warm."""
     from deeplab_cli.crf.cuda import CudaCRF, CupyBackend
 
+    CudaCRF([image], [probs], params, **options).run()  # warm-up
     timer = _KernelTimer(CupyBackend())
     crf = CudaCRF([image], [probs], params, backend=timer, **options)
     crf.run()
@@ -219,8 +223,11 @@ def main() -> None:
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also print per-kernel GPU times")
     ap.add_argument("--reorder", action="store_true", help="number lattice vertices by first use (A/B)")
-    ap.add_argument("--scalar", action="store_true", help="plain label rows instead of float4-padded ones (A/B)")
+    ap.add_argument("--ab", default="", help="A/B: comma-separated variants from " + ",".join(VARIANTS))
     args = ap.parse_args()
+    if args.ab:
+        ab(args, [v for v in args.ab.split(",") if v])
+        return
     params = CRFParams(iterations=args.iters)
     sizes = [float(s) for s in args.sizes.split(",")]
 
@@ -259,7 +266,7 @@ def main() -> None:
         h, w = image.shape[:2]
         row = {"size": f"{w}x{h}", "mp": h * w / 1e6, "photo": photo}
         if have_gpu:
-            options = {"reorder": args.reorder, "vector": not args.scalar}
+            options = {"reorder": args.reorder}
             row["gpu"] = time_gpu(image, probs, params, args.repeat, graph=False, **options)
             row["gpu_graph"] = time_gpu(image, probs, params, args.repeat, graph=True, **options)
             row["gpu_labels"] = gpu_labels(image, probs, params)
@@ -277,6 +284,50 @@ def main() -> None:
         print_table(rows, file=sys.stderr)  # so far, in case a later size does not finish
     print()
     print_table(rows)
+
+
+VARIANTS = {  # CudaCRF options for --ab
+    "default": {},
+    "run8": {"run_min": 8},
+    "run64": {"run_min": 64},
+}
+
+
+def ab(args, names: list[str]) -> None:
+    """Time CudaCRF variants on the same inputs in one process; check each against the first."""
+    import cupy as cp
+
+    from deeplab_cli.crf.cuda import CudaCRF
+
+    params = CRFParams(iterations=args.iters)
+    print(f"GPU: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}")
+    lines = []
+    for mp_ in [float(s) for s in args.sizes.split(",")]:
+        image, probs, _ = make_inputs(mp_, args.labels)
+        img, prb = cp.asarray(image), cp.asarray(probs)
+        ref = None
+        for name in names:
+            options = VARIANTS[name]
+            out = CudaCRF([img], [prb], params, **options).run()[0].get()
+            again = CudaCRF([img], [prb], params, **options).run(graph=True)[0].get()
+            diff = agree = 0.0
+            if ref is None:
+                ref = out
+            else:
+                diff = float(np.abs(out - ref).max())
+                agree = float((out.argmax(0) == ref.argmax(0)).mean()) * 100
+            plain = time_gpu(image, probs, params, args.repeat, graph=False, **options)
+            graph = time_gpu(image, probs, params, args.repeat, graph=True, **options)
+            lines.append(f"{image.shape[1]}x{image.shape[0]} {name:6s} build {plain['build']:7.2f} "
+                         f"(host {plain['host_build']:6.2f}) iters {plain['iters']:7.2f} total {plain['total']:7.2f} "
+                         f"| graph: iters {graph['iters']:7.2f} total {graph['total']:7.2f} | peak "
+                         f"{plain['peak'] / 2**20:6.0f} MiB | vs {names[0]}: max diff {diff:.1e} argmax "
+                         f"{agree:.4f}% | deterministic {np.array_equal(out, again)}")
+            print(lines[-1], flush=True)
+            if args.breakdown:
+                kernel_breakdown(img, prb, params, **options)
+    print()
+    print("\n".join(lines))
 
 
 def _fmt(x, spec, missing="-"):

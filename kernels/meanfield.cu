@@ -1,14 +1,14 @@
-// Mean-field pieces of the dense CRF around the lattice filter: unary from probabilities,
-// softmax over labels, and the layout change back to (C, H, W) planes.
+// Mean-field pieces of the dense CRF around the lattice filter: unary from probabilities, the
+// fused slice + Potts + softmax that ends each iteration, and the layout change back to
+// (C, H, W) planes.
 //
 // Inside the CRF, per-pixel label vectors are rows of an (N, ld) float array (label-contiguous,
-// pydensecrf's Q layout; ld >= C, rows padded to a multiple of 4 floats so the lattice kernels
-// can move them as float4; pad columns are never read as labels), N being all pixels of the
-// batch; callers hand in and get back one (C, H, W) plane stack per image. Grid-stride loops;
-// no thread reads what another writes.
+// pydensecrf's Q layout), N being all pixels of the batch, ld = 4 * n_vec >= C: rows are padded
+// to whole float4s, and the pad columns hold 0 in every array a kernel here writes. Callers hand
+// in and get back one (C, H, W) plane stack per image. No thread reads what another writes.
 
 // Launch shape as in permutohedral.cu: blocks of (lanes, rows), rows in a grid-stride loop
-// over blockIdx.x and threadIdx.y, lanes (threadIdx.x) over the labels of a row.
+// over blockIdx.x and threadIdx.y, lanes (threadIdx.x) over the float4 chunks of a row.
 static __device__ __forceinline__ long long mf_grid_start() {
     return (long long)blockIdx.x * blockDim.y + threadIdx.y;
 }
@@ -17,67 +17,36 @@ static __device__ __forceinline__ long long mf_grid_step() {
     return (long long)gridDim.x * blockDim.y;
 }
 
-// (c, p) of element t of a (C, n) array: 32-bit division when the array allows (much cheaper).
-static __device__ __forceinline__ void mf_split(long long t, long long n, long long total, long long* c,
-                                                long long* p) {
-    if (total <= 0xffffffffLL) {
-        const unsigned q = (unsigned)t / (unsigned)n;
-        *c = q;
-        *p = (long long)((unsigned)t - q * (unsigned)n);
-    } else {
-        *c = t / n;
-        *p = t - *c * n;
-    }
-}
-
-// One thread: one (label, pixel) element of one image's (C, n) probabilities, in that order so
-// reads are coalesced. Reads probs[c * n + p]; writes the negated unary
-// log(clip(p, clip_lo, 1)) to neg_unary[(pixel0 + p) * ld + c].
-extern "C" __global__ void mf_unary(const float* probs, long long n, int n_labels, long long pixel0, float clip_lo,
-                                    int ld, float* neg_unary) {
-    const long long total = n * n_labels;
-    for (long long t = mf_grid_start(); t < total; t += mf_grid_step()) {
-        long long c, p;
-        mf_split(t, n, total, &c, &p);
-        const float x = fminf(fmaxf(probs[t], clip_lo), 1.0f);
-        neg_unary[(pixel0 + p) * ld + c] = logf(x);
-    }
-}
-
-// One warp (32 lanes along threadIdx.x): one pixel. Reads the C labels of its row
-// in[p * ld ..] (an energy, here -U for Q0), lanes striding over labels; writes softmax of it to
-// out's row (label columns only): subtract the max, exp, divide by the sum (pydensecrf's expAndNormalize). The max and
-// sum are combined across lanes with a fixed xor-shuffle tree, so the result is deterministic.
-// Launch with blockDim.x == 32 (or 1, where no shuffle runs). in and out must not alias.
-extern "C" __global__ void mf_softmax(const float* in, long long n_pixels, int n_labels, int ld, float* out) {
-    for (long long p = mf_grid_start(); p < n_pixels; p += mf_grid_step()) {
-        const float* row = in + p * ld;
-        float* dst = out + p * ld;
-        float top = row[0];
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) top = fmaxf(top, row[c]);
-        for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1)
-            top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, lane));
-        float sum = 0.0f;
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) {
-            const float e = expf(__fsub_rn(row[c], top));
-            dst[c] = e;
-            sum = __fadd_rn(sum, e);
+// One thread: one pixel p of one image's (C, n) probabilities. Reads probs[c * n + p] for every
+// label c (coalesced across threads); writes the row pixel0 + p of neg_unary, whole float4s:
+// log(clip(p, clip_lo, 1)) in the C label columns, 0 in the pad columns.
+extern "C" __global__ void mf_unary_rows(const float* __restrict__ probs, long long n, int n_labels, long long pixel0,
+                                         float clip_lo, int n_vec, float4* __restrict__ neg_unary) {
+    for (long long p = mf_grid_start(); p < n; p += mf_grid_step()) {
+        for (int j = 0; j < n_vec; ++j) {
+            float v[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int c = 4 * j + k;
+                v[k] = c < n_labels ? logf(fminf(fmaxf(probs[c * n + p], clip_lo), 1.0f)) : 0.0f;
+            }
+            neg_unary[(pixel0 + p) * n_vec + j] = make_float4(v[0], v[1], v[2], v[3]);
         }
-        for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1)
-            sum = __fadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, lane));
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) dst[c] = __fdiv_rn(dst[c], sum);
     }
 }
 
-// One thread: one (label, pixel) element of one image's (C, n) output, in that order so
-// writes are coalesced. Reads q[(pixel0 + p) * ld + c]; writes out[c * n + p].
-extern "C" __global__ void mf_to_planes(const float* q, long long n, int n_labels, long long pixel0, int ld,
-                                        float* out) {
-    const long long total = n * n_labels;
-    for (long long t = mf_grid_start(); t < total; t += mf_grid_step()) {
-        long long c, p;
-        mf_split(t, n, total, &c, &p);
-        out[t] = q[(pixel0 + p) * ld + c];
+// One thread: one pixel p of one image's (C, n) output. Reads q's row pixel0 + p as float4s;
+// writes out[c * n + p] for every label c (coalesced across threads).
+extern "C" __global__ void mf_to_planes_rows(const float4* __restrict__ q, long long n, int n_labels,
+                                             long long pixel0, int n_vec, float* __restrict__ out) {
+    for (long long p = mf_grid_start(); p < n; p += mf_grid_step()) {
+        for (int j = 0; j < n_vec; ++j) {
+            const float4 x = q[(pixel0 + p) * n_vec + j];
+            const float v[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                if (4 * j + k < n_labels) out[(4 * j + k) * n + p] = v[k];
+        }
     }
 }
 
@@ -95,90 +64,156 @@ static __device__ __forceinline__ void mf_load_corners(long long p, const int* v
     }
 }
 
-// t plus one kernel's Potts message for label c: the slice alpha * sum_r w_r * values[v_r] in
-// pydensecrf's order (seq: (w * v) * alpha; SSE path: (w * alpha) * v), times norm, times the
-// kernel weight. The DP1 gathers are issued together, then summed in corner order.
+// ---- the fused slice + Potts + softmax: one lane group per pixel -------------------------------
+// Launch shape: blocks of (G, rows) threads, G a power of two <= 32 (1 on the CPU), so a warp
+// holds 32 / G rows, each on an aligned group of G lanes; lane j of a group handles the float4
+// chunks j, j + G, ... of its row (labels 4j .. 4j+3). Rows are walked block by block with a
+// bound every thread of a block shares, so all lanes of a warp reach each shuffle together (a
+// row past the end computes nothing and stores nothing).
+
+static __device__ __forceinline__ float mf_f4_get(const float4& a, int k) {
+    return k == 0 ? a.x : k == 1 ? a.y : k == 2 ? a.z : a.w;
+}
+
+// t plus one kernel's Potts message for the 4 labels of chunk j, per label: the slice
+// alpha * sum_r w_r * values[v_r] in pydensecrf's order (seq: (w * v) * alpha; SSE path:
+// (w * alpha) * v), times norm, times the kernel weight. The DP1 row gathers are issued
+// together, then summed in corner order.
 template <int DP1>
-static __device__ __forceinline__ float mf_add_message(float t, int c, int ld, int seq, const float* values,
-                                                       const int* vid, const float* w, float norm, float alpha,
-                                                       float weight) {
-    float x[DP1];
+static __device__ __forceinline__ float4 mf_add_message_v4(float4 t, int j, int n_vec, int seq,
+                                                           const float4* __restrict__ values, const int* vid,
+                                                           const float* w, float norm, float alpha, float weight) {
+    float4 x[DP1];
 #pragma unroll
-    for (int r = 0; r < DP1; ++r) x[r] = values[(long long)vid[r] * ld + c];
-    float acc = 0.0f;
+    for (int r = 0; r < DP1; ++r) x[r] = values[(long long)vid[r] * n_vec + j];
+    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-    for (int r = 0; r < DP1; ++r)
-        acc = __fadd_rn(acc, seq ? __fmul_rn(__fmul_rn(w[r], x[r]), alpha) : __fmul_rn(__fmul_rn(w[r], alpha), x[r]));
-    return __fadd_rn(t, __fmul_rn(weight, __fmul_rn(acc, norm)));
+    for (int r = 0; r < DP1; ++r) {
+        const float wa = __fmul_rn(w[r], alpha);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float xk = mf_f4_get(x[r], k);
+            a[k] = __fadd_rn(a[k], seq ? __fmul_rn(__fmul_rn(w[r], xk), alpha) : __fmul_rn(wa, xk));
+        }
+    }
+    return make_float4(__fadd_rn(t.x, __fmul_rn(weight, __fmul_rn(a[0], norm))),
+                       __fadd_rn(t.y, __fmul_rn(weight, __fmul_rn(a[1], norm))),
+                       __fadd_rn(t.z, __fmul_rn(weight, __fmul_rn(a[2], norm))),
+                       __fadd_rn(t.w, __fmul_rn(weight, __fmul_rn(a[3], norm))));
+}
+
+// The energy chunk j of pixel p: -U plus the messages of the lattices whose values are given.
+static __device__ __forceinline__ float4 mf_energy_v4(long long p, int j, int n_vec, int seq,
+                                                      const float4* __restrict__ neg_unary,
+                                                      const float4* __restrict__ values_g, const int* vid_g,
+                                                      const float* bary_g, float scale_g, float alpha_g, float w_g,
+                                                      const float4* __restrict__ values_b, const int* vid_b,
+                                                      const float* bary_b, float scale_b, float alpha_b, float w_b) {
+    float4 t = neg_unary[p * n_vec + j];
+    if (values_g) t = mf_add_message_v4<3>(t, j, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
+    if (values_b) t = mf_add_message_v4<6>(t, j, n_vec, seq, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
+    return t;
+}
+
+// Max and sum over one lane group (blockDim.x lanes) with a fixed xor-shuffle tree.
+static __device__ __forceinline__ float mf_group_max(float v) {
+    for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, lane));
+    return v;
+}
+
+static __device__ __forceinline__ float mf_group_sum(float v) {
+    for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, lane));
+    return v;
 }
 
 // The end of one mean-field iteration, fused: slice the Gaussian (d = 2) and the bilateral
 // (d = 5) lattice's blurred values, add the normalized Potts messages to -U in that order, and
-// softmax over labels, so the energy never goes through memory. One warp (32 lanes along
-// threadIdx.x): one pixel p, lanes striding over labels. Reads neg_unary's row p, the pixel's
-// corners on each lattice, those vertices' value rows and the norms at p; writes Q's row p
-// (first the energies, then their exponentials, then the quotients: each lane rereads only
-// what it wrote). A kernel whose values pointer is null is left out. Max and sum combine
-// across lanes with a fixed xor-shuffle tree, so the result is deterministic. Launch with
-// blockDim.x == 32 (or 1).
-extern "C" __global__ void mf_slice_softmax(const float* neg_unary, long long n_pixels, int n_labels, int ld, int seq,
-                                            const float* values_g, const int* vertex_g, const float* weight_g,
-                                            const float* norm_g, float alpha_g, float w_g,
-                                            const float* values_b, const int* vertex_b, const float* weight_b,
-                                            const float* norm_b, float alpha_b, float w_b, float* q) {
-    for (long long p = mf_grid_start(); p < n_pixels; p += mf_grid_step()) {
+// softmax over labels (pydensecrf's expAndNormalize), so the energy never goes through memory.
+// One lane group (launch shape above): one pixel p. Reads neg_unary's row p, the pixel's corners
+// on each given lattice, those vertices' value rows and the norms at p; writes Q's row p (pad
+// columns 0). The max and the sum of exponentials go lane by lane (chunks in order, then
+// components), then across the group by a fixed xor-shuffle tree: deterministic.
+// With both values pointers null it is the softmax of neg_unary (Q0). When a row has more
+// chunks than the group has lanes, the energies go through Q's row (each lane rereads only
+// what it wrote). neg_unary and q must not alias.
+// At most 256 threads a block (the launcher's), 64 registers: 4 blocks per multiprocessor, no spills.
+extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
+    const float4* __restrict__ neg_unary, long long n_pixels, int n_labels, int n_vec, int seq,
+    const float4* __restrict__ values_g, const int* __restrict__ vertex_g, const float* __restrict__ weight_g,
+    const float* __restrict__ norm_g, float alpha_g, float w_g,
+    const float4* __restrict__ values_b, const int* __restrict__ vertex_b, const float* __restrict__ weight_b,
+    const float* __restrict__ norm_b, float alpha_b, float w_b, float4* __restrict__ q) {
+    const int lane = threadIdx.x, group = blockDim.x;
+    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_pixels; base += (long long)gridDim.x * blockDim.y) {
+        const long long p = base + threadIdx.y;
+        const bool live = p < n_pixels;
         int vid_g[3], vid_b[6];
         float bary_g[3], bary_b[6], scale_g = 0.0f, scale_b = 0.0f;
-        if (values_g) {
+        if (live && values_g) {
             mf_load_corners<3>(p, vertex_g, weight_g, vid_g, bary_g);
             scale_g = norm_g[p];
         }
-        if (values_b) {
+        if (live && values_b) {
             mf_load_corners<6>(p, vertex_b, weight_b, vid_b, bary_b);
             scale_b = norm_b[p];
         }
-        const float* row = neg_unary + p * ld;
-        float* dst = q + p * ld;
-        if (n_labels <= (int)blockDim.x) {
-            // At most one label per lane (C <= 32): the energy stays in a register. The same
-            // operations as the general path below, so the same bits.
-            const int c = threadIdx.x;
-            float t = MF_LOWEST;
-            if (c < n_labels) {
-                t = row[c];
-                if (values_g)
-                    t = mf_add_message<3>(t, c, ld, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
-                if (values_b)
-                    t = mf_add_message<6>(t, c, ld, seq, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
+        float top = MF_LOWEST;
+        if (n_vec <= group) {
+            // At most one chunk per lane (C <= 4 * group): the energies stay in registers.
+            float t[4] = {MF_LOWEST, MF_LOWEST, MF_LOWEST, MF_LOWEST};
+            const bool mine = live && lane < n_vec;
+            if (mine) {
+                const float4 e = mf_energy_v4(p, lane, n_vec, seq, neg_unary, values_g, vid_g, bary_g, scale_g,
+                                              alpha_g, w_g, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
+                t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
             }
-            float top = t;
-            for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1)
-                top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, lane));
-            const float e = c < n_labels ? expf(__fsub_rn(t, top)) : 0.0f;
-            float sum = e;
-            for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1)
-                sum = __fadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, lane));
-            if (c < n_labels) dst[c] = __fdiv_rn(e, sum);
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                if (mine && 4 * lane + k < n_labels) top = fmaxf(top, t[k]);
+            top = mf_group_max(top);
+            float sum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                t[k] = mine && 4 * lane + k < n_labels ? expf(__fsub_rn(t[k], top)) : 0.0f;
+                sum = __fadd_rn(sum, t[k]);
+            }
+            sum = mf_group_sum(sum);
+            if (mine)
+                q[p * n_vec + lane] = make_float4(__fdiv_rn(t[0], sum), __fdiv_rn(t[1], sum), __fdiv_rn(t[2], sum),
+                                                  __fdiv_rn(t[3], sum));
             continue;
         }
-        float top = MF_LOWEST;
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) {
-            float t = row[c];
-            if (values_g) t = mf_add_message<3>(t, c, ld, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
-            if (values_b) t = mf_add_message<6>(t, c, ld, seq, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
-            dst[c] = t;
-            top = fmaxf(top, t);
+        if (live) {
+            for (int j = lane; j < n_vec; j += group) {
+                const float4 e = mf_energy_v4(p, j, n_vec, seq, neg_unary, values_g, vid_g, bary_g, scale_g, alpha_g,
+                                              w_g, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
+                q[p * n_vec + j] = e;
+#pragma unroll
+                for (int k = 0; k < 4; ++k)
+                    if (4 * j + k < n_labels) top = fmaxf(top, mf_f4_get(e, k));
+            }
         }
-        for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1)
-            top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, lane));
+        top = mf_group_max(top);
         float sum = 0.0f;
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) {
-            const float e = expf(__fsub_rn(dst[c], top));
-            dst[c] = e;
-            sum = __fadd_rn(sum, e);
+        if (live) {
+            for (int j = lane; j < n_vec; j += group) {
+                const float4 e = q[p * n_vec + j];
+                float x[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    x[k] = 4 * j + k < n_labels ? expf(__fsub_rn(mf_f4_get(e, k), top)) : 0.0f;
+                    sum = __fadd_rn(sum, x[k]);
+                }
+                q[p * n_vec + j] = make_float4(x[0], x[1], x[2], x[3]);
+            }
         }
-        for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1)
-            sum = __fadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, lane));
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) dst[c] = __fdiv_rn(dst[c], sum);
+        sum = mf_group_sum(sum);
+        if (live) {
+            for (int j = lane; j < n_vec; j += group) {
+                const float4 e = q[p * n_vec + j];
+                q[p * n_vec + j] = make_float4(__fdiv_rn(e.x, sum), __fdiv_rn(e.y, sum), __fdiv_rn(e.z, sum),
+                                               __fdiv_rn(e.w, sum));
+            }
+        }
     }
 }

@@ -1,23 +1,33 @@
-// Lets g++ compile kernels/*.cu as plain C++ so tests can run the CUDA code path on the CPU.
+// Lets g++ compile kernels/*.cu as plain C++ so tests can run the CUDA code path on the CPU
+// (C++17, for the inline variables below).
 //
-// Every kernel is a grid-stride loop over rows with lanes striding over labels, so one
-// "thread" with blockDim = gridDim = 1 covers the whole range sequentially. The round-to-nearest
-// intrinsics become plain IEEE operations
-// (build with -ffp-contract=off so none is fused into an FMA).
+// Every kernel is a grid-stride loop over rows with lanes striding over labels, so a launch of
+// one block of one row covers the whole range. By default that block has one lane (one
+// "thread" walks everything). The tests can also run a block of G lanes as G host threads
+// (emu_set_lanes, then emu_enter_lane(i) on each thread before calling the kernel): warp
+// shuffles then exchange values between those threads at a barrier, as the lanes of a warp do,
+// so the lane-group code (xor-shuffle trees over G lanes) runs as on the GPU. The
+// round-to-nearest intrinsics become plain IEEE operations (build with -ffp-contract=off so none
+// is fused into an FMA).
 #pragma once
 #include <math.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 
 struct emu_dim3 {
     unsigned x, y, z;
 };
-static const emu_dim3 threadIdx = {0, 0, 0};
+inline thread_local emu_dim3 threadIdx = {0, 0, 0};
+inline emu_dim3 blockDim = {1, 1, 1};
 static const emu_dim3 blockIdx = {0, 0, 0};
-static const emu_dim3 blockDim = {1, 1, 1};
 static const emu_dim3 gridDim = {1, 1, 1};
 
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __launch_bounds__(threads, blocks)
 #define __restrict__ __restrict
 
 static inline float __fadd_rn(float a, float b) { return a + b; }
@@ -33,5 +43,53 @@ struct float4 {
     float x, y, z, w;
 };
 static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
-// With blockDim.x == 1 no kernel reaches a shuffle; declared so the sources compile.
-static inline float __shfl_xor_sync(unsigned, float value, int) { return value; }
+struct int2 {
+    int x, y;
+};
+
+// ---- lanes as host threads ------------------------------------------------------------------
+
+inline std::mutex emu_mutex;
+inline std::condition_variable emu_arrival;
+inline int emu_waiting = 0;
+inline unsigned long emu_round = 0;
+inline float emu_slots[2][32];
+inline int emu_failed = 0;
+inline thread_local int emu_phase = 0;
+
+// The block's lane count (1 to 32), before starting its threads.
+extern "C" __attribute__((used)) inline void emu_set_lanes(int lanes) {
+    blockDim.x = (unsigned)lanes;
+    emu_waiting = 0;
+    emu_failed = 0;
+}
+
+// On each lane's thread, before the kernel: this thread is lane `lane`.
+extern "C" __attribute__((used)) inline void emu_enter_lane(int lane) {
+    threadIdx.x = (unsigned)lane;
+    emu_phase = 0;
+}
+
+// 1 when some lane waited 10 s at a shuffle for lanes that never came (divergent shuffles).
+extern "C" __attribute__((used)) inline int emu_shuffle_failed() { return emu_failed; }
+
+// Every lane of the block deposits its value and waits for all the others (a warp shuffle's
+// lockstep), then reads its partner's. Two slot sets, alternated per shuffle, so a fast lane's
+// next deposit cannot overwrite a value a slow lane has still to read.
+static inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+    const int lanes = (int)blockDim.x;
+    if (lanes == 1) return value;
+    float* slot = emu_slots[emu_phase];
+    emu_phase ^= 1;
+    std::unique_lock<std::mutex> lock(emu_mutex);
+    slot[threadIdx.x] = value;
+    const unsigned long round = emu_round;
+    if (++emu_waiting == lanes) {
+        emu_waiting = 0;
+        ++emu_round;
+        emu_arrival.notify_all();
+    } else if (!emu_arrival.wait_for(lock, std::chrono::seconds(10), [&] { return emu_round != round; })) {
+        emu_failed = 1;
+    }
+    return slot[threadIdx.x ^ lane_mask];
+}

@@ -4,8 +4,10 @@ GPU against the CPU oracle (marker `cuda`)."""
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +65,7 @@ def test_kernel_sources_are_found():
     for name in cuda.KERNEL_FILES:
         text = cuda.kernel_source(name)
         for fn in cuda.KERNELS[name]:
-            assert f'extern "C" __global__ void {fn}(' in text
+            assert re.search(rf'extern "C" __global__ void (__launch_bounds__\([0-9, ]+\) )?{fn}\(', text), fn
 
 
 def test_keys_pack_in_one_word_for_a_12_mp_photo():
@@ -141,13 +143,18 @@ def test_every_kernel_compiles_to_ptx_with_nvcc():
 
 
 class EmulatedBackend:
-    """CudaCRF's backend interface over NumPy arrays and the kernels compiled for the host."""
+    """CudaCRF's backend interface over NumPy arrays and the kernels compiled for the host.
+
+    With `lanes`, a launch of `width` lanes per row runs as min(width, 32) host threads, one per
+    lane, whose warp shuffles meet at a barrier (tests/cuda_emulation.h); else one lane walks all.
+    """
 
     xp = np
 
-    def __init__(self, library: ctypes.CDLL, free: int = 1 << 40) -> None:
+    def __init__(self, library: ctypes.CDLL, free: int = 1 << 40, lanes: bool = False) -> None:
         self.library = library
         self.free = free
+        self.lanes = lanes
 
     def launch(self, name, n, args, width=1):
         if n <= 0:
@@ -163,7 +170,24 @@ class EmulatedBackend:
                 kind = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
                         np.uint64: ctypes.c_uint64}[type(a)]
                 converted.append(kind(a))
-        getattr(self.library, name)(*converted)
+        kernel = getattr(self.library, name)
+        lanes = min(width, 32) if self.lanes else 1
+        self.library.emu_set_lanes(lanes)
+        if lanes == 1:
+            self.library.emu_enter_lane(0)
+            kernel(*converted)
+            return
+
+        def lane(i):
+            self.library.emu_enter_lane(i)
+            kernel(*converted)  # ctypes lets go of the GIL: the lanes run at once
+
+        threads = [threading.Thread(target=lane, args=(i,)) for i in range(lanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not self.library.emu_shuffle_failed(), f"{name}: a shuffle that not every lane reached"
 
     def to_host(self, array):
         return np.asarray(array)
@@ -180,7 +204,7 @@ def emulated(tmp_path_factory):
     target = tmp_path_factory.mktemp("emulated") / "kernels.so"
     sources = [str(cuda.kernel_dir() / name) for name in cuda.KERNEL_FILES]
     header = Path(__file__).parent / "cuda_emulation.h"
-    subprocess.run([cxx, "-O2", "-std=c++14", "-ffp-contract=off", "-fPIC", "-shared", "-include", str(header),
+    subprocess.run([cxx, "-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", "-include", str(header),
                     "-x", "c++", *sources, "-o", str(target)], check=True, capture_output=True)
     return EmulatedBackend(ctypes.CDLL(str(target)))
 
@@ -228,30 +252,41 @@ def test_emulated_vertex_order_changes_no_bit(emulated):
     assert not np.array_equal(by_use.lattices[1].entry_vertex, by_key.lattices[1].entry_vertex)
 
 
-@pytest.mark.parametrize("n_labels", [3, 21])
-def test_emulated_float4_rows_change_no_bit(emulated, n_labels):
-    # Rows padded to a multiple of 4 labels and filtered as float4 do each label's arithmetic
-    # exactly as the scalar kernels: bit-identical results (two-level splat and padding included).
-    images = [np.ascontiguousarray(load_photo("coffee.jpg")[::5, ::5]), crop("astronaut.jpg", 0, 0, 21, 19)]
-    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=8) for im in images]
-    vector = cuda.CudaCRF(images, probs, DEEPLAB, backend=emulated)
-    scalar = cuda.CudaCRF(images, probs, DEEPLAB, backend=emulated, vector=False)
-    assert vector.ld == 4 * -(-n_labels // 4) and scalar.ld == n_labels
-    for a, b in zip(vector.run(), scalar.run()):
-        assert np.array_equal(a, b)
+@pytest.mark.parametrize("n_labels,group", [(3, 1), (21, 8), (182, 32)])
+def test_emulated_lane_groups_match_pydensecrf(emulated, n_labels, group):
+    # Each launch's lanes as host threads, so the slice/softmax kernel's lane groups stride over
+    # the float4 chunks and meet in xor-shuffle trees as on the GPU (one chunk per lane for 21
+    # labels, the path through memory for 182). Only the softmax's summation order differs
+    # from one lane.
+    image = crop("astronaut.jpg", 0, 0, 13, 17)  # 221 pixels: padding corners too
+    probs = network_like_probs(13, 17, n_labels=n_labels, seed=10)
+    params = DEEPLAB.replace(iterations=3)
+    threaded = EmulatedBackend(emulated.library, lanes=True)
+    crf = cuda.CudaCRF([image], [probs], params, backend=threaded)
+    assert crf.group == group and crf.ld == 4 * -(-n_labels // 4)
+    out = crf.run()[0]
+    one_lane = cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0]
+    assert_close(out, one_lane, agreement=1.0, atol=1e-5)
+    assert_close(out, pydensecrf_reference(image, probs, params), agreement=1.0, atol=1e-5)
 
 
-def test_emulated_batch_equals_singles(emulated):
-    # b alone has vertices long enough for a two-level splat, a (63 pixels) has none: the batch must
-    # still sum each vertex exactly as the single image does.
-    a, b = crop("rocket.jpg", 100, 200, 9, 7), np.ascontiguousarray(load_photo("coffee.jpg")[::5, ::5])
-    pa, pb = network_like_probs(9, 7, seed=1), network_like_probs(*b.shape[:2], seed=2)
-    alone = cuda.CudaCRF([a], [pa], DEEPLAB, backend=emulated)
-    alone.run()
+@pytest.mark.parametrize("run_min,small", [(cuda.RUN_MIN, (2, 3)), (64, (9, 7))])
+def test_emulated_batch_equals_singles(emulated, run_min, small):
+    # b alone has vertices long enough for a two-level splat, a has none: the batch must still
+    # sum each vertex exactly as the single image does.
+    a, b = crop("rocket.jpg", 100, 200, *small), np.ascontiguousarray(load_photo("coffee.jpg")[::5, ::5])
+    pa, pb = network_like_probs(*small, seed=1), network_like_probs(*b.shape[:2], seed=2)
+
+    def run(images, probs):
+        crf = cuda.CudaCRF(images, probs, DEEPLAB, backend=emulated, run_min=run_min)
+        return crf, crf.run()
+
+    alone, (out_a,) = run([a], [pa])
     assert all(lat.run_offset is None for lat in alone.lattices)
-    both = cuda.CudaCRF([a, b], [pa, pb], DEEPLAB, backend=emulated).run()
-    assert np.array_equal(both[0], cuda.CudaCRF([a], [pa], DEEPLAB, backend=emulated).run()[0])
-    assert np.array_equal(both[1], cuda.CudaCRF([b], [pb], DEEPLAB, backend=emulated).run()[0])
+    batch, both = run([a, b], [pa, pb])
+    assert any(lat.run_offset is not None for lat in batch.lattices)
+    assert np.array_equal(both[0], out_a)
+    assert np.array_equal(both[1], run([b], [pb])[1][0])
 
 
 def test_emulated_matches_cpu_oracle(emulated):
@@ -386,11 +421,10 @@ def test_gpu_is_deterministic_and_batch_equals_singles(photos_and_probs):
     graphed = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB).run(graph=True)]
     for a, b in zip(first, graphed):
         assert np.array_equal(a, b)
-    # the other layouts (scalar rows, vertices by first use) give the same bits
-    for options in ({"vector": False}, {"reorder": True}):
-        other = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB, **options).run()]
-        for a, b in zip(first, other):
-            assert np.array_equal(a, b), options
+    # vertices numbered by first use give the same bits
+    other = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB, reorder=True).run()]
+    for a, b in zip(first, other):
+        assert np.array_equal(a, b)
 
 
 @pytest.mark.cuda
@@ -412,7 +446,7 @@ def test_torch_cuda_tensors_through_dense_crf(photos_and_probs):
     if not hasattr(crf, "dense_crf"):
         pytest.skip("deeplab_cli.crf.dense_crf not there yet")
     image, probs = photos_and_probs["chelsea.jpg"]
-    out = crf.dense_crf(torch.from_numpy(image).cuda(), torch.from_numpy(probs).cuda(), DEEPLAB)
+    out = crf.dense_crf(torch.from_numpy(image.copy()).cuda(), torch.from_numpy(probs.copy()).cuda(), DEEPLAB)
     assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == torch.float32
     direct = cuda.dense_crf_cuda_batch([cp.asarray(image)], [cp.asarray(probs)], DEEPLAB)[0].get()
     assert np.array_equal(out.cpu().numpy(), direct)

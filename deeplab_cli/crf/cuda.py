@@ -5,7 +5,7 @@ compiled once per process and device with NVRTC through `cupy.RawModule`. Everyt
 the current CuPy stream; the host waits on the device once per lattice, to learn its size.
 
 How one batch goes (all images of a batch share each lattice; keys carry the image index):
-  1. unary: -U = log(clip(p, 1e-5, 1)) into an (N, C) array, Q = softmax(-U);
+  1. unary: -U = log(clip(p, 1e-5, 1)) into (N, ld) rows, Q = softmax(-U);
   2. per kernel (Gaussian d = 2, bilateral d = 5): elevate every pixel to its d+1 simplex
      corners (keys and barycentric weights, bit-identical to pydensecrf), stable-sort the
      keys, mark and number unique vertices, build the per-vertex entry ranges (CSR) and the
@@ -16,7 +16,7 @@ How one batch goes (all images of a batch share each lattice; keys carry the ima
      blur along the d+1 axes (Jacobi, double buffer); then one kernel slices both lattices,
      adds the normalized Potts messages to -U and takes the softmax over labels.
 Per-pixel and per-vertex label rows are padded to a multiple of 4 floats (pad columns stay 0)
-so splat and blur move them as float4; each label's arithmetic is unchanged (same bits).
+so every pass moves them as float4; each label's arithmetic is pydensecrf's.
 """
 
 from __future__ import annotations
@@ -45,16 +45,17 @@ KERNELS = {
         "lattice_splat_reduce", "lattice_blur", "lattice_slice", "lattice_entries", "lattice_norm",
         "lattice_splat_v4", "lattice_splat_reduce_v4", "lattice_blur_v4",
     ),
-    "meanfield.cu": ("mf_unary", "mf_softmax", "mf_slice_softmax", "mf_to_planes"),
+    "meanfield.cu": ("mf_unary_rows", "mf_slice_softmax_v4", "mf_to_planes_rows"),
 }
 # No fused multiply-add anywhere: the lattice must round exactly as pydensecrf's SSE code.
 NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")
 NVCC_OPTIONS = ("--std=c++14", "--fmad=false")
 
 UNARY_CLIP = 1e-5  # U = -log(clip(p, 1e-5, 1)), as pydensecrf.utils.unary_from_softmax
-# A vertex with at most this many entries is splatted by one thread per label; longer ones in
-# two levels: runs of max(this, about sqrt(entries)) entries each, then the vertex's runs.
-SINGLE_LEVEL_MAX = 64
+# Splat runs: a vertex with at most this many entries is summed by one thread per label in one
+# go; longer ones in two levels: runs of max(this, about sqrt(entries)) entries each, then the
+# vertex's runs. Short runs keep the threads of a warp (neighbouring vertices) equally busy.
+RUN_MIN = 16
 _BLOCK = 256
 _KEY_LIMIT = 32767  # pydensecrf stores lattice coordinates as int16
 _INDEX_LIMIT = 2**31 - 1  # entry and vertex indices are int32
@@ -305,6 +306,7 @@ class Lattice:
     n_runs: Any  # (1,) int32 on the device: R
     n_runs_max: int  # host bound on R, for launch sizes
     run_offset: Any  # (M+1,) int32 runs of each vertex, or None for a one-level splat
+    run_vertex: Any  # (R,) int32 vertex of a run that is all of its vertex, else -1 (None: one level)
     neighbours: Any  # (d+1, M, 2) int32, -1 = missing
     norm: Any = None  # (N,) float32: 1/sqrt(K1) (symmetric) or 1/K1 (after)
     values: Any = None  # two (M * ld,) float32 buffers: the splat/blur double buffer
@@ -324,7 +326,7 @@ def _bytes_before_lattice(n_pixels: int, row: int, words: int) -> int:
 def _bytes_after_lattice(lattices: list[Lattice], row: int) -> int:
     vertices = sum(lat.n_vertices for lat in lattices)  # each lattice keeps its own double buffer
     partial = max(lat.n_runs_max if lat.run_offset is not None else 0 for lat in lattices)
-    return 4 * (2 * vertices + partial) * row
+    return 4 * (2 * vertices + partial) * row + 4 * partial  # value buffers, partial sums, run_vertex
 
 
 def _gib(n: int) -> str:
@@ -337,7 +339,7 @@ class CudaCRF:
 
     def __init__(self, images: Sequence[Any], probs: Sequence[Any], params: CRFParams = CRFParams(),
                  backend: Any = None, *, spread_keys: bool = False, reorder: bool = False,
-                 vector: bool = True) -> None:
+                 run_min: int = RUN_MIN) -> None:
         self.bk = backend if backend is not None else CupyBackend()
         xp = self.bk.xp
         if len(images) != len(probs) or not images:
@@ -369,10 +371,12 @@ class CudaCRF:
         # Vertices numbered by first use instead of key order: same bits, but measured slower on
         # an H200 (key order is already raster-like for the Gaussian lattice), so off by default.
         self.reorder = reorder
-        # Label rows padded to a multiple of 4 floats and filtered as float4 (same bits, wider
-        # loads); pydensecrf's scalar path (C <= 2) keeps plain rows.
-        self.vector = vector and self.n_labels > 2
-        self.ld = -(-self.n_labels // 4) * 4 if self.vector else self.n_labels
+        # Label rows padded to whole float4s (pad columns 0), moved 16 bytes at a time.
+        self.n_vec = -(-self.n_labels // 4)
+        self.ld = 4 * self.n_vec
+        # Lanes per pixel in the slice/softmax kernel: enough for one float4 each, at most a warp.
+        self.group = min(32, 1 << max(self.n_vec - 1, 0).bit_length())
+        self.run_min = run_min
         self.lattices: list[Lattice] = []
         self.q = self.neg_unary = None
 
@@ -392,11 +396,11 @@ class CudaCRF:
         self.neg_unary = xp.empty((n, ld), dtype=xp.float32)  # (N, ld), C labels used
         for b, p in enumerate(self.probs):
             count = self.offsets[b + 1] - self.offsets[b]
-            bk.launch("mf_unary", count * c, (p, _i64(count), _i32(c), _i64(self.offsets[b]),
-                                              _f32(UNARY_CLIP), _i32(ld), self.neg_unary))
-        # (N, ld): pad columns stay 0, so splatting and blurring them adds nothing anywhere
-        self.q = xp.zeros((n, ld), dtype=xp.float32) if ld > c else xp.empty((n, c), dtype=xp.float32)
-        bk.launch("mf_softmax", n, (self.neg_unary, _i64(n), _i32(c), _i32(ld), self.q), 32)
+            bk.launch("mf_unary_rows", count, (p, _i64(count), _i32(c), _i64(self.offsets[b]), _f32(UNARY_CLIP),
+                                               _i32(self.n_vec), self.neg_unary))
+        # (N, ld): pad columns 0, so splatting and blurring them adds nothing anywhere
+        self.q = xp.empty((n, ld), dtype=xp.float32)
+        self._slice_softmax(None)
         if not self.specs:
             return
         self.lattices = [self._build(spec) for spec in self.specs]
@@ -501,22 +505,24 @@ class CudaCRF:
         bk.launch(f"lattice_neighbours_d{d}", m, (unique_lo[:m], None if unique_hi is None else unique_hi[:m],
                                                   _i64(m), pack_dev, renumber, neighbours))
         del unique_lo, unique_hi, renumber
-        if longest <= SINGLE_LEVEL_MAX:
-            run_bounds, n_runs, n_runs_max, run_offset = starts, xp.asarray(np.array([m], np.int32)), m, None
+        if longest <= self.run_min:
+            run_bounds, n_runs, n_runs_max = starts, xp.asarray(np.array([m], np.int32)), m
+            run_offset = run_vertex = None
         else:
             # Each vertex's split depends on its own length only, so a batch sums exactly as
             # its images would alone.
             counts = xp.empty(m, dtype=xp.int32)
-            bk.launch("lattice_run_counts", m, (lengths, _i64(m), _i32(SINGLE_LEVEL_MAX), counts))
+            bk.launch("lattice_run_counts", m, (lengths, _i64(m), _i32(self.run_min), counts))
             run_offset = xp.zeros(m + 1, dtype=xp.int32)
             run_offset[1:] = xp.cumsum(counts, dtype=xp.int32)
-            n_runs_max = m + e // SINGLE_LEVEL_MAX + 1
+            n_runs_max = m + e // self.run_min + 1
             run_bounds = xp.empty(n_runs_max + 1, dtype=xp.int32)
-            bk.launch("lattice_runs", m, (starts, lengths, run_offset, _i64(m), _i32(SINGLE_LEVEL_MAX), _i64(e),
-                                          run_bounds))
+            run_vertex = xp.empty(n_runs_max, dtype=xp.int32)
+            bk.launch("lattice_runs", m, (starts, lengths, run_offset, _i64(m), _i32(self.run_min), _i64(e),
+                                          run_bounds, run_vertex))
             n_runs = run_offset[m:]
         return Lattice(spec, m, longest, entry_vertex, weight, sorted_pixel, sorted_weight, run_bounds, n_runs,
-                       n_runs_max, run_offset, neighbours)
+                       n_runs_max, run_offset, run_vertex, neighbours)
 
     def _filter(self, lat: Lattice, src: Any, c: int, *, in_scale: Any, out_scale: Any, base: Any,
                 weight: float, out: Any, seq: bool) -> None:
@@ -530,19 +536,22 @@ class CudaCRF:
 
     def _splat_blur(self, lat: Lattice, src: Any, c: int, *, in_scale: Any, seq: bool) -> tuple[Any, Any]:
         """Splat src * in_scale (rows of c floats) onto the lattice and blur it; (result,
-        scratch), (M, c) each. Rows of a multiple of 4 floats (c = ld > 1) move as float4."""
+        scratch), (M, c) each. Label rows (c = ld) move as float4, the norm's ones (c = 1) as floats."""
         bk = self.bk
         m, d = lat.n_vertices, lat.spec.d
         a, b = lat.values[0][: m * c], lat.values[1][: m * c]  # (M, c) each
-        suffix, lanes = ("_v4", c // 4) if self.vector and c == self.ld else ("", c)
+        suffix, lanes = ("_v4", c // 4) if c == self.ld else ("", c)
+        splat = "lattice_splat" + suffix
         if lat.run_offset is None:
-            bk.launch("lattice_splat" + suffix, m, (src, in_scale, lat.run_bounds, lat.n_runs, _i64(m),
-                                                    _i32(lanes), lat.sorted_pixel, lat.sorted_weight, a), lanes)
+            bk.launch(splat, m, (src, in_scale, lat.run_bounds, lat.n_runs, _i64(m),
+                                                    _i32(lanes), lat.sorted_pixel, lat.sorted_weight, None, a, None),
+                      lanes)
         else:
             partial = self._partial[: lat.n_runs_max * c]  # (R, c)
-            bk.launch("lattice_splat" + suffix, lat.n_runs_max, (src, in_scale, lat.run_bounds, lat.n_runs,
+            bk.launch(splat, lat.n_runs_max, (src, in_scale, lat.run_bounds, lat.n_runs,
                                                                  _i64(lat.n_runs_max), _i32(lanes), lat.sorted_pixel,
-                                                                 lat.sorted_weight, partial), lanes)
+                                                                 lat.sorted_weight, lat.run_vertex, a, partial),
+                      lanes)
             bk.launch("lattice_splat_reduce" + suffix, m, (partial, lat.run_offset, _i64(m), _i32(lanes), a), lanes)
         for axis in range(d + 1):
             bk.launch("lattice_blur" + suffix, m, (a, b, lat.neighbours[axis], _i64(m), _i32(lanes), _i32(seq)),
@@ -566,27 +575,38 @@ class CudaCRF:
                 self._iteration()
 
     def _iteration(self) -> None:
-        n, c, ld = self.n_pixels, self.n_labels, self.ld
         symmetric = self.params.normalization == "symmetric"
-        seq = c <= 2  # pydensecrf filters 1 or 2 labels with its scalar code, more with SSE
-        slots = {2: [None, None, None, None, _f32(0), _f32(0)], 5: [None, None, None, None, _f32(0), _f32(0)]}
+        blurred = {}
         for lat in self.lattices:  # Gaussian, then bilateral
-            blurred, _ = self._splat_blur(lat, self.q, ld, in_scale=lat.norm if symmetric else None, seq=seq)
-            d = lat.spec.d
-            slots[d] = [blurred, lat.entry_vertex, lat.entry_weight, lat.norm, alpha(d), _f32(lat.spec.weight)]
+            blurred[lat.spec.d], _ = self._splat_blur(lat, self.q, self.ld, in_scale=lat.norm if symmetric else None,
+                                                      seq=self._seq)
         # Q is read by the splats above and only then rewritten.
-        args = (self.neg_unary, _i64(n), _i32(c), _i32(ld), _i32(seq), *slots[2], *slots[5], self.q)
-        self.bk.launch("mf_slice_softmax", n, args, 32)
+        self._slice_softmax(blurred)
+
+    @property
+    def _seq(self) -> bool:
+        return self.n_labels <= 2  # pydensecrf filters 1 or 2 labels with its scalar code, more with SSE
+
+    def _slice_softmax(self, blurred: dict[int, Any] | None) -> None:
+        """Q = softmax(-U + the Potts messages of the lattices in `blurred` {d: blurred values});
+        with None, Q0 = softmax(-U)."""
+        n, c = self.n_pixels, self.n_labels
+        slots = {2: [None, None, None, None, _f32(0), _f32(0)], 5: [None, None, None, None, _f32(0), _f32(0)]}
+        for lat in self.lattices if blurred else []:
+            d = lat.spec.d
+            slots[d] = [blurred[d], lat.entry_vertex, lat.entry_weight, lat.norm, alpha(d), _f32(lat.spec.weight)]
+        args = (self.neg_unary, _i64(n), _i32(c), _i32(self.n_vec), _i32(self._seq), *slots[2], *slots[5], self.q)
+        self.bk.launch("mf_slice_softmax_v4", n, args, self.group)
 
     # -- stage 3: back to (C, H, W) per image ----------------------------------------------------
 
     def result(self) -> list[Any]:
-        bk, xp, c, ld = self.bk, self.bk.xp, self.n_labels, self.ld
+        bk, xp, c = self.bk, self.bk.xp, self.n_labels
         outs = []
         for b, (h, w) in enumerate(self.sizes):
             out = xp.empty((c, h, w), dtype=xp.float32)
-            bk.launch("mf_to_planes", h * w * c, (self.q, _i64(h * w), _i32(c), _i64(self.offsets[b]), _i32(ld),
-                                                  out))
+            bk.launch("mf_to_planes_rows", h * w, (self.q, _i64(h * w), _i32(c), _i64(self.offsets[b]),
+                                                   _i32(self.n_vec), out))
             outs.append(out)
         return outs
 
