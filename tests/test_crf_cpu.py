@@ -155,18 +155,82 @@ def test_padding_corners_are_extra_unused_vertices():
     image = crop("astronaut.jpg", 30, 41)  # N = 1230, not a multiple of 4
     _, bilateral = cpu.kernel_features(image, DEEPLAB)
     padded, plain = cpu.build_lattice(bilateral), cpu.build_lattice(bilateral, block=1)
-    np.testing.assert_array_equal(padded.offsets, plain.offsets)  # first-use numbering
-    extra = padded.keys[plain.n_vertices:]
-    assert 0 < len(extra) <= 6
-    assert not np.isin(np.arange(plain.n_vertices, padded.n_vertices), padded.offsets).any()
+    # The same corners (by key) for every point, and the same weights.
+    np.testing.assert_array_equal(padded.keys[padded.offsets], plain.keys[plain.offsets])
+    np.testing.assert_array_equal(padded.weights, plain.weights)
+    plain_keys = {tuple(k) for k in plain.keys}
+    extra_ids = [v for v, k in enumerate(padded.keys) if tuple(k) not in plain_keys]
+    assert 0 < len(extra_ids) <= 6 and len(extra_ids) == padded.n_vertices - plain.n_vertices
+    assert not np.isin(extra_ids, padded.offsets).any()
     origin = cpu.build_lattice(np.zeros((4, 5), np.float32))  # the origin's own simplex
-    assert {tuple(k) for k in extra} <= {tuple(k) for k in origin.keys}
+    assert {tuple(k) for k in padded.keys[extra_ids]} <= {tuple(k) for k in origin.keys}
     even = cpu.build_lattice(bilateral[:1228])
     assert even.n_vertices == cpu.build_lattice(bilateral[:1228], block=1).n_vertices
 
 
+def test_vertex_order_reads_blur_neighbours_in_order(lattices):
+    """Vertices are numbered so that each blur neighbour map is increasing (the blur
+    streams through memory), and for the image kernels they follow y first."""
+    for lat in lattices:
+        m = lat.n_vertices
+        for axis in range(lat.dim + 1):
+            for side in range(2):
+                nb = lat.neighbours[axis, side]
+                assert (np.diff(nb[nb < m]) > 0).all()
+        y_field = lat.keys[:, 0] + lat.keys[:, 1] - (2 * lat.keys[:, 2] if lat.dim > 2 else 0)
+        assert (np.diff(y_field) >= 0).all()
+
+
+def test_wide_codes_build_the_same_lattice(lattices, monkeypatch):
+    """Keys too wide for one 62-bit code (tiny standard deviations) take the multi-word
+    path, which must build the identical lattice."""
+    image = crop("coffee.jpg", 71, 97, 150, 250)
+    features = cpu.kernel_features(image, README)
+    for feats, packed in zip(features, lattices):
+        scale = cpu._scale_factors(feats.shape[1])
+        monkeypatch.setattr(cpu, "_CODE_BITS", 62)
+        _, _, bits = cpu._vertex_coding(feats, scale)
+        monkeypatch.setattr(cpu, "_CODE_BITS", bits - 1)
+        coding, _, _ = cpu._vertex_coding(feats, scale)
+        assert coding.shape[0] > 1
+        wide = cpu.build_lattice(feats)
+        for name in ("offsets", "weights", "neighbours", "keys"):
+            np.testing.assert_array_equal(getattr(wide, name), getattr(packed, name), err_msg=name)
+
+
+def test_blur_sweeps_equal_blur_passes(lattices):
+    """Sweeping several axes at once (with a reach that bounds the neighbour distances)
+    gives bit for bit the values of one parallel pass per axis."""
+    rng = np.random.default_rng(1)
+    for lat in lattices:
+        axes = lat.dim + 1
+        grid = rng.random((lat.n_vertices + 1, 8), dtype=np.float32)
+        grid[-1] = 0
+        reach = cpu._axis_reach(lat.neighbours)
+        assert reach.shape == (axes,) and 0 < reach.max() < lat.n_vertices
+        passes = cpu._blur(lat.neighbours, grid.copy(), np.zeros_like(grid), 0, axes).copy()
+        sweep = cpu._blur_sweep(lat.neighbours, grid.copy(), np.zeros_like(grid), 0, axes,
+                                reach.max())
+        np.testing.assert_array_equal(sweep, passes)
+        op = cpu._KernelOperator(lat, 1.0, "symmetric")
+        groups = op.blur_groups(8 * 4)
+        assert [a for first, stop, _ in groups for a in range(first, stop)] == list(range(axes))
+        blurred = op.blur(grid.copy(), np.zeros_like(grid))
+        np.testing.assert_array_equal(blurred, passes)
+
+
+def test_blur_groups_split_far_axes():
+    """On a photo's bilateral lattice the spatial axes reach far (passes) and the colour
+    axes near (one sweep)."""
+    image = crop("rocket.jpg", 200, 260, 100, 150)
+    _, bilateral = cpu.kernel_features(image, DEEPLAB)
+    op = cpu._KernelOperator(cpu.build_lattice(bilateral), 1.0, "symmetric")
+    assert op.reach[:3].min() > 10 * op.reach[3:].max()
+    assert op.blur_groups(24 * 4)[-1][:2] == (3, 6)
+
+
 def test_growing_hash_table_builds_the_same_lattice(lattices, monkeypatch):
-    """Starting from the smallest table and key store (many rehashes) changes nothing."""
+    """Starting from the smallest hash table and vertex store (many rehashes) changes nothing."""
     image = crop("coffee.jpg", 71, 97, 150, 250)
     _, bilateral = cpu.kernel_features(image, README)
     monkeypatch.setattr(cpu, "_VERTICES_PER_POINT", 0)
@@ -181,8 +245,9 @@ def test_chunked_build_matches_whole(lattices, monkeypatch):
     gauss, _ = cpu.kernel_features(image, README)
     monkeypatch.setattr(cpu, "_CHUNK_PIXELS", 1000)
     chunked = cpu.build_lattice(gauss)
-    np.testing.assert_array_equal(chunked.offsets, lattices[0].offsets)
-    np.testing.assert_array_equal(chunked.weights, lattices[0].weights)
+    for name in ("offsets", "weights", "neighbours", "keys"):
+        np.testing.assert_array_equal(getattr(chunked, name), getattr(lattices[0], name),
+                                      err_msg=name)
 
 
 @pytest.mark.parametrize("normalization", ["symmetric", "after"])

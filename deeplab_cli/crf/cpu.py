@@ -50,16 +50,23 @@ Mean field (pydensecrf `inference`):
 Implementation: the hot loops are compiled with numba (cached on disk, see below), in
 strict float32 (no fast-math) except the two reductions of the softmax.
 The lattice is built once per image: the simplices in parallel, a chunk of points at a
-time, then the corners go through an open-addressing hash table in point order, so
-vertices are numbered by first use (for locality), and the blur neighbours are looked up
-in parallel. Each mean-field iteration works on (N, C') and (M+1, C') row-major float32
-buffers allocated once (C' = C rounded up to 8 lanes): the splat scatters in pixel order
-as pydensecrf does (one task per kernel), the d+1 blur passes are Jacobi steps between
-two buffers (parallel over vertices), and one pass over the pixels (parallel) slices
-both kernels and takes the softmax. The normalization, α and the kernel weight are
-folded into the splat and slice weights. Every output element is written by one thread
-in a fixed order, so results do not depend on the thread count. `Lattice.filter` is the
-plain staged NumPy form, kept as the reference.
+time; each corner's key becomes one integer code, linear in the key, whose order sorts
+the vertices by their y, then x feature (`_vertex_coding`); the corners go through an
+open-addressing hash table of codes in point order, the distinct codes are radix-sorted,
+and the vertices are numbered in code order. A blur neighbour's code is the vertex's
+code plus a fixed step, and any such order is kept by that shift, so the neighbours of
+vertices in increasing order are themselves increasing: one merge-like walk per axis
+finds them without lookups, and the blur reads memory in order. Each mean-field
+iteration works on (N, C') and (M+1, C') row-major float32 buffers allocated once
+(C' = C rounded up to 8 lanes): the splat scatters in pixel order as pydensecrf does
+(one task per kernel), the d+1 blur passes are Jacobi steps between two buffers
+(parallel over vertices; on one thread, runs of axes whose neighbours lie close by are
+swept together while in cache, see `_blur_sweep`), and one pass over the pixels
+(parallel) slices both kernels and takes the softmax. Splat and slice prefetch the
+scattered vertex rows of the pixels a few ahead. The normalization, α and the kernel
+weight are folded into the splat and slice weights. Every output element is computed
+by one thread by the same operations in a fixed order, so results do not depend on the
+thread count. `Lattice.filter` is the plain staged NumPy form, kept as the reference.
 
 Threads: numba's pool, `threads=` of `dense_crf_cpu`, else `NUMBA_NUM_THREADS` (default:
 all cores). Compiled code is cached under `NUMBA_CACHE_DIR` if set, else next to this file,
@@ -75,6 +82,7 @@ from typing import TYPE_CHECKING
 
 import llvmlite.ir
 import numba
+import numba.core.cgutils
 import numba.extending
 import numpy as np
 
@@ -84,11 +92,17 @@ if TYPE_CHECKING:  # pragma: no cover
 # Points whose simplices are computed at once while building the lattice: bounds the
 # temporaries (about 60 bytes per point) independently of the image size.
 _CHUNK_PIXELS = 1 << 18
-# Vertices room is first made for, per point (both grow as needed); the hash table has
+# Vertices room is first made for, per point (grows as needed); the hash table has
 # twice as many slots and doubles whenever it is half full.
 _VERTICES_PER_POINT = 1
 # Rows (vertices or pixels) per parallel task where a task needs a scratch buffer.
 _BLOCK = 256
+# A run of blur axes is swept at once when the vertex rows the sweep keeps live fit in
+# the (per-core) L2 cache; see `_blur_sweep`.
+_SWEEP_WINDOW_BYTES = 1 << 20
+# Pixels ahead whose vertex rows the splat and slice prefetch (measured: 4 to 12 do
+# about as well).
+_AHEAD = 4
 
 
 def _compiled(**options):
@@ -189,9 +203,10 @@ def _scale_factors(d: int) -> np.ndarray:
 def build_lattice(features: np.ndarray, *, block: int = 4) -> Lattice:
     """Build the permutohedral lattice of float32 features (N, d) exactly as pydensecrf does.
 
-    Vertex ids differ from pydensecrf's hash-table order (here: order of first use by
-    point index, then corner index) but the set of vertices, each point's corners and
-    weights, and the blur neighbourhoods are the same.
+    The set of vertices, each point's corners and weights, and the blur neighbourhoods
+    are pydensecrf's; only the vertex ids differ: here they follow the order of
+    `_vertex_coding` (by the y, then x feature), so the blur's neighbours are read in
+    increasing order and pixels near each other use vertices near each other.
 
     `block`: pydensecrf's SSE build handles points in blocks of 4 and fills the unused
     lanes of the last block with all-zero features, whose simplex corners it inserts into
@@ -206,13 +221,25 @@ def build_lattice(features: np.ndarray, *, block: int = 4) -> Lattice:
         features = np.concatenate([features, np.zeros((1, d), np.float32)])
     n = features.shape[0]
     scale = _scale_factors(d)
+    coding, constant, bits = _vertex_coding(features, scale)
+    # Codes of one word (any photo with sensible σ): distinct corners through a hash
+    # table. Wider ones (tiny σ) are rare: all corners' codes are sorted at once.
+    packed = coding.shape[0] == 1
 
     offsets = np.empty((n_points, d + 1), np.int32)  # the padding row's corners are not kept
     weights = np.empty((n, d + 1), np.float32)
-    capacity = max(16, _VERTICES_PER_POINT * n)
-    table = np.full(1 << (2 * capacity - 1).bit_length(), -1, np.int64)
-    keys = np.empty((capacity, d), np.int32)
-    n_vertices = 0
+    if packed:
+        capacity = max(16, _VERTICES_PER_POINT * n)
+        table = _new_table(1 << (2 * capacity - 1).bit_length())
+        codes = np.empty(capacity, np.uint64)
+        keys = np.empty((capacity, d), np.int32)
+        n_vertices = 0
+        last = np.full((2, d + 1), _EMPTY, np.uint64)  # see _insert_corners
+        corner_codes = np.empty((min(_CHUNK_PIXELS, n), d + 1, 1), np.uint64)
+    else:  # every corner's code, sorted below (memory: 8·w·(d+1) bytes per point)
+        corner_codes = np.empty((n, d + 1, coding.shape[0]), np.uint64)
+        rem0_all = np.empty((n, d + 1), np.int32)
+        rank_all = np.empty((n, d + 1), np.int32)
     chunk = min(_CHUNK_PIXELS, n)
     rem0 = np.empty((chunk, d + 1), np.int32)
     rank = np.empty((chunk, d + 1), np.int32)
@@ -220,12 +247,126 @@ def build_lattice(features: np.ndarray, *, block: int = 4) -> Lattice:
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         _simplices(features[start:stop], scale, elevated, rem0, rank, weights[start:stop])
-        table, keys, n_vertices = _insert_corners(rem0[: stop - start], rank[: stop - start],
-                                                  start, offsets, table, keys, n_vertices)
-    keys = keys[:n_vertices].copy()
-    neighbours = _find_neighbours(table, keys)
+        if packed:
+            _corner_codes(rem0[: stop - start], rank[: stop - start], coding, constant,
+                          corner_codes[: stop - start])
+            p = 0
+            while True:
+                p, n_vertices = _insert_corners(
+                    corner_codes[: stop - start, :, 0], rem0, rank, start, p, offsets,
+                    table, codes, keys, n_vertices, last)
+                if p == stop - start:
+                    break
+                if n_vertices + d + 1 > codes.size:
+                    codes = np.concatenate([codes, np.empty_like(codes)])
+                    keys = np.concatenate([keys, np.empty_like(keys)])
+                if 2 * (n_vertices + d + 1) > len(table):
+                    table = _rehash(codes, n_vertices, 2 * len(table))
+        else:
+            rem0_all[start:stop] = rem0[: stop - start]
+            rank_all[start:stop] = rank[: stop - start]
+            _corner_codes(rem0[: stop - start], rank[: stop - start], coding, constant,
+                          corner_codes[start:stop])
+
+    if packed:
+        order = _argsort_codes(codes[:n_vertices], bits)
+        rows = codes[order][:, None]  # (M, 1)
+        keys = keys[order]
+        _renumber(offsets, order)
+    else:
+        rows, first, inverse = np.unique(corner_codes.reshape(-1, coding.shape[0]), axis=0,
+                                         return_index=True, return_inverse=True)
+        offsets[:] = inverse.reshape(n, d + 1)[:n_points]
+        keys = _corner_keys(rem0_all, rank_all, first)
+    neighbours = _walk_neighbours(np.ascontiguousarray(rows), _neighbour_steps(coding))
     return Lattice(offsets, weights[:n_points].copy() if n != n_points else weights,
                    neighbours, keys)
+
+
+# Vertex codes are compared as unsigned 64-bit integers below 2^62 (room for the empty
+# marker of the hash table).
+_CODE_BITS = 62
+_EMPTY = np.uint64(2**64 - 1)
+
+
+def _order_functionals(d: int) -> np.ndarray:
+    """(d, d) int64 rows A: vertices are ordered by A·key, compared row by row.
+
+    Any such order is kept by translations, so the blur neighbours (key + a fixed step)
+    of vertices in increasing order are themselves in increasing order. For the 2-D image
+    kernels the first rows pick out the y and the x feature: k0 + k1 - 2·k2 ∝ y and
+    k0 - k1 ∝ x (for d = 2, k2 = -(k0 + k1) is implied and the first row is k0 + k1); the
+    other rows are k2, k3, ..., which makes A invertible (distinct keys, distinct codes).
+    """
+    a = np.eye(d, dtype=np.int64)
+    if d >= 2:
+        a[:2] = 0
+        a[0, :2] = 1
+        if d >= 3:
+            a[0, 2] = -2
+        a[1, :2] = (1, -1)
+    return a
+
+
+def _vertex_coding(features: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Linear integer codes for the keys of every vertex the lattice (and its blur) can reach.
+
+    Each field A_f·key of `_order_functionals`, shifted to start at 0, gets the bits its
+    range over these features needs (the range of the elevated features plus margins for
+    the rounding, the ±(d+1) correction, the corner offsets and a blur step); the fields
+    are packed from the most significant end into as few words of `_CODE_BITS` as they
+    fit. Word w of a key's code is coding[w]·key + constant[w] in wrapping uint64
+    arithmetic; codes compare (word by word) like the field vectors, and a blur
+    neighbour's code is the code plus a fixed step per word. Returns coding (w, d) uint64,
+    constant (w,) uint64 and the number of bits word 0 uses.
+    """
+    n, d = features.shape
+    a = _order_functionals(d)
+    elevation = np.zeros((d + 1, d))  # elevated = elevation @ feature, before rounding
+    for k in range(d):
+        elevation[: k + 1, k] = scale[k]
+        elevation[k + 1, k] = -(k + 1) * float(scale[k])
+    g = a @ elevation[:d]  # (d, d): the fields as linear functions of the features
+    # Column by column: NumPy's axis-0 reductions of a narrow array are slow.
+    fmin = np.array([features[:, k].min() if n else 0.0 for k in range(d)], np.float64)
+    fmax = np.array([features[:, k].max() if n else 0.0 for k in range(d)], np.float64)
+    low = np.minimum(g * fmin, g * fmax).sum(axis=1)
+    high = np.maximum(g * fmin, g * fmax).sum(axis=1)
+    margin = 4 * (d + 1) * np.abs(a).sum(axis=1) + 2
+    low = np.floor(low).astype(np.int64) - margin
+    high = np.ceil(high).astype(np.int64) + margin
+    bits = [int(h - lo).bit_length() for lo, h in zip(low, high)]
+    if max(bits) > _CODE_BITS:
+        raise ValueError("lattice coordinates out of range")
+    words: list[list[int]] = [[]]
+    used = 0
+    for f, b in enumerate(bits):
+        if used + b > _CODE_BITS:
+            words.append([])
+            used = 0
+        words[-1].append(f)
+        used += b
+    mask = (1 << 64) - 1
+    coding = np.zeros((len(words), d), np.uint64)
+    constant = np.zeros(len(words), np.uint64)
+    for w, fields in enumerate(words):
+        shift = 0
+        for f in reversed(fields):
+            for i in range(d):
+                coding[w, i] = (int(coding[w, i]) + (int(a[f, i]) << shift)) & mask
+            constant[w] = (int(constant[w]) - (int(low[f]) << shift)) & mask
+            shift += bits[f]
+    return coding, constant, sum(bits[f] for f in words[0])
+
+
+def _neighbour_steps(coding: np.ndarray) -> np.ndarray:
+    """(d+1, w) uint64: the code step from a vertex to its blur neighbour n1 along each
+    axis (key - 1 on every coordinate but + d on the axis; axis d: all - 1)."""
+    w, d = coding.shape
+    deltas = np.full((d + 1, d), -1, np.int64)
+    for axis in range(d):
+        deltas[axis, axis] = d
+    return (deltas.view(np.uint64)[:, None, :] * coding[None]).sum(axis=2, dtype=np.uint64)
 
 
 class _KernelOperator:
@@ -243,6 +384,7 @@ class _KernelOperator:
         self.n_points, self.n_vertices = n, m
         self.offsets = np.ascontiguousarray(lattice.offsets, dtype=np.int32)  # (N, d+1)
         self.neighbours = np.ascontiguousarray(lattice.neighbours, dtype=np.int32)  # (d+1, 2, M)
+        self.reach = _axis_reach(self.neighbours)  # (d+1,)
         bary = np.ascontiguousarray(lattice.weights, dtype=np.float32)  # (N, d+1)
         self.splat_weights = bary
         self.slice_weights = bary * np.float32(lattice.alpha)
@@ -250,13 +392,9 @@ class _KernelOperator:
 
         norm = np.zeros((n, 1), np.float32)
         self.add_message(norm, np.ones((n, 1), np.float32))  # K·1
-        norm = norm[:, 0].astype(np.float64)
-        if normalization == "symmetric":
-            scale = (1.0 / np.sqrt(norm + 1e-20)).astype(np.float32)
-            self.splat_weights = bary * scale[:, None]
-        else:
-            scale = (1.0 / (norm + 1e-20)).astype(np.float32)
-        self.slice_weights *= (scale * np.float32(weight))[:, None]
+        self.splat_weights = np.empty_like(bary)
+        _fold_normalization(bary, norm[:, 0], normalization == "symmetric", np.float32(weight),
+                            self.splat_weights, self.slice_weights)
         self._buffers = None
 
     def buffers(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +410,38 @@ class _KernelOperator:
         q = np.ascontiguousarray(q, dtype=np.float32)
         grid, scratch = self.buffers(q.shape[1])
         _splat(self.offsets, self.splat_weights, q, grid)
-        _slice_add(self.offsets, self.slice_weights, _blur(self.neighbours, grid, scratch), out)
+        _slice_add(self.offsets, self.slice_weights, self.blur(grid, scratch), out)
+
+    def blur(self, grid: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """Blur the (M+1, C) vertex values in `grid` along axes 0..d (`scratch`: the second
+        buffer); returns the buffer holding the result. On one thread, runs of axes whose
+        neighbours are near in memory (`blur_groups`) go through in one sweep
+        (`_blur_sweep`); otherwise each axis is a parallel pass (a sweep is sequential,
+        and measured slower than two threads' passes). The values are the same."""
+        src, dst = grid, scratch
+        sweep = numba.get_num_threads() == 1
+        for first, stop, reach in self.blur_groups(grid.shape[1] * grid.itemsize):
+            if sweep and stop - first > 1:
+                result = _blur_sweep(self.neighbours, src, dst, first, stop, reach)
+            else:
+                result = _blur(self.neighbours, src, dst, first, stop)
+            src, dst = (result, dst if result is src else src)
+        return src
+
+    def blur_groups(self, row_bytes: int) -> list[tuple[int, int, int]]:
+        """Consecutive blur axes [first, stop) with the largest neighbour distance `reach`
+        among them, grouped while the vertex rows a sweep keeps live (axes · reach rows)
+        fit in `_SWEEP_WINDOW_BYTES`; other axes stand alone."""
+        groups: list[tuple[int, int, int]] = []
+        for axis, reach in enumerate(int(r) for r in self.reach):
+            if groups:
+                first, stop, widest = groups[-1]
+                widest = max(widest, reach)
+                if (stop + 1 - first) * widest * row_bytes <= _SWEEP_WINDOW_BYTES:
+                    groups[-1] = (first, stop + 1, widest)
+                    continue
+            groups.append((axis, axis + 1, reach))
+        return groups
 
 
 def dense_crf_cpu(image: np.ndarray, probs: np.ndarray, params: "CRFParams", *,
@@ -306,13 +475,17 @@ def dense_crf_cpu(image: np.ndarray, probs: np.ndarray, params: "CRFParams", *,
 def _mean_field(image: np.ndarray, probs: np.ndarray, params: "CRFParams") -> np.ndarray:
     n_labels, height, width = probs.shape
     n = height * width
-    neg_unary = np.log(np.clip(probs.reshape(n_labels, n), np.float32(1e-5), np.float32(1.0)))
-    neg_unary = np.ascontiguousarray(neg_unary.T)  # (N, C), -U
+    clipped = np.clip(probs.reshape(n_labels, n), np.float32(1e-5), np.float32(1.0))  # (C, N)
     # Q and the lattice values carry whole 8-lane vectors: labels padded with zeros,
     # which every step keeps at 0.
     lanes = -(-n_labels // 8) * 8
-    q = np.zeros((n, lanes), np.float32)  # (N, C')
-    _softmax_rows(neg_unary, q)
+    neg_unary = np.empty((n, n_labels), np.float32)  # (N, C), -U
+    np.log(clipped.T, out=neg_unary)
+    q = np.empty((n, lanes), np.float32)  # (N, C')
+    clipped /= clipped.sum(axis=0)
+    q[:, :n_labels] = clipped.T  # softmax(-U) = softmax(log p) = p / Σp
+    q[:, n_labels:] = 0
+    del clipped
     if params.iterations > 0:
         gauss, bilateral = kernel_features(image, params)
         operators = []
@@ -321,13 +494,17 @@ def _mean_field(image: np.ndarray, probs: np.ndarray, params: "CRFParams") -> np
         del gauss, bilateral, feats
         first, second = operators  # Gaussian, then bilateral
         buffers1, buffers2 = first.buffers(lanes), second.buffers(lanes)
-        for _ in range(params.iterations):
+        planes = np.empty((n_labels, n), np.float32)  # the result, (C, N)
+        for step in range(params.iterations):
             _splat_both(q, first.offsets, first.splat_weights, buffers1[0],
                         second.offsets, second.splat_weights, buffers2[0])
-            grid1 = _blur(first.neighbours, *buffers1)
-            grid2 = _blur(second.neighbours, *buffers2)
+            grid1 = first.blur(*buffers1)
+            grid2 = second.blur(*buffers2)
+            last = step == params.iterations - 1
             _slice_softmax(neg_unary, first.offsets, first.slice_weights, grid1,
-                           second.offsets, second.slice_weights, grid2, q)
+                           second.offsets, second.slice_weights, grid2, q,
+                           planes if last else planes[:0])
+        return planes.reshape(n_labels, height, width)
     return np.ascontiguousarray(q[:, :n_labels].T).reshape(n_labels, height, width)
 
 
@@ -386,118 +563,211 @@ def _simplices(features, scale, elevated, rem0, rank, weights):
 
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-_ID_BITS = np.int64(0xFFFFFFFF)
 
 
 @_jit
-def _slot(table, keys, key):
-    """The slot of the hash table holding `key` (d,), or the empty slot where it belongs.
+def _home(code, mask):
+    """The first slot to probe for `code` in a hash table of mask + 1 slots."""
+    h = (code ^ (code >> np.uint64(30))) * _MIX1
+    h = (h ^ (h >> np.uint64(27))) * _MIX2
+    return (h ^ (h >> np.uint64(31))) & mask
 
-    Linear probing; an entry is tag << 32 | vertex id (-1: empty), the tag being 31 more
-    bits of the hash, so a probe reads the key row only when the tags agree."""
-    h = np.uint64(0)
-    for c in range(key.size):
-        h = (h ^ np.uint64(np.int64(key[c]))) * _MIX1
-        h ^= h >> np.uint64(29)
-    h = (h ^ (h >> np.uint64(32))) * _MIX2
-    h ^= h >> np.uint64(31)
-    tag = np.int64(h >> np.uint64(33))
-    mask = np.uint64(table.size - 1)
-    slot = h & mask
-    while True:
-        entry = table[slot]
-        if entry < 0:
-            return slot, tag
-        if entry >> 32 == tag:
-            v = entry & _ID_BITS
-            same = True
-            for c in range(key.size):
-                if keys[v, c] != key[c]:
-                    same = False
-                    break
-            if same:
-                return slot, tag
+
+@_jit
+def _slot(table, code):
+    """The slot of the hash table holding `code`, or the free slot where it belongs
+    (linear probing). A slot is (code, vertex id), free: code `_EMPTY`; the id sits
+    next to the code so that a lookup touches one cache line."""
+    mask = np.uint64(table.shape[0] - 1)
+    slot = _home(code, mask)
+    while table[slot, 0] != code and table[slot, 0] != _EMPTY:
         slot = (slot + np.uint64(1)) & mask
+    return slot
 
 
 @_jit
-def _insert_corners(rem0, rank, start, offsets, table, keys, n_vertices):
-    """Give each corner of points start .. start+len(rem0) its vertex id, adding new
-    vertices (keys by id) in order of first use. Points at or past len(offsets) (the
-    padding) add their vertices without recording them. Grows the table and keys;
-    returns them with the new vertex count."""
-    d = keys.shape[1]
-    key = np.empty(d, np.int32)
-    for p in range(rem0.shape[0]):
+def _insert_corners(corner_codes, rem0, rank, start, p, offsets, table, codes, keys,
+                    n_vertices, last):
+    """Give each corner of the chunk's points p, p+1, ... (point start + p of the image;
+    corner_codes (n, d+1) their codes) a vertex id, adding new vertices (their codes and
+    keys by id) in order of first use. Points at or past len(offsets) (the padding) add
+    their vertices without recording them. Stops before a point when the hash table (see
+    `_slot`) might get more than half full or the vertex store full; returns the next
+    point and the vertex count. `last` (2, d+1) carries the previous point's codes and
+    ids across calls."""
+    n, corners = corner_codes.shape
+    d = corners - 1
+    mask = np.uint64(table.shape[0] - 1)
+    limit = min(codes.size, table.shape[0] // 2) - corners
+    ids = np.empty(corners, np.int64)
+    while p < n and n_vertices <= limit:
         i = start + p
-        if 0 < p and i < offsets.shape[0]:
-            # Neighbouring pixels often share a simplex: same corners, no lookups.
-            same = True
-            for c in range(d + 1):
-                if rem0[p, c] != rem0[p - 1, c] or rank[p, c] != rank[p - 1, c]:
-                    same = False
-                    break
-            if same:
-                offsets[i] = offsets[i - 1]
-                continue
-        for r in range(d + 1):
-            for c in range(d):
-                key[c] = rem0[p, c] + r - (d + 1 if rank[p, c] > d - r else 0)
-            if 2 * (n_vertices + 1) > table.size:
-                table = _rehash(keys, n_vertices, 2 * table.size)
-            slot, tag = _slot(table, keys, key)
-            if table[slot] >= 0:
-                v = table[slot] & _ID_BITS
-            else:
-                if n_vertices == keys.shape[0]:
-                    grown = np.empty((2 * n_vertices, d), np.int32)
-                    grown[:n_vertices] = keys
-                    keys = grown
-                keys[n_vertices] = key
-                v = n_vertices
-                table[slot] = tag << 32 | v
-                n_vertices += 1
+        # The lookups miss the cache and depend on each other through the vertex count,
+        # so fetch the slots of a few points on ahead of time.
+        if p + _AHEAD < n:
+            for r in range(corners):
+                _prefetch(table, _home(corner_codes[p + _AHEAD, r], mask))
+        for r in range(corners):
+            code = corner_codes[p, r]
+            # Neighbouring points share most corners, and comparing with the previous
+            # point's is cheaper than a lookup.
+            v = -1
+            for j in range(corners):
+                if last[0, j] == code:
+                    v = np.int64(last[1, j])
+            if v < 0:
+                slot = _slot(table, code)
+                if table[slot, 0] == code:
+                    v = np.int64(table[slot, 1])
+                else:
+                    v = n_vertices
+                    n_vertices += 1
+                    table[slot, 0] = code
+                    table[slot, 1] = v
+                    codes[v] = code
+                    for c in range(d):
+                        keys[v, c] = rem0[p, c] + r - (corners if rank[p, c] > d - r else 0)
+            ids[r] = v
             if i < offsets.shape[0]:
                 offsets[i, r] = v
-    return table, keys, n_vertices
+        for r in range(corners):
+            last[0, r] = corner_codes[p, r]
+            last[1, r] = ids[r]
+        p += 1
+    return p, n_vertices
 
 
 @_jit
-def _rehash(keys, n_vertices, size):
-    table = np.full(size, -1, np.int64)
+def _new_table(size):
+    """An empty hash table of `size` slots (a power of 2), see `_slot`."""
+    table = np.empty((size, 2), np.uint64)
+    table[:, 0] = _EMPTY
+    return table
+
+
+@_jit
+def _rehash(codes, n_vertices, size):
+    table = _new_table(size)
     for v in range(n_vertices):
-        slot, tag = _slot(table, keys, keys[v])
-        table[slot] = tag << 32 | v
+        slot = _slot(table, codes[v])
+        table[slot, 0] = codes[v]
+        table[slot, 1] = v
     return table
 
 
 @_pjit
-def _find_neighbours(table, keys):
-    """(d+1, 2, M) blur neighbours n1, n2 of every vertex along each axis (M: none).
-    n1 is looked up; n2 is its inverse (n2(n1(v)) = v). One task: a block of vertices."""
-    m, d = keys.shape
-    out = np.full((d + 1, 2, m), m, np.int32)
-    for block in numba.prange((m + _BLOCK - 1) // _BLOCK):
-        query = np.empty(d, np.int32)
-        for v in range(block * _BLOCK, min(m, (block + 1) * _BLOCK)):
-            for axis in range(d + 1):
-                for c in range(d):  # n1: -1 on every coordinate but +d on the axis
-                    query[c] = keys[v, c] + (d if c == axis else -1)
-                entry = table[_slot(table, keys, query)[0]]
-                if entry >= 0:
-                    u = entry & _ID_BITS
-                    out[axis, 0, v] = u
-                    out[axis, 1, u] = v
+def _corner_codes(rem0, rank, coding, constant, out):
+    """out[p, r] (w,) = the code of point p's corner r. One task: a point."""
+    d = rem0.shape[1] - 1
+    for p in numba.prange(rem0.shape[0]):
+        for r in range(d + 1):
+            for w in range(coding.shape[0]):
+                code = constant[w]
+                for c in range(d):
+                    key = rem0[p, c] + r - (d + 1 if rank[p, c] > d - r else 0)
+                    code += coding[w, c] * np.uint64(np.int64(key))
+                out[p, r, w] = code
+
+
+@_jit
+def _corner_keys(rem0, rank, corners):
+    """(len(corners), d) int32 keys of the corners numbered p·(d+1) + r."""
+    d = rem0.shape[1] - 1
+    keys = np.empty((corners.size, d), np.int32)
+    for j in range(corners.size):
+        p, r = corners[j] // (d + 1), corners[j] % (d + 1)
+        for c in range(d):
+            keys[j, c] = rem0[p, c] + r - (d + 1 if rank[p, c] > d - r else 0)
+    return keys
+
+
+@_jit
+def _argsort_codes(codes, bits):
+    """The permutation sorting uint64 `codes` below 2^bits (LSD radix sort, 11-bit digits)."""
+    m = codes.size
+    order = np.arange(m).astype(np.int32)
+    current = codes.copy()
+    order2 = np.empty_like(order)
+    current2 = np.empty_like(current)
+    for shift in range(0, bits, 11):
+        count = np.zeros(2049, np.int64)
+        for i in range(m):
+            count[((current[i] >> np.uint64(shift)) & np.uint64(2047)) + np.uint64(1)] += 1
+        for b in range(2048):
+            count[b + 1] += count[b]
+        for i in range(m):
+            digit = (current[i] >> np.uint64(shift)) & np.uint64(2047)
+            at = count[digit]
+            count[digit] += 1
+            current2[at] = current[i]
+            order2[at] = order[i]
+        current, current2 = current2, current
+        order, order2 = order2, order
+    return order
+
+
+@_pjit
+def _renumber(offsets, order):
+    """offsets[p, r] = the position of offsets[p, r] in `order`. One task: a point."""
+    position = np.empty(order.size, np.int32)
+    for j in range(order.size):
+        position[order[j]] = j
+    for p in numba.prange(offsets.shape[0]):
+        for r in range(offsets.shape[1]):
+            offsets[p, r] = position[offsets[p, r]]
+
+
+@_jit
+def _less(a, b):
+    for c in range(a.size):
+        if a[c] != b[c]:
+            return a[c] < b[c]
+    return False
+
+
+@_pjit
+def _walk_neighbours(rows, steps):
+    """(d+1, 2, M) blur neighbours n1, n2 of every vertex along each axis (M: none), for
+    vertices whose codes `rows` (M, w) increase. The code of n1 is the code plus
+    steps[axis], so it increases with the vertex: one merge-like walk per axis finds
+    them all. n2 is the inverse of n1 (n2(n1(v)) = v). One task: an axis."""
+    m, w = rows.shape
+    out = np.full((steps.shape[0], 2, m), m, np.int32)
+    for axis in numba.prange(steps.shape[0]):
+        target = np.empty(w, np.uint64)
+        u = 0
+        for v in range(m):
+            if w == 1:  # the usual single-word codes: plain integer comparisons
+                code = rows[v, 0] + steps[axis, 0]
+                while u < m and rows[u, 0] < code:
+                    u += 1
+                if u == m:
+                    break
+                found = rows[u, 0] == code
+            else:
+                for c in range(w):
+                    target[c] = rows[v, c] + steps[axis, c]
+                while u < m and _less(rows[u], target):
+                    u += 1
+                if u == m:
+                    break
+                found = not _less(target, rows[u])
+            if found:
+                out[axis, 0, v] = u
+                out[axis, 1, u] = v
     return out
 
 
 @_jit
 def _splat(offsets, weights, values, grid):
     """grid[v] = Σ weights[p, r]·values[p] over the (p, r) with offsets[p, r] = v, summed
-    in pixel order, for v < M (row M is left alone)."""
+    in pixel order, for v < M (row M is left alone). Prefetches the rows a few pixels on."""
     grid[:-1] = 0
-    channels = values.shape[1]
-    for p in range(offsets.shape[0]):
+    n, channels = values.shape
+    for p in range(n):
+        if p + _AHEAD < n:
+            for r in range(offsets.shape[1]):
+                _prefetch(grid, offsets[p + _AHEAD, r])
         src = values[p]
         for r in range(offsets.shape[1]):
             w = weights[p, r]
@@ -517,15 +787,15 @@ def _splat_both(values, offsets1, weights1, grid1, offsets2, weights2, grid2):
 
 
 @_pjit
-def _blur(neighbours, grid, scratch):
-    """Blur (M+1, C) vertex values along axes 0..d, Jacobi steps between grid and scratch
-    (row M, the missing neighbour, stays 0); returns the buffer holding the result.
-    One task: a vertex."""
+def _blur(neighbours, grid, scratch, first, stop):
+    """Blur (M+1, C) vertex values along axes first..stop-1, Jacobi steps between grid
+    and scratch (row M, the missing neighbour, stays 0); returns the buffer holding the
+    result. One task: a vertex."""
     m = grid.shape[0] - 1
     channels = grid.shape[1]
     half = np.float32(0.5)
     src, dst = grid, scratch
-    for axis in range(neighbours.shape[0]):
+    for axis in range(first, stop):
         for v in numba.prange(m):
             old = src[v]
             n1 = src[neighbours[axis, 0, v]]
@@ -537,6 +807,47 @@ def _blur(neighbours, grid, scratch):
     return src
 
 
+@_jit
+def _blur_sweep(neighbours, grid, scratch, first, stop, reach):
+    """`_blur` in one sequential sweep through the vertices: at step t, axis first + j
+    blurs vertex t - j·reach, where `reach` bounds |neighbour id - vertex id| along these
+    axes. So every value an axis reads has already been written by the axis before, and
+    (alternating between the two buffers) none has yet been overwritten by the axis
+    after: the same Jacobi values as separate passes, but read while they are still in
+    cache when `reach` is small."""
+    m = grid.shape[0] - 1
+    channels = grid.shape[1]
+    half = np.float32(0.5)
+    axes = stop - first
+    for t in range(m + (axes - 1) * reach):
+        for j in range(axes):
+            v = t - j * reach
+            if v < 0 or v >= m:
+                continue
+            src, dst = (grid, scratch) if j % 2 == 0 else (scratch, grid)
+            old = src[v]
+            n1 = src[neighbours[first + j, 0, v]]
+            n2 = src[neighbours[first + j, 1, v]]
+            new = dst[v]
+            for k in range(channels):
+                new[k] = old[k] + half * (n1[k] + n2[k])
+    return grid if axes % 2 == 0 else scratch
+
+
+@_jit
+def _axis_reach(neighbours):
+    """(d+1,) the largest |neighbour id - vertex id| along each blur axis (0 if none)."""
+    m = neighbours.shape[2]
+    reach = np.zeros(neighbours.shape[0], np.int64)
+    for axis in range(neighbours.shape[0]):
+        for side in range(2):
+            for v in range(m):
+                u = neighbours[axis, side, v]
+                if u < m:
+                    reach[axis] = max(reach[axis], abs(u - v))
+    return reach
+
+
 @_pjit
 def _slice_add(offsets, weights, grid, out):
     """out[p] += Σ_r weights[p, r]·grid[offsets[p, r]]. One task: a block of pixels."""
@@ -544,6 +855,8 @@ def _slice_add(offsets, weights, grid, out):
     for block in numba.prange((n + _BLOCK - 1) // _BLOCK):
         acc = np.empty(channels, np.float32)
         for p in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
+            for k in range(channels):
+                acc[k] = 0
             _slice_into(acc, offsets, weights, grid, p)
             for k in range(channels):
                 out[p, k] += acc[k]
@@ -551,7 +864,10 @@ def _slice_add(offsets, weights, grid, out):
 
 @_jit
 def _slice_into(acc, offsets, weights, grid, p):
-    acc[:] = 0
+    """acc += Σ_r weights[p, r]·grid[offsets[p, r]], prefetching the rows a few pixels on."""
+    if p + _AHEAD < offsets.shape[0]:
+        for r in range(offsets.shape[1]):
+            _prefetch(grid, offsets[p + _AHEAD, r])
     for r in range(offsets.shape[1]):
         w = weights[p, r]
         src = grid[offsets[p, r]]
@@ -560,21 +876,50 @@ def _slice_into(acc, offsets, weights, grid, p):
 
 
 @_pjit
-def _slice_softmax(neg_unary, offsets1, weights1, grid1, offsets2, weights2, grid2, q):
+def _slice_softmax(neg_unary, offsets1, weights1, grid1, offsets2, weights2, grid2, q,
+                   planes):
     """q[p, :C] = softmax(-U[p] + slice1[p] + slice2[p]) for the two kernels' sliced
-    messages, -U (N, C), q (N, C' >= C). One task: a block of pixels."""
+    messages, -U (N, C), q (N, C' >= C); or, when `planes` (C, N) is not empty, planes[:, p]
+    (the final result, transposed on the way). One task: a block of pixels."""
     n, channels = neg_unary.shape
     lanes = q.shape[1]
     for block in numba.prange((n + _BLOCK - 1) // _BLOCK):
-        acc1 = np.empty(lanes, np.float32)
-        acc2 = np.empty(lanes, np.float32)
-        logits = np.empty(channels, np.float32)
+        acc = np.empty(lanes, np.float32)
+        out = np.empty(channels, np.float32)
         for p in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
-            _slice_into(acc1, offsets1, weights1, grid1, p)
-            _slice_into(acc2, offsets2, weights2, grid2, p)
             for k in range(channels):
-                logits[k] = neg_unary[p, k] + acc1[k] + acc2[k]
-            _softmax(logits, q[p, :channels])
+                acc[k] = neg_unary[p, k]
+            for k in range(channels, lanes):
+                acc[k] = 0
+            _slice_into(acc, offsets1, weights1, grid1, p)
+            _slice_into(acc, offsets2, weights2, grid2, p)
+            if planes.size:
+                _softmax(acc[:channels], out)
+                for k in range(channels):
+                    planes[k, p] = out[k]
+            else:
+                _softmax(acc[:channels], q[p, :channels])
+
+
+@_pjit
+def _fold_normalization(bary, norm, symmetric, weight, splat_weights, slice_weights):
+    """Fold the normalization n of K·1 = `norm` (N,) and the kernel weight into the
+    barycentric weights (N, d+1); `slice_weights` holds α·bary and is scaled in place.
+    Symmetric: n = 1/sqrt(norm + 1e-20) on both sides; after: n = 1/(norm + 1e-20) on
+    the slice side only (n in double, then float32, as pydensecrf). One task: a point."""
+    for p in numba.prange(bary.shape[0]):
+        total = np.float64(norm[p]) + 1e-20
+        if symmetric:
+            scale = np.float32(1.0 / np.sqrt(total))
+            for r in range(bary.shape[1]):
+                splat_weights[p, r] = bary[p, r] * scale
+        else:
+            scale = np.float32(1.0 / total)
+            for r in range(bary.shape[1]):
+                splat_weights[p, r] = bary[p, r]
+        scale = scale * weight
+        for r in range(bary.shape[1]):
+            slice_weights[p, r] *= scale
 
 
 @_jit
@@ -583,9 +928,9 @@ def _softmax(row, out):
     top = _max(row)
     for k in range(row.size):
         out[k] = _exp(row[k] - top)
-    total = _sum(out)
+    scale = np.float32(1.0) / _sum(out)
     for k in range(row.size):
-        out[k] /= total
+        out[k] *= scale
 
 
 # The two reductions of a softmax, vectorized: a maximum does not depend on the order
@@ -619,6 +964,32 @@ def _float_from_bits(typingctx, bits):
     return numba.types.float32(numba.types.int32), codegen
 
 
+@numba.extending.intrinsic
+def _prefetch(typingctx, rows, row):
+    """Hint the CPU to fetch the first two cache lines of rows[row] (2-D float32, C order):
+    a pixel's vertex rows are scattered, so fetching them a few pixels ahead hides the
+    memory latency (`_AHEAD`)."""
+    if not (isinstance(rows, numba.types.Array) and rows.ndim == 2 and rows.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        index = context.cast(builder, args[1], signature.args[1], numba.types.intp)
+        stride = builder.extract_value(array.strides, 0)
+        byte = llvmlite.ir.IntType(8).as_pointer()
+        start = builder.gep(builder.bitcast(array.data, byte), [builder.mul(index, stride)])
+        i32 = llvmlite.ir.IntType(32)
+        hint = llvmlite.ir.FunctionType(llvmlite.ir.VoidType(), [byte, i32, i32, i32])
+        prefetch = numba.core.cgutils.get_or_insert_function(builder.module, hint,
+                                                             "llvm.prefetch.p0i8")
+        for line in (0, 64):  # read, keep in all cache levels, data
+            address = builder.gep(start, [llvmlite.ir.Constant(llvmlite.ir.IntType(64), line)])
+            builder.call(prefetch, [address, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return numba.types.void(rows, row), codegen
+
+
 @_jit
 def _exp(x):
     """exp(x) for float32 x <= 88 (within 2 ulp; exp(-87) for anything smaller). libm's expf
@@ -636,12 +1007,3 @@ def _exp(x):
     p = p * r + np.float32(5.0000001201e-1)
     p = p * (r * r) + r + np.float32(1.0)
     return p * _float_from_bits(np.int32((np.int64(n) + 127) << 23))
-
-
-@_pjit
-def _softmax_rows(values, out):
-    """out[p, :C] = softmax(values[p]) for values (N, C), out (N, C' >= C).
-    One task: a pixel."""
-    channels = values.shape[1]
-    for p in numba.prange(values.shape[0]):
-        _softmax(values[p], out[p, :channels])
