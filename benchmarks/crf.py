@@ -6,8 +6,7 @@ the DeepLab v2 ResNet-101 parameters unless told otherwise.
 
     python benchmarks/crf.py [--sizes 0.19,1,4] [--repeat 5] [--no-cpu] [--no-pydensecrf] [--breakdown]
 
---breakdown adds per-kernel GPU times; --reorder times the other (bit-identical) vertex order;
---ab VARIANT,... times CudaCRF options against each other in one process (see VARIANTS). The
+--breakdown adds per-kernel GPU times; --ab VARIANT,... times CudaCRF options against each other in one process (see VARIANTS). The
 last thing printed is the table.
 """
 
@@ -75,7 +74,7 @@ def time_gpu(image, probs, params, repeat: int, graph: bool, **options) -> dict:
     cp.cuda.Device().synchronize()
     pool.free_all_blocks()
     base = pool.total_bytes()
-    builds, iters, totals, hosts, peak = [], [], [], [], 0
+    builds, iters, totals, hosts, host_iters, peak = [], [], [], [], [], 0
     for _ in range(repeat):
         events = [cp.cuda.Event() for _ in range(4)]
         events[0].record()
@@ -84,7 +83,9 @@ def time_gpu(image, probs, params, repeat: int, graph: bool, **options) -> dict:
         crf.prepare()
         hosts.append((time.perf_counter() - t0) * 1e3)  # host time to issue the build (one sync inside)
         events[1].record()
+        t0 = time.perf_counter()
         crf.iterate(graph=graph)
+        host_iters.append((time.perf_counter() - t0) * 1e3)  # host time to issue the iterations
         events[2].record()
         out = crf.result()
         events[3].record()
@@ -95,7 +96,8 @@ def time_gpu(image, probs, params, repeat: int, graph: bool, **options) -> dict:
         peak = max(peak, pool.total_bytes() - base)
         del crf, out
     return {"build": statistics.median(builds), "iters": statistics.median(iters),
-            "total": statistics.median(totals), "peak": peak, "labels": None, "host_build": statistics.median(hosts)}
+            "total": statistics.median(totals), "peak": peak, "labels": None, "host_build": statistics.median(hosts),
+            "host_iters": statistics.median(host_iters)}
 
 
 class _KernelTimer:
@@ -132,18 +134,22 @@ class _KernelTimer:
 
 def kernel_breakdown(image, probs, params, **options) -> None:
     """Print per-kernel GPU time (summed over launches) of one call, warm."""
-    from deeplab_cli.crf.cuda import CudaCRF, CupyBackend
+    from deeplab_cli.crf import cuda as module
+    from deeplab_cli.crf.cuda import CudaCRF
 
     CudaCRF([image], [probs], params, **options).run()  # warm-up
-    timer = _KernelTimer(CupyBackend())
+    timer = _KernelTimer(module.CupyBackend())
     crf = CudaCRF([image], [probs], params, backend=timer, **options)
     crf.run()
     rows = sorted(timer.summary().items(), key=lambda kv: -kv[1][1])
     print(f"  per-kernel time, {image.shape[1]}x{image.shape[0]} (launches, ms): "
           + ", ".join(f"{k} {c}x {ms:.2f}" for k, (c, ms) in rows))
-    for lat in crf.lattices:
-        print(f"  {lat.spec.name} lattice: {lat.n_vertices} vertices ({lat.n_vertices / crf.n_pixels:.2f} N), "
-              f"longest vertex {lat.longest} entries, {'two' if lat.run_offset is not None else 'one'}-level splat")
+    lat = crf.lattices
+    if hasattr(lat, "first"):
+        for l, spec in enumerate(lat.specs):
+            m = lat.first[l + 1] - lat.first[l]
+            print(f"  {spec.name} lattice: {m} vertices ({m / crf.n_pixels:.2f} N)")
+        print(f"  {int(lat.n_runs[0])} splat runs over {lat.n_vertices} vertices, {len(timer.records)} launches")
 
 
 def gpu_labels(image, probs, params) -> np.ndarray:
@@ -222,7 +228,6 @@ def main() -> None:
     ap.add_argument("--no-pydensecrf", action="store_true", help="skip pydensecrf")
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also print per-kernel GPU times")
-    ap.add_argument("--reorder", action="store_true", help="number lattice vertices by first use (A/B)")
     ap.add_argument("--ab", default="", help="A/B: comma-separated variants from " + ",".join(VARIANTS))
     args = ap.parse_args()
     if args.ab:
@@ -266,7 +271,7 @@ def main() -> None:
         h, w = image.shape[:2]
         row = {"size": f"{w}x{h}", "mp": h * w / 1e6, "photo": photo}
         if have_gpu:
-            options = {"reorder": args.reorder}
+            options = {}
             row["gpu"] = time_gpu(image, probs, params, args.repeat, graph=False, **options)
             row["gpu_graph"] = time_gpu(image, probs, params, args.repeat, graph=True, **options)
             row["gpu_labels"] = gpu_labels(image, probs, params)
@@ -307,25 +312,27 @@ def ab(args, names: list[str]) -> None:
         img, prb = cp.asarray(image), cp.asarray(probs)
         ref = None
         for name in names:
-            options = VARIANTS[name]
+            options = dict(VARIANTS[name])
             out = CudaCRF([img], [prb], params, **options).run()[0].get()
             again = CudaCRF([img], [prb], params, **options).run(graph=True)[0].get()
-            diff = agree = 0.0
+            diff, agree = 0.0, 100.0
             if ref is None:
                 ref = out
             else:
                 diff = float(np.abs(out - ref).max())
                 agree = float((out.argmax(0) == ref.argmax(0)).mean()) * 100
-            plain = time_gpu(image, probs, params, args.repeat, graph=False, **options)
-            graph = time_gpu(image, probs, params, args.repeat, graph=True, **options)
+            options = dict(VARIANTS[name])
+            plain = time_gpu(image, probs, params, args.repeat, graph=False, **dict(options))
+            graph = time_gpu(image, probs, params, args.repeat, graph=True, **dict(options))
             lines.append(f"{image.shape[1]}x{image.shape[0]} {name:6s} build {plain['build']:7.2f} "
-                         f"(host {plain['host_build']:6.2f}) iters {plain['iters']:7.2f} total {plain['total']:7.2f} "
+                         f"(host {plain['host_build']:6.2f}) iters {plain['iters']:7.2f} "
+                         f"(host {plain['host_iters']:5.2f}) total {plain['total']:7.2f} "
                          f"| graph: iters {graph['iters']:7.2f} total {graph['total']:7.2f} | peak "
                          f"{plain['peak'] / 2**20:6.0f} MiB | vs {names[0]}: max diff {diff:.1e} argmax "
                          f"{agree:.4f}% | deterministic {np.array_equal(out, again)}")
             print(lines[-1], flush=True)
             if args.breakdown:
-                kernel_breakdown(img, prb, params, **options)
+                kernel_breakdown(img, prb, params, **dict(options))
     print()
     print("\n".join(lines))
 

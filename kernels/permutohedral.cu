@@ -1,17 +1,23 @@
-// Permutohedral lattice of the dense CRF: build (elevate, dedupe, neighbours) and filter
-// (splat, blur, slice), for a whole batch of images at once.
+// Permutohedral lattices of the dense CRF: build (elevate, dedupe, neighbours), the norms
+// (K 1 through each lattice) and the filter of label rows (splat, blur), for a whole batch of
+// images and both pairwise kernels at once.
 //
-// The lattice must be the one pydensecrf builds (REFERENCE §2), bit for bit: every float
+// The lattices must be the ones pydensecrf builds (REFERENCE §2), bit for bit: every float
 // operation that decides lattice membership or a barycentric weight is written with an
 // explicit round-to-nearest intrinsic, in pydensecrf's order, and the module is compiled with
 // --fmad=false so no multiply-add is fused behind our back.
 //
-// Layouts (E = (d+1) * N entries, one per pixel and simplex corner; M unique vertices):
-//   entry e = pixel * (d+1) + remainder          (pixel-major, as pydensecrf's offset_ table)
-//   key     = up to two 64-bit words packing (remainder, image, q_0 .. q_{d-1}), where the
-//             lattice coordinate k_i = q_i * (d+1) + remainder (all coords of a vertex share
-//             their remainder mod d+1); `pack` holds, per field, (word, shift, bits, lo).
-//   values  = (M, C) float, label-contiguous, so the C threads of one vertex read one row.
+// Both lattices (L = 1 or 2: lattice 0 the Gaussian d = 2 when present, then the bilateral
+// d = 5) live in shared arrays, so one launch serves both:
+//   entries  e in [0, E0) are lattice 0's, e = slot * (d0+1) + corner; e in [E0, E) lattice 1's,
+//            e = E0 + slot * (d1+1) + corner. A slot is a pixel of the batch, or past the N
+//            pixels an image's padding origin (see lattice_elevate).
+//   key      up to two 64-bit words packing (lattice, remainder, image, q_0 .. q_{d-1}), where
+//            the lattice coordinate k_i = q_i * (d+1) + remainder (all coords of a vertex share
+//            their remainder mod d+1); a table per lattice holds, per field, (word, shift, bits,
+//            lo). The lattice field is the most significant, so after sorting lattice 0's
+//            entries and vertices come first: vertices [0, M0) are lattice 0's, [M0, M) lattice 1's.
+//   values   (M, C) floats, label-contiguous, so the lanes of one vertex read one row.
 // Launch shape: blocks of (lanes, rows); threadIdx.x walks the labels of one row (a vertex,
 // run or pixel), threadIdx.y and blockIdx.x walk rows in a grid-stride loop, so any grid
 // covers the whole range and consecutive threads touch consecutive floats of (rows, C) arrays
@@ -19,8 +25,20 @@
 // atomics, no shared memory): results are deterministic.
 
 #define PACK_FIELDS_MAX 8
-// Entries a scalar splat thread loads at once (see lattice_splat).
-#define SPLAT_GROUP 4
+// The constant table (int32) the host uploads once per geometry: each lattice's key packing
+// (4 ints per field: lattice, remainder, image, d coordinates), then as float32 bits the
+// features' standard deviations and elevation scales. Offsets must match cuda.py.
+#define CONST_PACK_G 0
+#define CONST_PACK_B 20
+#define CONST_STD_G 52
+#define CONST_SCALE_G 54
+#define CONST_STD_B 56
+#define CONST_SCALE_B 61
+// info[] the build writes for the host: a key fell outside its packing (a bug), vertex count M,
+// first vertex of each lattice.
+#define INFO_ERROR 0
+#define INFO_VERTICES 1
+#define INFO_FIRST 2
 
 typedef unsigned long long u64;
 
@@ -57,26 +75,37 @@ static __device__ __forceinline__ long long pack_get(const u64* words, const int
     return (long long)((words[word] >> shift) & mask) + pack[4 * f + 3];
 }
 
-// Elevate one pixel's features onto the lattice, pydensecrf's SSE path step by step:
-// features f = coord / std; running-sum elevation; round to the nearest multiple of d+1
-// (half to even); rank by remainder (ties to the later index); the +-(d+1) correction;
-// barycentric weights with b[0] += 1 + b[d+1]; then the d+1 simplex corners.
+// The lattice (field 0, laid out alike in both tables) of the key at entry e.
+static __device__ __forceinline__ int key_lattice(const u64* key_lo, const u64* key_hi, long long e,
+                                                  const int* pack) {
+    const u64 words[2] = {key_lo[e], key_hi ? key_hi[e] : 0ULL};
+    return (int)pack_get(words, pack, 0);
+}
+
+static __device__ __forceinline__ bool same_key(const u64* key_lo, const u64* key_hi, long long a, long long b) {
+    return key_lo[a] == key_lo[b] && (!key_hi || key_hi[a] == key_hi[b]);
+}
+
+// Elevate one slot's features onto lattice `lattice` (dimension D), pydensecrf's SSE path step
+// by step: features f = coord / std; running-sum elevation; round to the nearest multiple of
+// d+1 (half to even); rank by remainder (ties to the later index); the +-(d+1) correction;
+// barycentric weights with b[0] += 1 + b[d+1]; then the d+1 simplex corners, written at
+// entries e0 .. e0 + D. `origin`: all-zero features (a padding origin).
 template <int D>
-static __device__ void elevate_pixel(long long i, const unsigned char* image, int width, long long pixel0,
-                                     int image_index, const float* stds, const float* scale, float inv_dp1,
-                                     const int* pack, u64* key_lo, u64* key_hi, float* weight, int* error,
-                                     bool origin = false) {
+static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, bool origin, int image_index,
+                                     int lattice, const float* stds, const float* scale, const int* pack,
+                                     long long e0, u64* key_lo, u64* key_hi, float* weight, int* info) {
     float f[D];
     if (origin) {
 #pragma unroll
         for (int k = 0; k < D; ++k) f[k] = 0.0f;
     } else {
-        const int x = (int)(i % width), y = (int)(i / width);
         f[0] = __fdiv_rn((float)x, stds[0]);
         f[1] = __fdiv_rn((float)y, stds[1]);
 #pragma unroll
-        for (int k = 2; k < D; ++k) f[k] = __fdiv_rn((float)image[i * 3 + (k - 2)], stds[k]);
+        for (int k = 2; k < D; ++k) f[k] = __fdiv_rn((float)rgb[k - 2], stds[k]);
     }
+    const float inv_dp1 = __fdiv_rn(1.0f, (float)(D + 1));
 
     float elevated[D + 1];
     float sm = 0.0f;
@@ -135,138 +164,104 @@ static __device__ void elevate_pixel(long long i, const unsigned char* image, in
     }
     bary[0] = __fadd_rn(bary[0], __fadd_rn(1.0f, bary[D + 1]));
 
-    const long long e0 = (pixel0 + i) * (D + 1);
     bool ok = true;
 #pragma unroll
     for (int r = 0; r <= D; ++r) {
         u64 words[2] = {0ULL, 0ULL};
-        ok &= pack_put(words, pack, 0, r);
-        ok &= pack_put(words, pack, 1, image_index);
+        ok &= pack_put(words, pack, 0, lattice);
+        ok &= pack_put(words, pack, 1, r);
+        ok &= pack_put(words, pack, 2, image_index);
 #pragma unroll
         for (int k = 0; k < D; ++k) {
             // canonical simplex: corner r adds r to coords ranked <= D - r, r - (D+1) to the rest
             const int key = (int)rem0[k] + (rank[k] <= D - r ? r : r - (D + 1));
-            ok &= pack_put(words, pack, 2 + k, (key - r) / (D + 1));  // exact: key = r mod D+1
+            ok &= pack_put(words, pack, 3 + k, (key - r) / (D + 1));  // exact: key = r mod D+1
         }
         key_lo[e0 + r] = words[0];
         if (key_hi) key_hi[e0 + r] = words[1];
         weight[e0 + r] = bary[r];
     }
-    if (!ok) *error = 1;
+    if (!ok) info[INFO_ERROR] = 1;
 }
 
-// One thread: one pixel of one image (grid-stride over H*W). Reads the image (bilateral only)
-// and the small constant arrays; writes the pixel's d+1 keys and barycentric weights at
-// entries (pixel0 + i) * (d+1) + r, and sets *error when a key falls outside the packing.
-extern "C" __global__ void lattice_elevate_d2(const unsigned char* image, int height, int width,
-                                              long long pixel0, int image_index, const float* stds,
-                                              const float* scale, float inv_dp1, const int* pack,
-                                              u64* key_lo, u64* key_hi, float* weight, int* error) {
-    const long long n = (long long)height * width;
-    for (long long i = grid_start(); i < n; i += grid_step())
-        elevate_pixel<2>(i, image, width, pixel0, image_index, stds, scale, inv_dp1, pack, key_lo, key_hi,
-                         weight, error);
-}
-
-// Same as lattice_elevate_d2 for the 5-d bilateral features (x, y, r, g, b).
-extern "C" __global__ void lattice_elevate_d5(const unsigned char* image, int height, int width,
-                                              long long pixel0, int image_index, const float* stds,
-                                              const float* scale, float inv_dp1, const int* pack,
-                                              u64* key_lo, u64* key_hi, float* weight, int* error) {
-    const long long n = (long long)height * width;
-    for (long long i = grid_start(); i < n; i += grid_step())
-        elevate_pixel<5>(i, image, width, pixel0, image_index, stds, scale, inv_dp1, pack, key_lo, key_hi,
-                         weight, error);
-}
-
+// One thread: one pixel i of one image (grid-stride over H*W), elevated onto each lattice
+// present (e_g / e_b: first entry of the Gaussian / bilateral lattice, -1 when absent). Reads
+// the pixel's colour and the constant table; writes its keys and barycentric weights at its
+// slot pixel0 + i, and sets info[INFO_ERROR] when a key falls outside its packing.
 // pydensecrf elevates points 4 at a time and fills the unused lanes of an image's last group
 // (when H*W % 4 != 0) with all-zero features; their simplex corners become real lattice
 // vertices that no pixel splats to or slices from, but the blur passes values through them.
-// One thread: one such image k = pad_images[j]. Writes the d+1 corners of the origin (keys
-// tagged with image k, weights unused) at entries (pixel0 + j) * (d+1) + r, past all pixels.
-extern "C" __global__ void lattice_elevate_origin_d2(const int* pad_images, long long n_pad, long long pixel0,
-                                                     const float* stds, const float* scale, float inv_dp1,
-                                                     const int* pack, u64* key_lo, u64* key_hi, float* weight,
-                                                     int* error) {
-    for (long long j = grid_start(); j < n_pad; j += grid_step())
-        elevate_pixel<2>(0, nullptr, 1, pixel0 + j, pad_images[j], stds, scale, inv_dp1, pack, key_lo, key_hi,
-                         weight, error, true);
-}
-
-// Same as lattice_elevate_origin_d2 for the 5-d bilateral lattice.
-extern "C" __global__ void lattice_elevate_origin_d5(const int* pad_images, long long n_pad, long long pixel0,
-                                                     const float* stds, const float* scale, float inv_dp1,
-                                                     const int* pack, u64* key_lo, u64* key_hi, float* weight,
-                                                     int* error) {
-    for (long long j = grid_start(); j < n_pad; j += grid_step())
-        elevate_pixel<5>(0, nullptr, 1, pixel0 + j, pad_images[j], stds, scale, inv_dp1, pack, key_lo, key_hi,
-                         weight, error, true);
-}
-
-// One thread: one position s of the sorted entries. Reads the sorted keys at s and s-1;
-// writes flags[s] = 1 where a new vertex starts (the key differs from the previous one).
-extern "C" __global__ void lattice_mark(const u64* sorted_lo, const u64* sorted_hi, long long n_entries,
-                                        int* flags) {
-    for (long long s = grid_start(); s < n_entries; s += grid_step()) {
-        bool fresh = s == 0 || sorted_lo[s] != sorted_lo[s - 1];
-        if (!fresh && sorted_hi) fresh = sorted_hi[s] != sorted_hi[s - 1];
-        flags[s] = fresh ? 1 : 0;
+// So when pad_slot >= 0 one more thread (i = H*W) elevates the origin, tagged with this image,
+// into slot pad_slot (past all pixels of the batch).
+extern "C" __global__ void lattice_elevate(const unsigned char* image, int height, int width, long long pixel0,
+                                           int image_index, long long pad_slot, const int* consts, long long e_g,
+                                           long long e_b, u64* key_lo, u64* key_hi, float* weight, int* info) {
+    const long long n = (long long)height * width, rows = pad_slot >= 0 ? n + 1 : n;
+    const float* fconsts = reinterpret_cast<const float*>(consts);
+    for (long long i = grid_start(); i < rows; i += grid_step()) {
+        const bool origin = i == n;
+        const long long slot = origin ? pad_slot : pixel0 + i;
+        const int x = origin ? 0 : (int)(i % width), y = origin ? 0 : (int)(i / width);
+        const unsigned char* rgb = origin ? nullptr : image + i * 3;
+        if (e_g >= 0)
+            elevate_pixel<2>(x, y, rgb, origin, image_index, 0, fconsts + CONST_STD_G, fconsts + CONST_SCALE_G,
+                             consts + CONST_PACK_G, e_g + slot * 3, key_lo, key_hi, weight, info);
+        if (e_b >= 0)
+            elevate_pixel<5>(x, y, rgb, origin, image_index, e_g >= 0 ? 1 : 0, fconsts + CONST_STD_B,
+                             fconsts + CONST_SCALE_B, consts + CONST_PACK_B, e_b + slot * 6, key_lo, key_hi,
+                             weight, info);
     }
 }
 
-// One thread: one sorted position s. Where a vertex starts (flags[s]), writes that vertex's
-// first entry starts[v] = s and its key; the last position also writes starts[M] = E.
-// Reads flags, vertex ids (inclusive scan of flags, minus one) and sorted keys.
-extern "C" __global__ void lattice_segments(const int* flags, const int* vertex, const u64* sorted_lo,
-                                            const u64* sorted_hi, long long n_entries, int* starts,
-                                            u64* unique_lo, u64* unique_hi) {
+// One thread: one position s of the sorted entries (order: sorted position -> entry). Reads
+// the keys of entries order[s] and order[s-1]; writes flags[s] = 1 where a new vertex starts.
+extern "C" __global__ void lattice_mark(const long long* order, const u64* key_lo, const u64* key_hi,
+                                        long long n_entries, int* flags) {
+    for (long long s = grid_start(); s < n_entries; s += grid_step())
+        flags[s] = s == 0 || !same_key(key_lo, key_hi, order[s], order[s - 1]) ? 1 : 0;
+}
+
+// One thread: one sorted position s; `count` is the inclusive scan of flags, so vertex
+// v = count[s] - 1. Where a vertex starts, writes its first sorted position starts[v] = s and
+// its key, and where its lattice differs from the previous vertex's (or s = 0),
+// info[INFO_FIRST + lattice] = v; the last position writes starts[M] = E and info[INFO_VERTICES] = M.
+extern "C" __global__ void lattice_vertices(const int* flags, const int* count, const long long* order,
+                                            const u64* key_lo, const u64* key_hi, long long n_entries,
+                                            const int* consts, int* starts, u64* unique_lo, u64* unique_hi,
+                                            int* info) {
     for (long long s = grid_start(); s < n_entries; s += grid_step()) {
-        const int v = vertex[s];
+        const int v = count[s] - 1;
         if (flags[s]) {
+            const long long e = order[s];
             starts[v] = (int)s;
-            unique_lo[v] = sorted_lo[s];
-            if (sorted_hi) unique_hi[v] = sorted_hi[s];
+            unique_lo[v] = key_lo[e];
+            if (key_hi) unique_hi[v] = key_hi[e];
+            const int lattice = key_lattice(key_lo, key_hi, e, consts + CONST_PACK_G);
+            if (s == 0 || lattice != key_lattice(key_lo, key_hi, order[s - 1], consts + CONST_PACK_G))
+                info[INFO_FIRST + lattice] = v;
         }
-        if (s == n_entries - 1) starts[v + 1] = (int)n_entries;
-    }
-}
-
-// One thread: one sorted position s; where a vertex starts, writes its entry count
-// lengths[v] = starts[v+1] - s. Reads flags, vertex ids and starts.
-extern "C" __global__ void lattice_lengths(const int* flags, const int* vertex, const int* starts,
-                                           long long n_entries, int* lengths) {
-    for (long long s = grid_start(); s < n_entries; s += grid_step()) {
-        if (flags[s]) {
-            const int v = vertex[s];
-            lengths[v] = starts[v + 1] - (int)s;
+        if (s == n_entries - 1) {
+            starts[v + 1] = (int)n_entries;
+            info[INFO_VERTICES] = v + 1;
         }
     }
 }
 
-// One thread: one position s of the sorted entries. Reads the entry order[s] there, its vertex
-// id and its weight; writes entry_vertex[order[s]] = vertex[s] (each pixel's corner -> vertex,
-// for slicing), and at s the entry's pixel (-1 for the origin corners past n_pixels: no pixel
-// splats from them) and weight (for splatting). order is a permutation: no two threads write
-// the same place.
-extern "C" __global__ void lattice_entries(const long long* order, const int* vertex, const float* weight,
-                                           long long n_entries, long long n_pixels, int dp1, int* entry_vertex,
-                                           int* sorted_pixel, float* sorted_weight) {
+// One thread: one sorted position s. Reads the entry e = order[s], its vertex (count[s] - 1)
+// and weight; writes entry_vertex[e] (each slot's corner -> vertex, for slicing), and at s the
+// entry's pixel (-1 for the padding origins, slots >= n_pixels: nothing splats from them) and
+// weight (for splatting). Entries below e_split are lattice 0's, d+1 = dp1_0 per slot; the rest
+// lattice 1's. order is a permutation: no two threads write the same place.
+extern "C" __global__ void lattice_entries(const long long* order, const int* count, const float* weight,
+                                           long long n_entries, long long e_split, int dp1_0, int dp1_1,
+                                           long long n_pixels, int* entry_vertex, int* sorted_pixel,
+                                           float* sorted_weight) {
     for (long long s = grid_start(); s < n_entries; s += grid_step()) {
         const long long e = order[s];
-        entry_vertex[e] = vertex[s];
-        const long long p = e / dp1;
+        entry_vertex[e] = count[s] - 1;
+        const long long p = e < e_split ? e / dp1_0 : (e - e_split) / dp1_1;
         sorted_pixel[s] = p < n_pixels ? (int)p : -1;
         sorted_weight[s] = weight[e];
-    }
-}
-
-// One thread: one pixel p. Reads raw[p] = (K 1)[p] and writes the normalization factor
-// 1 / sqrt(raw + 1e-20) (symmetric) or 1 / (raw + 1e-20) (after), computed in double and
-// rounded to float once, as pydensecrf does.
-extern "C" __global__ void lattice_norm(const float* raw, long long n_pixels, int symmetric, float* norm) {
-    for (long long p = grid_start(); p < n_pixels; p += grid_step()) {
-        const double total = __dadd_rn((double)raw[p], 1e-20);
-        norm[p] = __double2float_rn(__ddiv_rn(1.0, symmetric ? __dsqrt_rn(total) : total));
     }
 }
 
@@ -285,28 +280,31 @@ static __device__ __forceinline__ int find_key(const u64* unique_lo, const u64* 
     return -1;
 }
 
-// Key of the lattice point `coords` (d explicit coordinates, remainder r) in image b; false
-// when it lies outside the packed range (then it is no vertex of this lattice).
+// Key of the point `coords` (d explicit coordinates, remainder r) of lattice `lattice` in image
+// b; false when it lies outside the packed range (then it is no vertex of this lattice).
 template <int D>
-static __device__ __forceinline__ bool pack_point(const int* coords, int r, long long b, const int* pack,
-                                                  u64* words) {
+static __device__ __forceinline__ bool pack_point(const int* coords, int r, int lattice, long long b,
+                                                  const int* pack, u64* words) {
     words[0] = 0ULL;
     words[1] = 0ULL;
-    bool ok = pack_put(words, pack, 0, r) && pack_put(words, pack, 1, b);
+    bool ok = pack_put(words, pack, 0, lattice) && pack_put(words, pack, 1, r) && pack_put(words, pack, 2, b);
 #pragma unroll
-    for (int k = 0; k < D; ++k) ok = ok && pack_put(words, pack, 2 + k, (coords[k] - r) / (D + 1));
+    for (int k = 0; k < D; ++k) ok = ok && pack_put(words, pack, 3 + k, (coords[k] - r) / (D + 1));
     return ok;
 }
 
+// Vertex v's two neighbours along each of its lattice's D+1 axes, written to
+// nbr[((axis * n) + v) * 2 + 0..1] (-1 = missing).
 template <int D>
 static __device__ void neighbours_of(long long v, const u64* unique_lo, const u64* unique_hi, long long n,
-                                     const int* pack, const int* renumber, int* nbr) {
+                                     const int* pack, int* nbr) {
     u64 own[2] = {unique_lo[v], unique_hi ? unique_hi[v] : 0ULL};
-    const int r = (int)pack_get(own, pack, 0);
-    const long long b = pack_get(own, pack, 1);
+    const int lattice = (int)pack_get(own, pack, 0);
+    const int r = (int)pack_get(own, pack, 1);
+    const long long b = pack_get(own, pack, 2);
     int key[D];
 #pragma unroll
-    for (int k = 0; k < D; ++k) key[k] = (int)pack_get(own, pack, 2 + k) * (D + 1) + r;
+    for (int k = 0; k < D; ++k) key[k] = (int)pack_get(own, pack, 3 + k) * (D + 1) + r;
     const int r1 = (r + D) % (D + 1), r2 = (r + 1) % (D + 1);
     for (int j = 0; j <= D; ++j) {
         // n1 = key - 1 everywhere but key + d on axis j; n2 the opposite (pydensecrf's blur).
@@ -321,175 +319,132 @@ static __device__ void neighbours_of(long long v, const u64* unique_lo, const u6
             c2[j] = key[j] - D;
         }
         u64 w1[2], w2[2];
-        const long long out = ((long long)j * n + (renumber ? renumber[v] : v)) * 2;
-        int i1 = pack_point<D>(c1, r1, b, pack, w1) ? find_key(unique_lo, unique_hi, n, w1[0], w1[1]) : -1;
-        int i2 = pack_point<D>(c2, r2, b, pack, w2) ? find_key(unique_lo, unique_hi, n, w2[0], w2[1]) : -1;
-        if (renumber) {
-            i1 = i1 >= 0 ? renumber[i1] : -1;
-            i2 = i2 >= 0 ? renumber[i2] : -1;
-        }
-        nbr[out] = i1;
-        nbr[out + 1] = i2;
+        const long long out = ((long long)j * n + v) * 2;
+        nbr[out] = pack_point<D>(c1, r1, lattice, b, pack, w1) ? find_key(unique_lo, unique_hi, n, w1[0], w1[1]) : -1;
+        nbr[out + 1] = pack_point<D>(c2, r2, lattice, b, pack, w2) ? find_key(unique_lo, unique_hi, n, w2[0], w2[1])
+                                                                    : -1;
     }
 }
 
-// One thread: one vertex v (numbered in key order). Reads its key and binary-searches the
-// sorted unique keys for its two neighbours along each of the d+1 axes; writes
-// nbr[(axis, v', 0..1)] (-1 = missing), where v' and the neighbour ids are renumbered through
-// renumber[] when it is given (key order -> order of first use).
-extern "C" __global__ void lattice_neighbours_d2(const u64* unique_lo, const u64* unique_hi, long long n_vertices,
-                                                 const int* pack, const int* renumber, int* nbr) {
-    for (long long v = grid_start(); v < n_vertices; v += grid_step())
-        neighbours_of<2>(v, unique_lo, unique_hi, n_vertices, pack, renumber, nbr);
-}
-
-// Same as lattice_neighbours_d2 for the 5-d bilateral lattice.
-extern "C" __global__ void lattice_neighbours_d5(const u64* unique_lo, const u64* unique_hi, long long n_vertices,
-                                                 const int* pack, const int* renumber, int* nbr) {
-    for (long long v = grid_start(); v < n_vertices; v += grid_step())
-        neighbours_of<5>(v, unique_lo, unique_hi, n_vertices, pack, renumber, nbr);
-}
-
-// One thread: one vertex v. Reads its entry count; writes how many splat runs it is cut into.
-extern "C" __global__ void lattice_run_counts(const int* lengths, long long n_vertices, int min_chunk, int* counts) {
+// One thread: one vertex v of either lattice (vertices [0, first_1) are lattice 0's, which is
+// the Gaussian when has_g). Reads its key and binary-searches the M sorted unique keys for its
+// two neighbours along each of its lattice's d+1 axes; writes nbr (6, M, 2) rows (axis, v)
+// for axes 0..d (-1 = missing).
+extern "C" __global__ void lattice_neighbours(const u64* unique_lo, const u64* unique_hi, long long n_vertices,
+                                              long long first_1, int has_g, const int* consts, int* nbr) {
     for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
-        const int len = lengths[v], chunk = run_chunk(len, min_chunk);
-        counts[v] = (len + chunk - 1) / chunk;
+        if (has_g && v < first_1) neighbours_of<2>(v, unique_lo, unique_hi, n_vertices, consts + CONST_PACK_G, nbr);
+        else neighbours_of<5>(v, unique_lo, unique_hi, n_vertices, consts + CONST_PACK_B, nbr);
     }
 }
 
-// One thread: one vertex v. Cuts its entry range [starts[v], starts[v]+lengths[v]) into runs
-// of run_chunk(len) entries and writes their first entries at run_bounds[run_offset[v] ..],
-// and for each run its vertex when that is the vertex's only run, else -1, at run_vertex[..];
-// the last vertex also closes the list with run_bounds[run_offset[M]] = E. Splatting then
-// sums each run, and each vertex sums its runs, both in a fixed order: a balanced,
-// deterministic segmented sum even when one vertex collects many thousands of pixels.
-extern "C" __global__ void lattice_runs(const int* starts, const int* lengths, const int* run_offset,
-                                        long long n_vertices, int min_chunk, long long n_entries, int* run_bounds,
-                                        int* run_vertex) {
+// One thread: one vertex v. Reads its entry range from starts; writes how many splat runs it
+// is cut into at counts[v + 1] (and counts[0] = 0), so the inclusive scan of counts is each
+// vertex's first run.
+extern "C" __global__ void lattice_run_counts(const int* starts, long long n_vertices, int min_chunk, int* counts) {
+    for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
+        const int len = starts[v + 1] - starts[v], chunk = run_chunk(len, min_chunk);
+        counts[v + 1] = (len + chunk - 1) / chunk;
+        if (v == 0) counts[0] = 0;
+    }
+}
+
+// One thread: one vertex v. Cuts its entry range [starts[v], starts[v+1]) into runs of
+// run_chunk(len) entries and writes their first entries at run_bounds[run_offset[v] ..], and
+// for each run its vertex when that is the vertex's only run, else -1, at run_vertex[..]; the
+// last vertex also closes the list with run_bounds[run_offset[M]] = E. Splatting then sums
+// each run, and each vertex sums its runs, both in a fixed order: a balanced, deterministic
+// segmented sum even when one vertex collects many thousands of pixels.
+extern "C" __global__ void lattice_runs(const int* starts, const int* run_offset, long long n_vertices,
+                                        int min_chunk, int* run_bounds, int* run_vertex) {
     for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
         const int first = run_offset[v], count = run_offset[v + 1] - first;
-        const int chunk = run_chunk(lengths[v], min_chunk);
+        const int chunk = run_chunk(starts[v + 1] - starts[v], min_chunk);
         for (int k = 0; k < count; ++k) {
             run_bounds[first + k] = starts[v] + k * chunk;
             run_vertex[first + k] = count == 1 ? (int)v : -1;
         }
-        if (v == n_vertices - 1) run_bounds[run_offset[v + 1]] = (int)n_entries;
+        if (v == n_vertices - 1) run_bounds[run_offset[v + 1]] = starts[v + 1];
     }
 }
 
-// One thread: one (run, label) pair; runs are given by bounds [run_bounds[r], run_bounds[r+1])
-// over the key-sorted entries (for a one-level splat, runs are the vertices: run_vertex null).
-// Reads each entry's pixel and weight and that pixel's label value (times in_scale[pixel] when
-// given); writes the sum, in entry order, to values[v * C + c] when the run is all of vertex v
-// (v = run_vertex[r] >= 0, or r itself when run_vertex is null), else to partial[r * C + c] for
-// lattice_splat_reduce. *n_runs (on the device) bounds r.
-// Entries with pixel -1 (the origin corners of padded groups) hold a vertex but add nothing.
-extern "C" __global__ void lattice_splat(const float* in, const float* in_scale, const int* run_bounds,
-                                         const int* n_runs, long long n_runs_max, int n_labels,
-                                         const int* sorted_pixel, const float* sorted_weight, const int* run_vertex,
-                                         float* values, float* partial) {
+// ---- the norms: K 1 through each lattice, one value per vertex ---------------------------------
+
+// One thread: one run r of the sorted entries (*n_runs of them, at most n_runs_max). Reads the
+// run's entries' pixels and weights; writes the sum of the weights of real pixels (splatting
+// ones), in entry order, to values[v] when the run is all of vertex v = run_vertex[r] >= 0,
+// else to partial[r] for norm_splat_reduce.
+extern "C" __global__ void norm_splat(const int* run_bounds, const int* n_runs, long long n_runs_max,
+                                      const int* sorted_pixel, const float* sorted_weight, const int* run_vertex,
+                                      float* values, float* partial) {
     const long long runs = *n_runs < n_runs_max ? *n_runs : n_runs_max;
     for (long long r = grid_start(); r < runs; r += grid_step()) {
-        const int first = run_bounds[r], end = run_bounds[r + 1];
-        const long long v = run_vertex ? run_vertex[r] : r;
-        float* out = v >= 0 ? values + v * n_labels : partial + r * n_labels;
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) {
-            float acc = 0.0f;
-            // Entries in groups of SPLAT_GROUP: all loads of a group are issued before the sums
-            // (memory latency overlaps), the sums still go in entry order.
-            for (int s = first; s < end; s += SPLAT_GROUP) {
-                long long p[SPLAT_GROUP];
-                float w[SPLAT_GROUP], x[SPLAT_GROUP];
-#pragma unroll
-                for (int k = 0; k < SPLAT_GROUP; ++k) {
-                    const bool in_run = s + k < end;
-                    p[k] = in_run ? sorted_pixel[s + k] : -1;
-                    w[k] = in_run ? sorted_weight[s + k] : 0.0f;
-                }
-#pragma unroll
-                for (int k = 0; k < SPLAT_GROUP; ++k) {
-                    x[k] = p[k] >= 0 ? in[p[k] * n_labels + c] : 0.0f;
-                    if (in_scale && p[k] >= 0) x[k] = __fmul_rn(x[k], in_scale[p[k]]);
-                }
-#pragma unroll
-                for (int k = 0; k < SPLAT_GROUP; ++k)
-                    if (p[k] >= 0) acc = __fadd_rn(acc, __fmul_rn(w[k], x[k]));
-            }
-            out[c] = acc;
-        }
+        float acc = 0.0f;
+        for (int s = run_bounds[r]; s < run_bounds[r + 1]; ++s)
+            if (sorted_pixel[s] >= 0) acc = __fadd_rn(acc, sorted_weight[s]);  // w * 1, exactly
+        const int v = run_vertex[r];
+        if (v >= 0) values[v] = acc;
+        else partial[r] = acc;
     }
 }
 
-// One thread: one (vertex, label) pair of a vertex cut into several runs (one-run vertices were
-// written by the splat). Reads the partial sums of the vertex's runs
-// partial[run_offset[v] .. run_offset[v+1]) and writes their ordered sum to values[v * C + c].
-extern "C" __global__ void lattice_splat_reduce(const float* partial, const int* run_offset, long long n_vertices,
-                                                int n_labels, float* values) {
+// One thread: one vertex v cut into several runs (one-run vertices were written by the
+// splat). Reads the partial sums of its runs partial[run_offset[v] .. run_offset[v+1]); writes
+// their ordered sum to values[v].
+extern "C" __global__ void norm_splat_reduce(const float* partial, const int* run_offset, long long n_vertices,
+                                             float* values) {
     for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
         const int first = run_offset[v], end = run_offset[v + 1];
-        if (end - first == 1) continue;  // lattice_splat wrote this vertex directly
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) {
-            float acc = 0.0f;
-            for (int r = first; r < end; ++r) acc = __fadd_rn(acc, partial[(long long)r * n_labels + c]);
-            values[v * n_labels + c] = acc;
-        }
+        if (end - first == 1) continue;
+        float acc = 0.0f;
+        for (int r = first; r < end; ++r) acc = __fadd_rn(acc, partial[r]);
+        values[v] = acc;
     }
 }
 
-// One thread: one (vertex, label) pair of one blur pass along one axis (Jacobi: src is never
-// written). Reads the vertex's two neighbour ids and the three values; writes
-// dst = src + 0.5 * (n1 + n2), a missing neighbour counting 0. `seq` selects pydensecrf's
-// scalar path (used for 1 or 2 values per vertex: the sum is rounded once through double)
-// instead of its SSE path (all float).
-extern "C" __global__ void lattice_blur(const float* src, float* dst, const int* nbr, long long n_vertices,
-                                        int n_labels, int seq) {
-    for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
-        const int n1 = nbr[2 * v], n2 = nbr[2 * v + 1];
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) {
-            const long long t = v * n_labels + c;
-            const float a = n1 >= 0 ? src[(long long)n1 * n_labels + c] : 0.0f;
-            const float b = n2 >= 0 ? src[(long long)n2 * n_labels + c] : 0.0f;
-            const float pair = __fadd_rn(a, b);
-            if (seq)
-                dst[t] = __double2float_rn(__dadd_rn((double)src[t], __dmul_rn(0.5, (double)pair)));
-            else
-                dst[t] = __fadd_rn(src[t], __fmul_rn(0.5f, pair));
-        }
+// One thread: one vertex v in [v0, v1) of one blur pass along one axis (Jacobi: src is never
+// written). Reads its two neighbour ids nbr[v] and the three values; writes
+// dst[v] = src[v] + 0.5 * (n1 + n2), a missing neighbour counting 0, rounded once through double
+// as pydensecrf's scalar path (one value per vertex) does.
+extern "C" __global__ void norm_blur(const float* src, float* dst, const int2* nbr, long long v0, long long v1) {
+    for (long long v = v0 + grid_start(); v < v1; v += grid_step()) {
+        const int2 pair = nbr[v];
+        const float a = pair.x >= 0 ? src[pair.x] : 0.0f;
+        const float b = pair.y >= 0 ? src[pair.y] : 0.0f;
+        dst[v] = __double2float_rn(__dadd_rn((double)src[v], __dmul_rn(0.5, (double)__fadd_rn(a, b))));
     }
 }
 
-// One thread: one (pixel, label) pair. Reads the pixel's d+1 vertex ids and weights and those
-// vertices' blurred values; forms the sliced value alpha * sum_r w_r * values[v_r] in
-// pydensecrf's order (seq: (w * v) * alpha; SSE path: (w * alpha) * v), times out_scale[pixel]
-// when given; writes out[p * C + c] = that, or base[p * C + c] + weight * that when base is
-// given (the Potts message added to the running sum; base may alias out).
-extern "C" __global__ void lattice_slice(const float* values, const int* entry_vertex, const float* entry_weight,
-                                         long long n_pixels, int n_labels, int dp1, float alpha, int seq,
-                                         const float* out_scale, const float* base, float weight, float* out) {
+// The norm factor of pixel p on one lattice: slice raw = alpha * sum_r w_r * values[v_r] in
+// pydensecrf's scalar order ((w * v) * alpha), then 1 / sqrt(raw + 1e-20) (symmetric) or
+// 1 / (raw + 1e-20) (after), in double and rounded to float once, as pydensecrf does.
+template <int DP1>
+static __device__ __forceinline__ float norm_of(long long p, const float* values, const int* vertex,
+                                                const float* weight, float alpha, int symmetric) {
+    float raw = 0.0f;
+#pragma unroll
+    for (int r = 0; r < DP1; ++r)
+        raw = __fadd_rn(raw, __fmul_rn(__fmul_rn(weight[p * DP1 + r], values[vertex[p * DP1 + r]]), alpha));
+    const double total = __dadd_rn((double)raw, 1e-20);
+    return __double2float_rn(__ddiv_rn(1.0, symmetric ? __dsqrt_rn(total) : total));
+}
+
+// One thread: one pixel p. Reads its corners (vertex ids, weights) on each lattice given
+// (values non-null) and those vertices' blurred K 1 values; writes norm_g[p] and norm_b[p].
+extern "C" __global__ void lattice_norms(long long n_pixels, int symmetric, const float* values_g,
+                                         const int* vertex_g, const float* weight_g, float alpha_g, float* norm_g,
+                                         const float* values_b, const int* vertex_b, const float* weight_b,
+                                         float alpha_b, float* norm_b) {
     for (long long p = grid_start(); p < n_pixels; p += grid_step()) {
-        const float scale = out_scale ? out_scale[p] : 1.0f;
-        for (int c = threadIdx.x; c < n_labels; c += blockDim.x) {
-            float acc = 0.0f;
-            for (int r = 0; r < dp1; ++r) {
-                const long long e = p * dp1 + r;
-                const float w = entry_weight[e];
-                const float x = values[(long long)entry_vertex[e] * n_labels + c];
-                const float term = seq ? __fmul_rn(__fmul_rn(w, x), alpha) : __fmul_rn(__fmul_rn(w, alpha), x);
-                acc = __fadd_rn(acc, term);
-            }
-            if (out_scale) acc = __fmul_rn(acc, scale);
-            const long long t = p * n_labels + c;
-            out[t] = base ? __fadd_rn(base[t], __fmul_rn(weight, acc)) : acc;
-        }
+        if (values_g) norm_g[p] = norm_of<3>(p, values_g, vertex_g, weight_g, alpha_g, symmetric);
+        if (values_b) norm_b[p] = norm_of<6>(p, values_b, vertex_b, weight_b, alpha_b, symmetric);
     }
 }
 
-// ---- float4 forms of splat and blur, for rows padded to ld = 4 * n_vec floats ----------------
+// ---- filtering label rows, padded to ld = 4 * n_vec floats, as float4s -----------------------
 // One thread: one float4 (4 consecutive labels) of one row, in the launch shape above with
-// n_vec lanes per row. Every component goes through exactly the scalar kernel's operations in
-// the same order, so the results are bit-identical to lattice_splat / lattice_blur; only the
-// loads and stores are 16 bytes wide.
+// n_vec lanes per row. Each component goes through pydensecrf's SSE-path operations in its
+// order; only the loads and stores are 16 bytes wide.
 
 static __device__ __forceinline__ float4 f4_scale(float4 a, float s) {
     return make_float4(__fmul_rn(a.x, s), __fmul_rn(a.y, s), __fmul_rn(a.z, s), __fmul_rn(a.w, s));
@@ -505,46 +460,55 @@ static __device__ __forceinline__ float4 f4_add(float4 a, float4 b) {
     return make_float4(__fadd_rn(a.x, b.x), __fadd_rn(a.y, b.y), __fadd_rn(a.z, b.z), __fadd_rn(a.w, b.w));
 }
 
-// The blur update of one value: own + 0.5 * pair, as lattice_blur (seq: through double).
+// The blur update of one value: own + 0.5 * pair (seq: pydensecrf's scalar path, through double).
 static __device__ __forceinline__ float blur_one(float own, float pair, int seq) {
     return seq ? __double2float_rn(__dadd_rn((double)own, __dmul_rn(0.5, (double)pair)))
                : __fadd_rn(own, __fmul_rn(0.5f, pair));
 }
 
-// lattice_splat on float4 rows: reads in[p * n_vec + c] (times in_scale[p]) for each entry of
-// run r; writes values[v * n_vec + c] or partial[r * n_vec + c] as lattice_splat does. GROUP
-// entries are loaded at once (their pixel ids and weights, then their rows), then summed in entry
-// order: a run of at most GROUP entries costs one round trip to memory per step.
-template <int GROUP>
-static __device__ __forceinline__ void splat_v4(const float4* __restrict__ in, const float* __restrict__ in_scale,
-                                                const int* __restrict__ run_bounds, const int* n_runs,
-                                                long long n_runs_max, int n_vec, const int* __restrict__ sorted_pixel,
-                                                const float* __restrict__ sorted_weight,
-                                                const int* __restrict__ run_vertex, float4* values, float4* partial) {
+// Entries a splat thread loads at once: 8 measured 1.5-3% faster than 4 at 1-4 MP on an H200
+// (64 registers, no spills).
+#define SPLAT_GROUP 8
+
+// One thread: one float4 c of run r (both lattices' runs, *n_runs of them, at most n_runs_max).
+// Reads in[p * n_vec + c] times the pixel's norm for each entry of the run (scale_0 for runs of
+// lattice 0, which start before sorted entry e_split, scale_1 after; none when null); writes
+// the sum, in entry order, to values[v * n_vec + c] when the run is all of vertex
+// v = run_vertex[r] >= 0, else to partial[r * n_vec + c] for lattice_splat_reduce.
+// SPLAT_GROUP entries are loaded at once (their pixel ids and weights, then their rows), then
+// summed in entry order: a short run costs one round trip to memory per step.
+// Entries with pixel -1 (the padding origins) hold a vertex but add nothing.
+extern "C" __global__ void lattice_splat(const float4* __restrict__ in, const float* __restrict__ scale_0,
+                                         const float* __restrict__ scale_1, long long e_split,
+                                         const int* __restrict__ run_bounds, const int* n_runs,
+                                         long long n_runs_max, int n_vec, const int* __restrict__ sorted_pixel,
+                                         const float* __restrict__ sorted_weight, const int* __restrict__ run_vertex,
+                                         float4* values, float4* partial) {
     const long long runs = *n_runs < n_runs_max ? *n_runs : n_runs_max;
     for (long long r = grid_start(); r < runs; r += grid_step()) {
         const int first = run_bounds[r], end = run_bounds[r + 1];
-        const long long v = run_vertex ? run_vertex[r] : r;
+        const long long v = run_vertex[r];
+        const float* in_scale = first < e_split ? scale_0 : scale_1;
         float4* out = v >= 0 ? values + v * n_vec : partial + r * n_vec;
         for (int c = threadIdx.x; c < n_vec; c += blockDim.x) {
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            for (int s = first; s < end; s += GROUP) {
-                int p[GROUP];
-                float w[GROUP];
-                float4 x[GROUP];
+            for (int s = first; s < end; s += SPLAT_GROUP) {
+                int p[SPLAT_GROUP];
+                float w[SPLAT_GROUP];
+                float4 x[SPLAT_GROUP];
 #pragma unroll
-                for (int k = 0; k < GROUP; ++k) {
+                for (int k = 0; k < SPLAT_GROUP; ++k) {
                     const bool in_run = s + k < end;
                     p[k] = in_run ? sorted_pixel[s + k] : -1;
                     w[k] = in_run ? sorted_weight[s + k] : 0.0f;
                 }
 #pragma unroll
-                for (int k = 0; k < GROUP; ++k) {
+                for (int k = 0; k < SPLAT_GROUP; ++k) {
                     x[k] = p[k] >= 0 ? in[(long long)p[k] * n_vec + c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                     if (in_scale && p[k] >= 0) x[k] = f4_scale(x[k], in_scale[p[k]]);
                 }
 #pragma unroll
-                for (int k = 0; k < GROUP; ++k)
+                for (int k = 0; k < SPLAT_GROUP; ++k)
                     if (p[k] >= 0) acc = f4_add_scaled(acc, w[k], x[k]);
             }
             out[c] = acc;
@@ -552,18 +516,10 @@ static __device__ __forceinline__ void splat_v4(const float4* __restrict__ in, c
     }
 }
 
-// 8 entries at once: measured 1.5-3% faster than 4 at 1-4 MP on an H200 (64 registers, no spills).
-extern "C" __global__ void lattice_splat_v4(const float4* in, const float* in_scale, const int* run_bounds,
-                                            const int* n_runs, long long n_runs_max, int n_vec,
-                                            const int* sorted_pixel, const float* sorted_weight,
-                                            const int* run_vertex, float4* values, float4* partial) {
-    splat_v4<8>(in, in_scale, run_bounds, n_runs, n_runs_max, n_vec, sorted_pixel, sorted_weight, run_vertex, values,
-                partial);
-}
-
-// lattice_splat_reduce on float4 rows: values[v * n_vec + c] = ordered sum of the vertex's runs.
-extern "C" __global__ void lattice_splat_reduce_v4(const float4* partial, const int* run_offset,
-                                                   long long n_vertices, int n_vec, float4* values) {
+// One thread: one float4 c of a vertex v cut into several runs (one-run vertices were written
+// by the splat). Writes values[v * n_vec + c] = the ordered sum of the vertex's partial rows.
+extern "C" __global__ void lattice_splat_reduce(const float4* partial, const int* run_offset, long long n_vertices,
+                                                int n_vec, float4* values) {
     for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
         const int first = run_offset[v], end = run_offset[v + 1];
         if (end - first == 1) continue;  // lattice_splat wrote this vertex directly
@@ -575,11 +531,15 @@ extern "C" __global__ void lattice_splat_reduce_v4(const float4* partial, const 
     }
 }
 
-// lattice_blur on float4 rows: dst = src + 0.5 * (n1 + n2) along one axis (Jacobi).
-extern "C" __global__ void lattice_blur_v4(const float4* __restrict__ src, float4* __restrict__ dst,
-                                           const int2* __restrict__ nbr, long long n_vertices, int n_vec, int seq) {
+// One thread: one float4 c of a vertex v in [v0, v1) (the lattices that have this axis) of one
+// blur pass (Jacobi: src is never written). Reads the vertex's two neighbour ids nbr[v] and the
+// three rows; writes dst = src + 0.5 * (n1 + n2), a missing neighbour counting 0. `seq` selects
+// pydensecrf's scalar path (used for 1 or 2 labels) instead of its SSE path.
+extern "C" __global__ void lattice_blur(const float4* __restrict__ src, float4* __restrict__ dst,
+                                        const int2* __restrict__ nbr, long long v0, long long v1, int n_vec,
+                                        int seq) {
     const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
+    for (long long v = v0 + grid_start(); v < v1; v += grid_step()) {
         const int2 pair = nbr[v];  // both neighbour ids in one 8-byte load
         const int n1 = pair.x, n2 = pair.y;
         for (int c = threadIdx.x; c < n_vec; c += blockDim.x) {

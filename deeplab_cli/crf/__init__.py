@@ -224,7 +224,10 @@ def _run_cuda(images: list[Any], probs: list[Any], params: CRFParams) -> list[An
         probs_t = [p.detach().float().contiguous() for p in probs]
         images_t = [_torch_image(im, device) for im in images]
         stream = torch.cuda.current_stream(device)
-        with cupy.cuda.Device(device.index), _external_stream(cupy, stream.cuda_stream, device.index):
+        # CuPy allocates the lattice through torch's caching allocator, so the network and
+        # the CRF share one pool instead of each holding its own peak.
+        with cupy.cuda.Device(device.index), _external_stream(cupy, stream.cuda_stream, device.index), \
+                cupy.cuda.using_allocator(_torch_allocator(cupy).malloc):
             outs = dense_crf_cuda_batch([cupy.from_dlpack(im) for im in images_t],
                                         [cupy.from_dlpack(p) for p in probs_t], params)
             # Keep the inputs alive until the work queued on the stream is done with them.
@@ -248,6 +251,20 @@ def _external_stream(cupy: Any, pointer: int, device_index: int) -> Any:
     if from_external is None:
         return cupy.cuda.ExternalStream(pointer, device_index)
     return from_external(_StreamHandle(pointer))
+
+
+def _torch_allocator(cupy: Any) -> Any:
+    """A CuPy allocator that takes memory from torch's caching allocator, on torch's
+    current stream of the device CuPy asks for."""
+    import torch
+
+    def malloc(size: int, device_id: int) -> int:
+        return torch.cuda.caching_allocator_alloc(size, device_id, torch.cuda.current_stream(device_id))
+
+    def free(pointer: int, device_id: int) -> None:
+        torch.cuda.caching_allocator_delete(pointer)
+
+    return cupy.cuda.memory.PythonFunctionAllocator(malloc, free)
 
 
 class _StreamHandle:
