@@ -250,8 +250,6 @@ def main() -> None:
         except ImportError:
             print("pydensecrf not importable: its columns stay empty", file=sys.stderr)
 
-    import torch
-
     header = (f"dense CRF, {args.labels} labels, {args.iters} iterations, w2={params.pos_w} "
               f"sg={params.pos_xy_std} w1={params.bi_w} sa={params.bi_xy_std} sb={params.bi_rgb_std}, "
               f"{params.normalization} normalization")
@@ -263,7 +261,10 @@ def main() -> None:
 
         print(f"GPU: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}, "
               f"CUDA events, median of {args.repeat} after 2 warm-ups; peak = CuPy pool growth")
-    print(f"CPU: {os.cpu_count()} cores, our CPU code with {torch.get_num_threads()} torch threads; "
+    import numba
+
+    print(f"CPU: {os.cpu_count()} cores, our CPU code on {numba.get_num_threads()} numba threads "
+          "(NUMBA_NUM_THREADS); "
           "pydensecrf single-threaded; peak = max RSS growth of a fresh process")
     rows = []
     for mp_ in sizes:
