@@ -79,6 +79,7 @@ def main() -> None:
     import torch
 
     from deeplab_cli.crf.params import CRFParams
+    from deeplab_cli.device import resolve_device
     from deeplab_cli.image_io import read_image
     from deeplab_cli.pipeline import Segmenter
 
@@ -108,7 +109,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for device_name in devices:
-        device = torch.device(device_name)
+        device = resolve_device(device_name)
         model, meta = load(args.weights, device)
         settings = [(precision, crf) for precision in args.precisions.split(",")
                     for crf in (None, CRFParams(iterations=args.iters))]

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import IO, Sequence
 
 import numpy as np
 
 from deeplab_cli.errors import DeeplabError
-from deeplab_cli.fsutil import atomic_path, read_input
+from deeplab_cli.fsutil import atomic_open, read_input
 
 # Files a directory walk picks up (lower-case suffixes).
 IMAGE_EXTENSIONS = frozenset({
@@ -221,9 +220,9 @@ def encode_labels_png(labels: np.ndarray, palette: Sequence[Sequence[int]] | Non
     labels = np.asarray(labels)
     n = max(n_classes or 0, len(palette) if palette is not None else 0)
     if n > 256 or labels.max(initial=0) > 255:
-        im = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint16)))  # mode I;16
+        im = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint16, copy=False)))  # mode I;16
     else:
-        im = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint8)))  # mode L
+        im = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint8, copy=False)))  # mode L
         if palette is not None:
             im.putpalette(_flat_palette(palette))  # L + palette -> mode P, same values
     buf = io.BytesIO()
@@ -276,8 +275,8 @@ def write_bytes(target: str | os.PathLike | IO[bytes], data: bytes) -> None:
         target.write(data)
         target.flush()
         return
-    with atomic_path(target) as tmp:
-        Path(tmp).write_bytes(data)
+    with atomic_open(target, "wb") as fh:
+        fh.write(data)
 
 
 def write_labels(target: str | os.PathLike | IO[bytes], labels: np.ndarray,

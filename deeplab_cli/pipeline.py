@@ -119,7 +119,6 @@ def _host_available_bytes() -> int:
         return 8 << 30
 
 
-
 @contextlib.contextmanager
 def _cudnn_tf32(allowed: bool):
     """Set cuDNN's TF32 switch for the block, then restore it."""
@@ -168,7 +167,7 @@ class Segmenter:
         self.precision = precision
         self.memory_budget = memory_budget
         self._notify = notify or (lambda line: print(f"deeplab: {line}", file=sys.stderr))
-        self._said: set[str] = set()
+        self._said: set = set()
         self.n_classes = int(getattr(model, "n_classes", 0) or len(meta.classes))
         self._autocast_dtype = None
         if precision != "fp32":
@@ -196,10 +195,12 @@ class Segmenter:
 
     # --- small helpers -------------------------------------------------------------------
 
-    def note(self, line: str) -> None:
-        """Say `line` once per segmenter (repeats are dropped)."""
-        if line not in self._said:
-            self._said.add(line)
+    def note(self, line: str, *, key: Any = None) -> None:
+        """Say `line` once per segmenter: later notes with the same `key` (default: the
+        line itself) are dropped."""
+        key = line if key is None else key
+        if key not in self._said:
+            self._said.add(key)
             self._notify(line)
 
     def network_size(self, height: int, width: int) -> tuple[int, int]:
@@ -324,29 +325,28 @@ class Segmenter:
         height, width = np.shape(rgb)[:2]
         return self._crf_params_at((height, width), self.network_size(height, width))
 
-    def crf_size(self, height: int, width: int, n_labels: int | None = None) -> tuple[int, int]:
+    def crf_size(self, height: int, width: int, n_labels: int | None = None, *,
+                 budget: int | None = None) -> tuple[int, int]:
         """Resolution the CRF runs at for an image of this size: the original one unless its
-        memory estimate exceeds the budget or the lattice cannot index it; then the largest
-        size (aspect kept, not below the network's) that fits.
+        memory estimate exceeds `budget` (default: `memory_budget_bytes()`) or the lattice
+        cannot index it; then the largest size (aspect kept, not below the network's) that fits.
 
         Raises:
             DeeplabError: not even the network's resolution fits.
         """
-        from deeplab_cli import crf as crf_module
+        from deeplab_cli.crf import check_size
 
         n_labels = n_labels or self.n_classes
-        budget = self.memory_budget_bytes()
+        budget = budget or self.memory_budget_bytes()
         net = self.network_size(height, width)
-        check = getattr(crf_module, "check_size", None)
 
         def fits(h: int, w: int) -> bool:
             if crf_memory_bytes(h, w, n_labels) > budget:
                 return False
-            if check is not None:
-                try:
-                    check(h, w, n_labels, self._crf_params_at((h, w), net))
-                except DeeplabError:
-                    return False
+            try:
+                check_size(h, w, n_labels, self._crf_params_at((h, w), net))
+            except DeeplabError:
+                return False
             return True
 
         if fits(height, width):
@@ -438,21 +438,27 @@ class Segmenter:
 
     def _finish_crf(self, x, logits, results: list[SegmentResult], keep_probs: bool) -> None:
         """Upsample + softmax at the CRF's resolution, CRF, argmax at the original size."""
+        import torch.nn.functional as F
+
         from deeplab_cli import crf as crf_module
 
         height, width = x.shape[1:3]
         size = (height, width)
         n_labels = logits.shape[1]
-        crf_size = self.crf_size(height, width, n_labels)
+        budget = self.memory_budget_bytes()
+        crf_size = self.crf_size(height, width, n_labels, budget=budget)
         if crf_size != size:
+            # Keyed without the limit, which moves with free memory: said once per size.
             self.note(f"the CRF runs at {crf_size[1]}x{crf_size[0]} for {width}x{height} "
-                      f"images to fit in memory (limit {self.memory_budget_bytes() / 1e9:.1f} GB); "
-                      "its result is upsampled")
+                      f"images to fit in memory (limit {budget / 1e9:.1f} GB); "
+                      "its result is upsampled", key=("crf_size", size, crf_size))
+            if keep_probs:  # before the CRF runs, not after
+                self._check_probs_memory(size)
         params = self._crf_params_at(crf_size, self.network_size(height, width))
         # CUDA: several images per CRF call (fewer, fuller kernel launches) while they fit.
         per_call = 1
         if self.device.type == "cuda":
-            per_call = max(1, self.memory_budget_bytes() // crf_memory_bytes(*crf_size, n_labels))
+            per_call = max(1, budget // crf_memory_bytes(*crf_size, n_labels))
         for start in range(0, len(results), per_call):
             idx = range(start, min(start + per_call, len(results)))
             t0 = time.perf_counter()
@@ -469,11 +475,8 @@ class Segmenter:
             for i, q in zip(idx, refined):
                 t3 = time.perf_counter()
                 if keep_probs and crf_size != size:
-                    import torch.nn.functional as F
-
-                    self._check_probs_memory(size)
                     q = F.interpolate(q[None], size=size, mode="bilinear", align_corners=False)[0]
-                labels = q.argmax(dim=0) if tuple(q.shape[1:]) == size else self._upsampled_argmax(q, size)
+                labels = self._upsampled_argmax(q, size)  # a plain argmax at the original size
                 results[i].labels = self._download_labels(labels)
                 results[i].probs = q if keep_probs else None
                 results[i].crf_size = crf_size
@@ -547,9 +550,6 @@ class Segmenter:
                     return
                 reads.append((source, read_pool.submit(timed_read, source)))
 
-        def write(item: BatchItem) -> Any:
-            return on_result(item)
-
         def finish(entry: tuple[BatchItem, Future | None]) -> BatchItem:
             item, future = entry
             if future is not None:
@@ -560,7 +560,7 @@ class Segmenter:
             return item
 
         def hand_on(item: BatchItem) -> None:
-            future = write_pool.submit(write, item) if (write_pool and item.error is None) else None
+            future = write_pool.submit(on_result, item) if (write_pool and item.error is None) else None
             done.append((item, future))
 
         try:

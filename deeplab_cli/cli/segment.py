@@ -21,6 +21,7 @@ Where outputs go (`-o`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,10 +33,10 @@ import click
 
 from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option
 from deeplab_cli.errors import DeeplabError
+from deeplab_cli.fsutil import read_input
 
+# image_io.FORMATS, repeated so that `deeplab segment --help` does not import NumPy.
 FORMAT_CHOICES = ("palette", "gray", "overlay", "probs")
-# Suffixes that say "this is a file name", so `-o x.png` with several inputs is a mistake.
-_FILE_SUFFIXES = {".png", ".npy", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
 @dataclasses.dataclass
@@ -71,13 +72,10 @@ def read_list(spec: str, *, null: bool) -> list[str]:
 
     Empty entries are skipped; with lines, a trailing '\\r' is dropped (lists made on Windows).
     """
-    try:
-        if spec == "-":
-            data = _binary_stream("stdin").read()
-        else:
-            data = Path(spec).read_bytes()
-    except OSError as exc:
-        raise DeeplabError(f"--from-list {spec}: cannot read ({exc.strerror or exc})") from None
+    if spec == "-":
+        data = _binary_stream("stdin").read()
+    else:
+        data = read_input(spec, label=f"--from-list {spec}", expected="a list of paths")
     text = os.fsdecode(data)
     entries = text.split("\0") if null else [line.rstrip("\r") for line in text.split("\n")]
     return [entry for entry in entries if entry]
@@ -120,7 +118,7 @@ def collect_jobs(inputs: tuple[str, ...], from_list: str | None, null: bool,
         raise DeeplabError("- (stdin) can be given only once")
 
     jobs: list[Job] = []
-    loose: list[Path] = []  # files named directly; mirrored relative to their common folder
+    loose: list[Job] = []  # files named directly; mirrored relative to their common folder
     for entry in entries:
         if entry == "-":
             data = _binary_stream("stdin").read()
@@ -134,14 +132,13 @@ def collect_jobs(inputs: tuple[str, ...], from_list: str | None, null: bool,
             for image in images:
                 jobs.append(Job(source=image, name=str(image), rel=PurePath(image.relative_to(path))))
         else:
-            loose.append(path)
-            jobs.append(Job(source=path, name=str(path), rel=PurePath()))  # rel set below
+            loose.append(Job(source=path, name=str(path), rel=PurePath()))  # rel set below
+            jobs.append(loose[-1])
 
     if loose:
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in loose])
-        for job in jobs:
-            if isinstance(job.source, Path) and job.rel == PurePath():
-                job.rel = PurePath(os.path.relpath(os.path.abspath(job.source), root))
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(job.source)) for job in loose])
+        for job in loose:
+            job.rel = PurePath(os.path.relpath(os.path.abspath(job.source), root))
 
     # The same file named twice (or reached twice) is segmented once.
     seen: set[str] = set()
@@ -163,6 +160,8 @@ def collect_jobs(inputs: tuple[str, ...], from_list: str | None, null: bool,
 def choose_mode(output: str | None, inputs: tuple[str, ...], from_list: str | None,
                 suffix: str) -> str:
     """'stdout', 'file' or 'dir' (see the module docstring), or a one-line error."""
+    from deeplab_cli.image_io import IMAGE_EXTENSIONS
+
     if output is None:
         if _stdout_is_tty():
             raise DeeplabError("no -o given and stdout is a terminal: give -o FILE or -o DIR, "
@@ -184,7 +183,8 @@ def choose_mode(output: str | None, inputs: tuple[str, ...], from_list: str | No
         return "file"
     if path.exists():
         raise DeeplabError(f"-o {output}: exists and is not a folder, and there are several inputs")
-    if path.suffix.lower() in _FILE_SUFFIXES:
+    # An image or .npy suffix says "this is a file name": with several inputs, a mistake.
+    if path.suffix.lower() in IMAGE_EXTENSIONS | {".npy"}:
         raise DeeplabError(f"-o {output}: looks like a file name, but the inputs can hold "
                            "several images; give a folder")
     return "dir"
@@ -406,16 +406,17 @@ def _run(segmenter, jobs: list[Job], stats: _Stats, *, fmt, alpha, as_json, max_
     if not quiet and _stderr_is_tty() and len(jobs) > 1:
         bar = click.progressbar(length=len(jobs), label="segmenting", file=sys.stderr,
                                 show_eta=True, show_pos=True)
-        bar.__enter__()
-    try:
-        items = segmenter.segment_many(jobs, read=read, batch_size=batch_size,
-                                       keep_probs=fmt == "probs", on_result=save)
+    items = segmenter.segment_many(jobs, read=read, batch_size=batch_size,
+                                   keep_probs=fmt == "probs", on_result=save)
+    # closing(): leaving early (--fail-fast, a broken pipe) still lets started writes finish.
+    with bar if bar is not None else contextlib.nullcontext(), contextlib.closing(items):
         for item in items:
             job = item.source
+            if job.output is None and isinstance(item.error, BrokenPipeError):
+                raise item.error  # stdout's reader left (the writer thread saw it); see segment()
             if item.error is not None:
                 stats.fail(job, _describe_error(job, item.error), as_json=as_json)
                 if fail_fast:
-                    items.close()
                     break
             else:
                 stats.done += 1
@@ -423,9 +424,6 @@ def _run(segmenter, jobs: list[Job], stats: _Stats, *, fmt, alpha, as_json, max_
                     _emit(_record(job, item.result, item.output, meta))
             if bar is not None:
                 bar.update(1)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
 
 
 def _record(job: Job, result, counts, meta) -> dict:
@@ -436,7 +434,7 @@ def _record(job: Job, result, counts, meta) -> dict:
     total = float(height * width)
     classes = [{"id": int(i), "name": meta.classes[i] if i < len(meta.classes) else f"class_{i}",
                 "pixels": int(counts[i]), "fraction": counts[i] / total}
-               for i in np.flatnonzero(counts)] if counts is not None else []
+               for i in np.flatnonzero(counts)]
     return {
         "input": job.name,
         "output": str(job.output) if job.output is not None else "-",
