@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from deeplab_cli.errors import DeeplabError
+from deeplab_cli.fsutil import read_input
+
+if TYPE_CHECKING:
+    import torch
 
 # Protobuf wire types.
 VARINT, FIXED64, BYTES, FIXED32 = 0, 1, 2, 5
@@ -174,10 +178,7 @@ def read_caffemodel(path: str | Path) -> dict[str, "torch.Tensor"]:
     import torch
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DeeplabError(f"{path}: cannot read ({exc.strerror})") from None
+    data = read_input(path, expected="a .caffemodel file")
     arrays: dict[str, np.ndarray] = {}
     try:
         for name, blobs in iter_layers(data):

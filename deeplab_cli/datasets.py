@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from deeplab_cli.errors import DeeplabError
-from deeplab_cli.metrics import IGNORE_LABEL
+from deeplab_cli.labels import IGNORE_INDEX
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 LABEL_SUFFIXES = (".png",)
@@ -81,8 +81,11 @@ def voc_samples(root: str | Path, split: str = "val", *, labels: str | Path | No
         if not fields:
             continue
         if len(fields) == 1:
-            name = fields[0]
-            image, label = root / "JPEGImages" / f"{name}.jpg", label_dir / f"{name}.png"
+            image = root / "JPEGImages" / f"{fields[0]}.jpg"
+            label = label_dir / f"{fields[0]}.png"
+            # The name becomes an output file name (--save-pred, the probability cache),
+            # so a line like '../x' must not carry its folders along.
+            name = Path(fields[0]).name
         elif len(fields) == 2:
             image, label = (root / f.lstrip("/") for f in fields)
             name = Path(fields[0]).stem
@@ -159,17 +162,25 @@ def _check_exist(samples: list[Sample]) -> None:
 # Reading
 
 
-def read_label(path: str | Path, *, n_classes: int | None = None, kind: str = "label") -> np.ndarray:
+def read_label(path: str | Path, *, n_classes: int | None = None, kind: str = "label",
+               max_pixels: int | None = None) -> np.ndarray:
     """Class indices (H, W) from a palette or grayscale PNG; palette colours are ignored.
 
     With `n_classes`, values outside 0 .. n_classes - 1 other than 255 raise DeeplabError
-    naming the file. `kind` ("label" or "prediction") words the messages.
+    naming the file. `max_pixels` (None or 0 = no cap) is checked from the header, before
+    decoding. `kind` ("label" or "prediction") words the messages.
     """
     from PIL import Image
 
     path = Path(path)
     try:
         with Image.open(path) as im:
+            width, height = im.size
+            if max_pixels and width * height > max_pixels:
+                raise DeeplabError(
+                    f"{path}: {kind} is {width}x{height}, {width * height / 1e6:.1f} megapixels, "
+                    f"more than the limit of {max_pixels / 1e6:g} (--max-pixels)"
+                )
             mode = im.mode
             if mode in ("P", "L", "1", "I", "I;16", "I;16B", "I;16L"):
                 # np.asarray of a mode P image gives the palette indices, not colours.
@@ -192,11 +203,11 @@ def read_label(path: str | Path, *, n_classes: int | None = None, kind: str = "l
     if n_classes is not None:
         bad = labels >= n_classes
         if kind == "label":
-            bad &= labels != IGNORE_LABEL
+            bad &= labels != IGNORE_INDEX
         if bad.any():
             values = np.unique(labels[bad])
             shown = ", ".join(str(int(v)) for v in values[:5]) + (" ..." if values.size > 5 else "")
-            ignore = f", {IGNORE_LABEL} = ignore" if kind == "label" else ""
+            ignore = f", {IGNORE_INDEX} = ignore" if kind == "label" else ""
             raise DeeplabError(
                 f"{path}: {kind} values {shown} are outside the {n_classes} classes "
                 f"(0..{n_classes - 1}{ignore})"
@@ -207,7 +218,7 @@ def read_label(path: str | Path, *, n_classes: int | None = None, kind: str = "l
 def load_sample(sample: Sample, *, n_classes: int | None = None,
                 max_pixels: int | None = None) -> LoadedSample:
     """Read a sample's files and check that their sizes agree (one-line DeeplabError if not)."""
-    label = read_label(sample.label, n_classes=n_classes)
+    label = read_label(sample.label, n_classes=n_classes, max_pixels=max_pixels)
     rgb = pred = None
     if sample.image is not None:
         from deeplab_cli.image_io import read_image
@@ -219,7 +230,7 @@ def load_sample(sample: Sample, *, n_classes: int | None = None,
                 f"{sample.label}: label is {_wh(label.shape)} but image {sample.image.name} is {_wh(rgb.shape)}"
             )
     if sample.pred is not None:
-        pred = read_label(sample.pred, n_classes=n_classes, kind="prediction")
+        pred = read_label(sample.pred, n_classes=n_classes, kind="prediction", max_pixels=max_pixels)
         if pred.shape != label.shape:
             raise DeeplabError(
                 f"{sample.pred}: prediction is {_wh(pred.shape)} but label {sample.label.name} is {_wh(label.shape)}"

@@ -16,8 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from deeplab_cli.errors import DeeplabError
-
-IGNORE_LABEL = 255
+from deeplab_cli.labels import IGNORE_INDEX
 
 
 class ConfusionMatrix:
@@ -31,7 +30,7 @@ class ConfusionMatrix:
             the file; when False such ground-truth pixels are skipped, as the port does.
     """
 
-    def __init__(self, n_classes: int, *, ignore_index: int = IGNORE_LABEL, strict: bool = True):
+    def __init__(self, n_classes: int, *, ignore_index: int = IGNORE_INDEX, strict: bool = True):
         if n_classes < 1:
             raise ValueError(f"n_classes must be positive, got {n_classes}")
         self.n_classes = int(n_classes)
@@ -142,20 +141,24 @@ class ConfusionMatrix:
             "fw_iou": self.fw_iou(),
         }
 
+    def _names(self, class_names: Sequence[str] | None) -> list[str]:
+        names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.n_classes)]
+        if len(names) != self.n_classes:
+            raise ValueError(f"{len(names)} class names for {self.n_classes} classes")
+        return names
+
     def to_dict(self, class_names: Sequence[str] | None = None, *, matrix: bool = True) -> dict[str, Any]:
         """JSON-ready summary: scores, per-class rows and (optionally) the raw matrix.
 
         NaN becomes None (JSON null), so the output is strict JSON.
         """
-        names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.n_classes)]
-        if len(names) != self.n_classes:
-            raise ValueError(f"{len(names)} class names for {self.n_classes} classes")
+        names = self._names(class_names)
         iou, acc = self.class_iou(), self.class_accuracy()
         gt, pr = self.gt_pixels(), self.pred_pixels()
         out: dict[str, Any] = {"images": self.images, "pixels": self.total, "n_classes": self.n_classes}
-        out.update({k: _json_float(v) for k, v in self.scores().items()})
+        out.update({k: json_float(v) for k, v in self.scores().items()})
         out["classes"] = [
-            {"index": i, "name": names[i], "iou": _json_float(iou[i]), "accuracy": _json_float(acc[i]),
+            {"index": i, "name": names[i], "iou": json_float(iou[i]), "accuracy": json_float(acc[i]),
              "gt_pixels": int(gt[i]), "pred_pixels": int(pr[i])}
             for i in range(self.n_classes)
         ]
@@ -169,20 +172,20 @@ class ConfusionMatrix:
         Classes absent from both ground truth and prediction are left out unless
         `all_classes` is set (COCO-Stuff has 182 ids of which many never occur).
         """
-        names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.n_classes)]
+        names = self._names(class_names)
         iou, acc, gt = self.class_iou(), self.class_accuracy(), self.gt_pixels()
         width = max([len("frequency-weighted IoU")] + [len(n) for n in names])
         lines = [f"{'class':<{width}}  {'IoU':>6}  {'acc':>6}  {'pixels':>11}"]
         for i, name in enumerate(names):
             if not all_classes and math.isnan(iou[i]):
                 continue
-            lines.append(f"{name:<{width}}  {_pct(iou[i]):>6}  {_pct(acc[i]):>6}  {int(gt[i]):>11}")
+            lines.append(f"{name:<{width}}  {percent(iou[i]):>6}  {percent(acc[i]):>6}  {int(gt[i]):>11}")
         lines.append("")
         for label, value in (("pixel accuracy", self.pixel_accuracy()),
                              ("mean accuracy", self.mean_accuracy()),
                              ("mean IoU", self.mean_iou()),
                              ("frequency-weighted IoU", self.fw_iou())):
-            lines.append(f"{label:<{width}}  {_pct(value):>6}")
+            lines.append(f"{label:<{width}}  {percent(value):>6}")
         lines.append(f"{'images':<{width}}  {self.images:>6}")
         return "\n".join(lines)
 
@@ -201,12 +204,14 @@ def _nanmean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
 
-def _json_float(value: float) -> float | None:
+def json_float(value: float) -> float | None:
+    """A score for JSON: NaN becomes None (null)."""
     value = float(value)
     return None if math.isnan(value) else value
 
 
-def _pct(value: float) -> str:
+def percent(value: float) -> str:
+    """A score as a percentage with two decimals, '-' for NaN (tables)."""
     return "-" if math.isnan(value) else f"{100 * value:.2f}"
 
 

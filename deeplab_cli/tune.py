@@ -23,7 +23,7 @@ import numpy as np
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.fsutil import atomic_open
-from deeplab_cli.metrics import ConfusionMatrix
+from deeplab_cli.metrics import ConfusionMatrix, json_float, percent
 
 # The paper searched w1 in 3..6, sigma_alpha in 30..100 (step 10) and sigma_beta in 3..6;
 # the default keeps those ranges with a coarser sigma_alpha step (64 settings, not 128).
@@ -122,9 +122,10 @@ class ProbsCache:
         array = _to_numpy(probs).astype(np.float16)
         with atomic_open(self._path(key), "wb") as fh:
             np.save(fh, array, allow_pickle=False)
-        return self._to_device(array) if self.device is not None else array.astype(np.float32)
+        return self._to_device(array)
 
     def _to_device(self, array: np.ndarray):
+        """float32: a torch tensor on `device`, or NumPy when there is none."""
         if self.device is None:
             return array.astype(np.float32)
         import torch
@@ -165,8 +166,7 @@ class TuneResult:
     @property
     def best_index(self) -> int:
         """The setting with the highest mean IoU; ties go to the earliest in the grid."""
-        scores = [-math.inf if math.isnan(s) else s for s in self.scores()]
-        return int(np.argmax(scores))
+        return int(np.argmax([_sortable(s) for s in self.scores()]))
 
     @property
     def best(self) -> CRFParams:
@@ -179,7 +179,7 @@ class TuneResult:
     def preset(self, *, source: str = "") -> dict[str, Any]:
         """The best setting as a preset that `CRFParams.from_json_file` reads."""
         return {"crf": self.best.to_dict(), "score": self.best_score, "metric": METRIC,
-                "no_crf_score": _json_float(self.baseline.mean_iou()), "images": self.images,
+                "no_crf_score": json_float(self.baseline.mean_iou()), "images": self.images,
                 "source": source}
 
     def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -187,25 +187,26 @@ class TuneResult:
         rows = []
         for params, conf in zip(self.grid, self.confusions):
             rows.append({"crf": params.to_dict(),
-                         **{k: _json_float(v) for k, v in conf.scores().items()}})
+                         **{k: json_float(v) for k, v in conf.scores().items()}})
         return {"metric": METRIC, "images": self.images, "best": self.best_index,
-                "best_crf": self.best.to_dict(), "best_score": _json_float(self.best_score),
+                "best_crf": self.best.to_dict(), "best_score": json_float(self.best_score),
                 "no_crf": self.baseline.to_dict(class_names, matrix=False),
                 "best_detail": self.confusions[self.best_index].to_dict(class_names, matrix=False),
                 "settings": rows}
 
     def format_table(self, *, top: int | None = None) -> str:
         """Settings sorted by mean IoU (best first), then the no-CRF line."""
-        order = sorted(range(len(self.grid)), key=lambda i: (-_sortable(self.scores()[i]), i))
+        scores = self.scores()
+        order = sorted(range(len(self.grid)), key=lambda i: (-_sortable(scores[i]), i))
         if top is not None:
             order = order[:top]
         lines = [f"{'w1':>6} {'xy_std':>7} {'rgb_std':>7}  {'mIoU':>6}  {'pixel acc':>9}"]
         for i in order:
             p, c = self.grid[i], self.confusions[i]
             lines.append(f"{p.bi_w:>6g} {p.bi_xy_std:>7g} {p.bi_rgb_std:>7g}  "
-                         f"{_pct(c.mean_iou()):>6}  {_pct(c.pixel_accuracy()):>9}")
-        lines.append(f"{'no CRF':>22}  {_pct(self.baseline.mean_iou()):>6}  "
-                     f"{_pct(self.baseline.pixel_accuracy()):>9}")
+                         f"{percent(scores[i]):>6}  {percent(c.pixel_accuracy()):>9}")
+        lines.append(f"{'no CRF':>22}  {percent(self.baseline.mean_iou()):>6}  "
+                     f"{percent(self.baseline.pixel_accuracy()):>9}")
         return "\n".join(lines)
 
 
@@ -242,13 +243,12 @@ def tune_crf(
     grid = list(grid)
     result = TuneResult(grid, [ConfusionMatrix(n_classes) for _ in grid], ConfusionMatrix(n_classes))
     for item in items:
-        probs = None
-        if cache is not None and item.key is not None:
-            probs = cache.load(item.key)
+        key = item.key if cache is not None else None
+        probs = cache.load(key) if key is not None else None
         if probs is None:
             probs = probs_fn(item.rgb)  # (C, H, W)
-            if cache is not None and item.key is not None:
-                probs = cache.save(item.key, probs)
+            if key is not None:
+                probs = cache.save(key, probs)
         if tuple(probs.shape[1:]) != item.label.shape:
             raise DeeplabError(f"{item.name}: probabilities are {tuple(probs.shape)} but the label is "
                                f"{item.label.shape}")
@@ -268,9 +268,7 @@ def tune_crf(
 
 def write_preset(path: str | Path, result: TuneResult, *, source: str = "") -> None:
     """Write the best setting as a JSON preset (atomically)."""
-    with atomic_open(path, "w") as fh:
-        json.dump(result.preset(source=source), fh, indent=2)
-        fh.write("\n")
+    write_json(path, result.preset(source=source))
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -310,16 +308,9 @@ def _to_numpy(probs) -> np.ndarray:
     return np.asarray(probs)
 
 
-def _json_float(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else float(value)
-
-
 def _sortable(value: float) -> float:
+    """NaN scores (no pixel counted) rank below every real one."""
     return -math.inf if math.isnan(value) else value
-
-
-def _pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{100 * value:.2f}"
 
 
 __all__ = ["DEFAULT_GRID", "ProbsCache", "TuneItem", "TuneResult", "build_grid", "fingerprint",

@@ -477,11 +477,10 @@ def check_state_dict(state: dict[str, "torch.Tensor"], *, source: str = "weights
     import torch
 
     counts = {}
-    for i in range(4):
-        weight, bias = state.get(f"base.aspp.c{i}.weight"), state.get(f"base.aspp.c{i}.bias")
-        for key, tensor in ((f"base.aspp.c{i}.weight", weight), (f"base.aspp.c{i}.bias", bias)):
-            if tensor is not None and tensor.ndim >= 1:
-                counts[key] = int(tensor.shape[0])
+    for key in (f"base.aspp.c{i}.{part}" for i in range(4) for part in ("weight", "bias")):
+        tensor = state.get(key)
+        if tensor is not None and tensor.ndim >= 1:
+            counts[key] = int(tensor.shape[0])
     if not counts:
         raise DeeplabError(f"{source}: no ASPP classifier (base.aspp.c0..c3) found; "
                            "not DeepLab v2 weights")

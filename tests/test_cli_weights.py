@@ -132,3 +132,16 @@ def test_convert_errors_leave_nothing(tmp_path, checkpoint):
                  "--labels", str(labels))
     assert result.exit_code == 1 and "2 class names" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt"]
+
+
+@pytest.mark.parametrize("content, reason", [(None, "no such file"), (b"\xff\xfeclass\n", "not UTF-8")])
+def test_convert_unreadable_labels_is_one_line(tmp_path, checkpoint, content, reason):
+    labels = tmp_path / "labels.txt"
+    if content is not None:
+        labels.write_bytes(content)
+    result = run("weights", "convert", str(checkpoint), str(tmp_path / "o.safetensors"),
+                 "--labels", str(labels))
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--labels {labels}: {reason}" in lines[0], result.stderr
+    assert not (tmp_path / "o.safetensors").exists()

@@ -125,6 +125,24 @@ def test_voc_two_column_split_lines(voc):
     assert [(s.name, s.image.name, s.label.name) for s in samples] == [("b", "b.jpg", "b.png")]
 
 
+def test_voc_names_carry_no_folders(voc):
+    # The name becomes an output file name (--save-pred, the cache): '../a' must not
+    # lead outside the output folder, though the files are still looked up as written.
+    (voc / "ImageSets" / "Segmentation" / "up.txt").write_text("../JPEGImages/a\n")
+    (voc / "JPEGImages" / "a.png").write_bytes((voc / "SegmentationClass" / "a.png").read_bytes())
+    samples = datasets.voc_samples(voc, "up")
+    assert [s.name for s in samples] == ["a"]
+    assert samples[0].image.resolve() == (voc / "JPEGImages" / "a.jpg").resolve()
+    assert samples[0].label.resolve() == (voc / "JPEGImages" / "a.png").resolve()
+
+
+def test_label_pixel_cap_is_checked_before_decoding(voc):
+    path = voc / "SegmentationClass" / "a.png"
+    assert datasets.read_label(path, max_pixels=15).shape == (3, 5)
+    with pytest.raises(DeeplabError, match=r"a.png: label is 5x3, .*--max-pixels"):
+        datasets.read_label(path, max_pixels=14)
+
+
 def test_paired_folders_by_stem(voc, tmp_path):
     samples = datasets.paired_samples(voc / "JPEGImages", voc / "SegmentationClass")
     assert [(s.name, s.image.suffix) for s in samples] == [("a", ".jpg"), ("b", ".jpg")]

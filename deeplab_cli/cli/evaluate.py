@@ -111,15 +111,15 @@ def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weight
         samples = _samples(root, split, images_dir, labels_dir)[:limit]
         if n_classes is not None:
             raise DeeplabError("--n-classes only applies to --pred; the weights fix the classes")
-        segmenter, meta = _segmenter(weights, device, no_msc=no_msc, max_size=max_size,
-                                     precision=precision, crf_flags=crf_flags, no_crf=no_crf)
-        crf = segmenter.crf
+        segmenter = _segmenter(weights, device, no_msc=no_msc, max_size=max_size,
+                               precision=precision, crf_flags=crf_flags, no_crf=no_crf)
+        meta, crf = segmenter.meta, segmenter.crf
         click.echo(f"deeplab: {len(samples)} images, weights {meta.name}, "
                    f"{'multi-scale' if segmenter.msc else 'single-scale'}, CRF "
                    + (f"w1={crf.bi_w:g} xy={crf.bi_xy_std:g} rgb={crf.bi_rgb_std:g} "
                       f"w2={crf.pos_w:g} xy2={crf.pos_xy_std:g} iters={crf.iterations}"
                       if crf is not None else "off"), err=True)
-    classes = list(meta.classes)
+    classes, palette = list(meta.classes), meta.palette
     confusion = ConfusionMatrix(len(classes))
     save_dir = Path(save_pred) if save_pred else None
 
@@ -134,7 +134,7 @@ def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weight
                 pred = segmenter.segment(item.rgb).labels  # (H, W)
             confusion.update(item.label, pred, name=str(item.sample.pred or item.sample.label))
             if save_dir is not None:
-                _save_labels(save_dir / f"{item.name}.png", pred, meta.palette)
+                _save_labels(save_dir / f"{item.name}.png", pred, palette)
             advance()
 
     click.echo(confusion.format_table(classes, all_classes=all_classes))
@@ -205,11 +205,12 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
     values = {field: tune.parse_values(spec or tune.DEFAULT_GRID[field], option=option)
               for field, (option, spec) in grid_specs.items()}
     samples = _samples(root, split, images_dir, labels_dir)[:limit]
+    preset = CRFParams.from_json_file(crf_params) if crf_params else None  # before the slow load
 
-    segmenter, meta = _segmenter(weights, device, no_msc=no_msc, max_size=max_size,
-                                 precision=precision, crf_flags=None, no_crf=False)
-    base = CRFParams.from_json_file(crf_params) if crf_params else meta.crf
-    base = base.replace(pos_w=pos_w, pos_xy_std=pos_xy_std, iterations=iters, normalization=crf_norm)
+    segmenter = _segmenter(weights, device, no_msc=no_msc, max_size=max_size, precision=precision)
+    meta = segmenter.meta
+    base = (preset or meta.crf).replace(pos_w=pos_w, pos_xy_std=pos_xy_std, iterations=iters,
+                                        normalization=crf_norm)
     grid = tune.build_grid(base, **values)
     n_classes = len(meta.classes)
 
@@ -278,46 +279,41 @@ def _weights_choice(model, weights):
     return weights or model
 
 
-def _segmenter(weights, device, *, no_msc, max_size, precision, crf_flags, no_crf):
-    """Load the weights once and build the pipeline; CRF flags default to the weights' meta."""
-    from deeplab_cli.device import resolve_device
+def _segmenter(weights, device, *, no_msc, max_size, precision, crf_flags=None, no_crf=False):
+    """Load the weights once and build the pipeline. The CRF is the weights' own, with
+    `crf_flags` (the --iters ... --crf-params options) applied over it; none with `no_crf`."""
     from deeplab_cli.pipeline import Segmenter
-    from deeplab_cli.weights import load_model
 
-    torch_device = resolve_device(device)
-    model, meta = load_model(weights, device=torch_device)
-    crf = None
-    if crf_flags is not None and not no_crf:
-        crf = crf_params_from_options(dict(crf_flags), defaults=meta.crf)
-    elif crf_flags is None:
-        crf = meta.crf
-    segmenter = Segmenter(model, meta, device=torch_device, crf=crf, msc=not no_msc,
-                          max_size=max_size, precision=precision)
-    return segmenter, meta
+    segmenter = Segmenter.from_weights(weights, device=device, msc=not no_msc,
+                                       max_size=max_size, precision=precision)
+    if no_crf:
+        segmenter.crf = None
+    elif crf_flags is not None:
+        segmenter.crf = crf_params_from_options(dict(crf_flags), defaults=segmenter.meta.crf)
+    return segmenter
 
 
 def _meta_for_pred(weights, n_classes):
-    """Class names and palette for scoring saved predictions: the weights' (when given),
-    else the known label set with --n-classes classes, else the default weights' set."""
-    from types import SimpleNamespace
-
+    """Class names and palette (`.classes`, `.palette`) for scoring saved predictions: the
+    weights' (when given), else the known label set with --n-classes classes, else the
+    default weights' set."""
     from deeplab_cli import labels
     from deeplab_cli.errors import DeeplabError
     from deeplab_cli.weights import DEFAULT_WEIGHTS, REGISTRY
 
-    if weights is not None:
+    if weights is None and n_classes is not None:
+        return labels.for_class_count(n_classes)
+    if weights is None or weights in REGISTRY:
+        # A registry file has no metadata of its own: its entry's label set is all there
+        # is to learn, so there is nothing to download or read.
+        meta = labels.LABEL_SETS[REGISTRY[weights or DEFAULT_WEIGHTS].label_set]
+    else:
         from deeplab_cli.weights import load_state_dict, resolve
 
         _, meta = load_state_dict(resolve(weights))
-        if n_classes is not None and n_classes != len(meta.classes):
-            raise DeeplabError(f"--n-classes {n_classes}: the weights have {len(meta.classes)} classes")
-        return meta
-    if n_classes is not None:
-        label_set = labels.for_class_count(n_classes)
-    else:
-        label_set = labels.LABEL_SETS[REGISTRY[DEFAULT_WEIGHTS].label_set]
-    return SimpleNamespace(name=label_set.name, classes=list(label_set.classes),
-                           palette=label_set.palette)
+    if n_classes is not None and n_classes != len(meta.classes):
+        raise DeeplabError(f"--n-classes {n_classes}: the weights have {len(meta.classes)} classes")
+    return meta
 
 
 def _params_scaler(segmenter):
@@ -340,15 +336,9 @@ def _weights_identity(weights) -> tuple:
     """What changes when the weights file does: its path, size and mtime (or the name)."""
     from deeplab_cli.weights import resolve
 
-    path = Path(resolve(weights) if weights is not None else resolve(_default_weights()))
+    path = resolve(weights)  # None: the default weights
     st = path.stat()
     return (str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-def _default_weights() -> str:
-    from deeplab_cli.weights import DEFAULT_WEIGHTS
-
-    return DEFAULT_WEIGHTS
 
 
 def _save_labels(path: Path, labels, palette) -> None:
@@ -368,7 +358,9 @@ def _settings(root, split, images_dir, labels_dir, pred_dir, weights, segmenter)
     if pred_dir is not None:
         settings["pred"] = str(pred_dir)
         return settings
-    settings.update(weights=weights or _default_weights(), msc=segmenter.msc,
+    from deeplab_cli.weights import DEFAULT_WEIGHTS
+
+    settings.update(weights=weights or DEFAULT_WEIGHTS, msc=segmenter.msc,
                     max_size=segmenter.max_size, precision=segmenter.precision,
                     crf=segmenter.crf.to_dict() if segmenter.crf is not None else None,
                     device=str(segmenter.device))

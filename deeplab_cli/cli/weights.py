@@ -129,14 +129,16 @@ def convert(src: str, dst: str, name: str | None, dataset: str | None,
     same class count, unless given here.
     """
     from deeplab_cli.errors import DeeplabError
+    from deeplab_cli.fsutil import read_input
     from deeplab_cli.weights import convert as convert_weights
 
     classes = None
     if labels_file:
+        data = read_input(labels_file, label=f"--labels {labels_file}", expected="a text file")
         try:
-            text = Path(labels_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise DeeplabError(f"{labels_file}: cannot read ({exc.strerror})") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DeeplabError(f"--labels {labels_file}: not UTF-8 text") from None
         classes = [line.strip() for line in text.splitlines() if line.strip()]
     out = convert_weights(src, dst, name=name, dataset=dataset, classes=classes, aspp=aspp)
     click.echo(str(out))
