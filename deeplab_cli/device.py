@@ -24,7 +24,8 @@ def cupy_available() -> bool:
 def resolve_device(spec: str = "auto", *, quiet: bool = False):
     """Turn a device string into a torch.device, or raise a one-line DeeplabError.
 
-    'auto' picks cuda:0 when torch sees a GPU, else the CPU, and says so once on stderr.
+    'auto' picks torch's current CUDA device (cuda:0 unless set otherwise) when torch sees
+    a GPU; else the CPU, saying so on stderr once per process unless `quiet`.
     """
     import torch
 
@@ -45,7 +46,9 @@ def resolve_device(spec: str = "auto", *, quiet: bool = False):
             try:
                 index = int(spec[5:])
             except ValueError:
-                raise DeeplabError(f"--device {spec}: expected cuda:N with N a number") from None
+                index = -1
+            if index < 0:
+                raise DeeplabError(f"--device {spec}: expected cuda:N with N a number from 0")
         if not torch.cuda.is_available():
             raise DeeplabError(
                 f"--device {spec}: CUDA is not available ({_cuda_report()}); use --device cpu"

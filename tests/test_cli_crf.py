@@ -115,6 +115,16 @@ def test_unreadable_image_and_bad_sigma(files):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("spec", ["cuda:-1", "cuda:x", "tpu"])
+def test_bad_device_is_one_line(files, spec):
+    tmp, _, _ = files
+    out = tmp / "out.png"
+    result = run("crf", tmp / "img.png", tmp / "probs.npy", "-o", out, "--device", spec)
+    assert result.exit_code == 1 and not out.exists()
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: --device {spec}: expected")
+
+
 def test_help_lists_the_flags():
     result = run("crf", "--help")
     assert result.exit_code == 0

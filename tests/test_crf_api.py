@@ -41,6 +41,13 @@ def test_torch_in_torch_out():
     np.testing.assert_allclose(out64.numpy(), out.numpy(), atol=1e-6)
 
 
+def test_byte_order_of_numpy_inputs_does_not_matter():
+    image, probs = inputs()
+    swapped = probs.astype(probs.dtype.newbyteorder(">" if probs.dtype.byteorder != ">" else "<"))
+    assert swapped.dtype != probs.dtype and str(swapped.dtype) != "float32"
+    np.testing.assert_array_equal(dense_crf(image, swapped, PARAMS), dense_crf(image, probs, PARAMS))
+
+
 def test_default_params_are_deeplab():
     image, probs = inputs(h=17, w=19)
     np.testing.assert_array_equal(dense_crf(image, probs), dense_crf_cpu(image, probs, CRFParams()))

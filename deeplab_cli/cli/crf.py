@@ -36,8 +36,6 @@ def crf(image: str, probs: str, output: str, fmt: str, device: str, **options) -
       deeplab crf photo.jpg probs.npy -o refined.npy --format probs --iters 5
       deeplab crf photo.jpg probs.npy -o - --bi-rgb-std 5 --device cpu > labels.png
     """
-    import numpy as np
-
     from deeplab_cli.crf import dense_crf
     from deeplab_cli.device import resolve_device
     from deeplab_cli.image_io import encode_output, read_image, write_bytes
@@ -66,14 +64,12 @@ def crf(image: str, probs: str, output: str, fmt: str, device: str, **options) -
     except DeeplabError as exc:
         raise DeeplabError(f"{probs}: {exc}") from None
 
-    n_labels = refined.shape[0]
-    labels = refined.argmax(axis=0).astype(np.uint8 if n_labels <= 256 else np.uint16)
-    data = encode_output(fmt, labels=labels, palette=palette_for(min(n_labels, 256)), probs=refined)
-    if output == "-":
-        stream = getattr(sys.stdout, "buffer", sys.stdout)
-        write_bytes(stream, data)
-    else:
-        write_bytes(output, data)
+    if fmt == "probs":
+        data = encode_output(fmt, probs=refined)
+    else:  # encode_output picks 8- or 16-bit PNGs from the class ids
+        data = encode_output(fmt, labels=refined.argmax(axis=0),
+                             palette=palette_for(min(len(refined), 256)))
+    write_bytes(getattr(sys.stdout, "buffer", sys.stdout) if output == "-" else output, data)
 
 
 def _load_probs(path: str):

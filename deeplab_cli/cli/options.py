@@ -6,7 +6,12 @@ from typing import Any, Callable
 
 import click
 
-CRF_FLAGS = ("iters", "pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std", "crf_norm", "crf_params")
+# The CRF flags' parameter names and the CRFParams fields they set; --crf-params is a preset.
+_FLAG_FIELDS = {
+    "iters": "iterations", "pos_w": "pos_w", "pos_xy_std": "pos_xy_std", "bi_w": "bi_w",
+    "bi_xy_std": "bi_xy_std", "bi_rgb_std": "bi_rgb_std", "crf_norm": "normalization",
+}
+CRF_FLAGS = (*_FLAG_FIELDS, "crf_params")
 
 
 def crf_options(func: Callable) -> Callable:
@@ -36,28 +41,25 @@ def crf_options(func: Callable) -> Callable:
 
 
 def crf_params_from_options(options: dict[str, Any], defaults=None):
-    """Build CRFParams: `defaults` (e.g. the weights' metadata), then the preset, then flags.
+    """Build CRFParams from the CRF flags: the --crf-params preset if given (it replaces
+    `defaults` as a whole; fields it lacks take CRFParams' defaults), else `defaults`
+    (e.g. the weights' metadata; None: CRFParams()); then each flag that is set.
 
     Removes the CRF flags from `options` so the rest can be passed on.
     """
     from deeplab_cli.crf.params import CRFParams
 
-    values = {name: options.pop(name, None) for name in CRF_FLAGS}
-    params = defaults if defaults is not None else CRFParams()
-    if values["crf_params"]:
-        params = CRFParams.from_json_file(values["crf_params"])
-    return params.replace(
-        iterations=values["iters"],
-        pos_w=values["pos_w"],
-        pos_xy_std=values["pos_xy_std"],
-        bi_w=values["bi_w"],
-        bi_xy_std=values["bi_xy_std"],
-        bi_rgb_std=values["bi_rgb_std"],
-        normalization=values["crf_norm"],
-    )
+    preset = options.pop("crf_params", None)
+    flags = {field: options.pop(name, None) for name, field in _FLAG_FIELDS.items()}
+    if preset:
+        params = CRFParams.from_json_file(preset)
+    else:
+        params = defaults if defaults is not None else CRFParams()
+    return params.replace(**flags)
 
 
 def device_option(func: Callable) -> Callable:
+    """Add --device (a string for `deeplab_cli.device.resolve_device`)."""
     return click.option(
         "--device", default="auto", show_default=True,
         help="auto, cpu, cuda or cuda:N. 'auto' uses CUDA when available, else the CPU.",

@@ -84,7 +84,8 @@ def dense_crf(image: Any, probs: Any, params: CRFParams = CRFParams()) -> Any:
 
 def dense_crf_batch(images: Sequence[Any], probs_list: Sequence[Any],
                     params: CRFParams = CRFParams()) -> list[Any]:
-    """`dense_crf` over several images; CUDA inputs run as one batch on the GPU."""
+    """`dense_crf` over several images (sizes may differ). The CUDA inputs run as one batch
+    on the GPU, so they must share one label count and one device."""
     if len(images) != len(probs_list):
         raise DeeplabError(f"CRF: {len(images)} images but {len(probs_list)} probability maps")
     results: list[Any] = [None] * len(images)
@@ -116,7 +117,8 @@ def _kind(array: Any) -> str:
 
 
 def _dtype_name(array: Any) -> str:
-    return str(array.dtype).replace("torch.", "")
+    """'float32', 'uint8', ...: NumPy/CuPy dtype names leave out the byte order ('>f4')."""
+    return getattr(array.dtype, "name", None) or str(array.dtype).replace("torch.", "")
 
 
 def _validate(image: Any, probs: Any, where: str, params: CRFParams) -> None:
@@ -126,7 +128,7 @@ def _validate(image: Any, probs: Any, where: str, params: CRFParams) -> None:
     if len(probs.shape) != 3:
         raise DeeplabError(f"CRF {where}: probabilities must be (C, H, W), got shape {tuple(probs.shape)}")
     n_labels, height, width = (int(s) for s in probs.shape)
-    if len(image.shape) != 3 or tuple(int(s) for s in image.shape) != (height, width, 3):
+    if tuple(int(s) for s in image.shape) != (height, width, 3):
         raise DeeplabError(
             f"CRF {where}: image shape {tuple(image.shape)} does not match probabilities "
             f"{tuple(probs.shape)} (expected ({height}, {width}, 3), RGB)"
@@ -174,15 +176,10 @@ def _stats(probs: Any, kind: str) -> tuple[bool, float, float]:
 # -- dispatch ------------------------------------------------------------------------------
 
 def _run_cpu(image: Any, probs: Any, params: CRFParams) -> Any:
-    import numpy as np
-
     from deeplab_cli.crf.cpu import dense_crf_cpu
 
-    kind = _kind(probs)
-    image_np = _to_numpy(image)
-    probs_np = _to_numpy(probs).astype(np.float32, copy=False)
-    out = dense_crf_cpu(image_np, probs_np, params)
-    if kind == "torch":
+    out = dense_crf_cpu(_to_numpy(image), _to_numpy(probs), params)  # float32 (C, H, W)
+    if _kind(probs) == "torch":
         import torch
 
         return torch.from_numpy(out)

@@ -228,6 +228,7 @@ def build_lattice(features: np.ndarray, *, block: int = 4) -> Lattice:
 
     offsets = np.empty((n_points, d + 1), np.int32)  # the padding row's corners are not kept
     weights = np.empty((n, d + 1), np.float32)
+    chunk = min(_CHUNK_PIXELS, n)
     if packed:
         capacity = max(16, _VERTICES_PER_POINT * n)
         table = _new_table(1 << (2 * capacity - 1).bit_length())
@@ -235,12 +236,11 @@ def build_lattice(features: np.ndarray, *, block: int = 4) -> Lattice:
         keys = np.empty((capacity, d), np.int32)
         n_vertices = 0
         last = np.full((2, d + 1), _EMPTY, np.uint64)  # see _insert_corners
-        corner_codes = np.empty((min(_CHUNK_PIXELS, n), d + 1, 1), np.uint64)
+        corner_codes = np.empty((chunk, d + 1, 1), np.uint64)
     else:  # every corner's code, sorted below (memory: 8·w·(d+1) bytes per point)
         corner_codes = np.empty((n, d + 1, coding.shape[0]), np.uint64)
         rem0_all = np.empty((n, d + 1), np.int32)
         rank_all = np.empty((n, d + 1), np.int32)
-    chunk = min(_CHUNK_PIXELS, n)
     rem0 = np.empty((chunk, d + 1), np.int32)
     rank = np.empty((chunk, d + 1), np.int32)
     elevated = np.empty((chunk, d + 1), np.float32)
@@ -380,22 +380,22 @@ class _KernelOperator:
     """
 
     def __init__(self, lattice: Lattice, weight: float, normalization: str):
-        n, m = lattice.n_points, lattice.n_vertices
-        self.n_points, self.n_vertices = n, m
+        n = lattice.n_points
+        self.n_vertices = lattice.n_vertices
         self.offsets = np.ascontiguousarray(lattice.offsets, dtype=np.int32)  # (N, d+1)
         self.neighbours = np.ascontiguousarray(lattice.neighbours, dtype=np.int32)  # (d+1, 2, M)
         self.reach = _axis_reach(self.neighbours)  # (d+1,)
+        self._buffers: tuple[np.ndarray, np.ndarray] | None = None
+        # K·1 through the plain filter (barycentric weights, α), then n and the kernel
+        # weight are folded into the weights.
         bary = np.ascontiguousarray(lattice.weights, dtype=np.float32)  # (N, d+1)
         self.splat_weights = bary
         self.slice_weights = bary * np.float32(lattice.alpha)
-        self._buffers: tuple[np.ndarray, np.ndarray] | None = None
-
         norm = np.zeros((n, 1), np.float32)
-        self.add_message(norm, np.ones((n, 1), np.float32))  # K·1
+        self.add_message(norm, np.ones((n, 1), np.float32))
         self.splat_weights = np.empty_like(bary)
         _fold_normalization(bary, norm[:, 0], normalization == "symmetric", np.float32(weight),
                             self.splat_weights, self.slice_weights)
-        self._buffers = None
 
     def buffers(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
         """The two (M+1, C) vertex buffers (row M stays 0: the missing neighbour)."""
@@ -404,9 +404,8 @@ class _KernelOperator:
                              np.zeros((self.n_vertices + 1, channels), np.float32))
         return self._buffers
 
-    def add_message(self, out, q) -> None:
-        """out += K̃(q) for q (N, C); NumPy arrays or CPU tensors (`out` updated in place)."""
-        out = np.asarray(out)
+    def add_message(self, out: np.ndarray, q: np.ndarray) -> None:
+        """out += K̃(q) for q (N, C), `out` (N, C) float32 updated in place."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         grid, scratch = self.buffers(q.shape[1])
         _splat(self.offsets, self.splat_weights, q, grid)
@@ -460,7 +459,7 @@ def dense_crf_cpu(image: np.ndarray, probs: np.ndarray, params: "CRFParams", *,
     """
     image = np.ascontiguousarray(image, dtype=np.uint8)
     probs = np.asarray(probs, dtype=np.float32)
-    n_labels, height, width = probs.shape
+    _, height, width = probs.shape
     if image.shape != (height, width, 3):
         raise ValueError(f"image {image.shape} does not match probabilities {probs.shape}")
     previous = numba.get_num_threads()
@@ -486,26 +485,26 @@ def _mean_field(image: np.ndarray, probs: np.ndarray, params: "CRFParams") -> np
     q[:, :n_labels] = clipped.T  # softmax(-U) = softmax(log p) = p / Σp
     q[:, n_labels:] = 0
     del clipped
-    if params.iterations > 0:
-        gauss, bilateral = kernel_features(image, params)
-        operators = []
-        for feats, weight in ((gauss, params.pos_w), (bilateral, params.bi_w)):
-            operators.append(_KernelOperator(build_lattice(feats), weight, params.normalization))
-        del gauss, bilateral, feats
-        first, second = operators  # Gaussian, then bilateral
-        buffers1, buffers2 = first.buffers(lanes), second.buffers(lanes)
-        planes = np.empty((n_labels, n), np.float32)  # the result, (C, N)
-        for step in range(params.iterations):
-            _splat_both(q, first.offsets, first.splat_weights, buffers1[0],
-                        second.offsets, second.splat_weights, buffers2[0])
-            grid1 = first.blur(*buffers1)
-            grid2 = second.blur(*buffers2)
-            last = step == params.iterations - 1
-            _slice_softmax(neg_unary, first.offsets, first.slice_weights, grid1,
-                           second.offsets, second.slice_weights, grid2, q,
-                           planes if last else planes[:0])
-        return planes.reshape(n_labels, height, width)
-    return np.ascontiguousarray(q[:, :n_labels].T).reshape(n_labels, height, width)
+    if params.iterations == 0:
+        return np.ascontiguousarray(q[:, :n_labels].T).reshape(n_labels, height, width)
+
+    gauss, bilateral = kernel_features(image, params)
+    first = _KernelOperator(build_lattice(gauss), params.pos_w, params.normalization)
+    del gauss
+    second = _KernelOperator(build_lattice(bilateral), params.bi_w, params.normalization)
+    del bilateral
+    buffers1, buffers2 = first.buffers(lanes), second.buffers(lanes)
+    planes = np.empty((n_labels, n), np.float32)  # the result, (C, N)
+    for step in range(params.iterations):
+        _splat_both(q, first.offsets, first.splat_weights, buffers1[0],
+                    second.offsets, second.splat_weights, buffers2[0])
+        grid1 = first.blur(*buffers1)
+        grid2 = second.blur(*buffers2)
+        last = step == params.iterations - 1
+        _slice_softmax(neg_unary, first.offsets, first.slice_weights, grid1,
+                       second.offsets, second.slice_weights, grid2, q,
+                       planes if last else planes[:0])
+    return planes.reshape(n_labels, height, width)
 
 
 # -- compiled loops ------------------------------------------------------------------------
@@ -626,7 +625,7 @@ def _insert_corners(corner_codes, rem0, rank, start, p, offsets, table, codes, k
                     table[slot, 1] = v
                     codes[v] = code
                     for c in range(d):
-                        keys[v, c] = rem0[p, c] + r - (corners if rank[p, c] > d - r else 0)
+                        keys[v, c] = _corner_key(rem0, rank, p, r, c)
             ids[r] = v
             if i < offsets.shape[0]:
                 offsets[i, r] = v
@@ -664,8 +663,7 @@ def _corner_codes(rem0, rank, coding, constant, out):
             for w in range(coding.shape[0]):
                 code = constant[w]
                 for c in range(d):
-                    key = rem0[p, c] + r - (d + 1 if rank[p, c] > d - r else 0)
-                    code += coding[w, c] * np.uint64(np.int64(key))
+                    code += coding[w, c] * np.uint64(np.int64(_corner_key(rem0, rank, p, r, c)))
                 out[p, r, w] = code
 
 
@@ -677,8 +675,16 @@ def _corner_keys(rem0, rank, corners):
     for j in range(corners.size):
         p, r = corners[j] // (d + 1), corners[j] % (d + 1)
         for c in range(d):
-            keys[j, c] = rem0[p, c] + r - (d + 1 if rank[p, c] > d - r else 0)
+            keys[j, c] = _corner_key(rem0, rank, p, r, c)
     return keys
+
+
+@_jit
+def _corner_key(rem0, rank, p, r, c):
+    """Coordinate c of the key of point p's simplex corner r, from the point's corrected
+    rem0 and rank (d+1 each): rem0 + r, less d+1 where rank > d - r."""
+    d = rem0.shape[1] - 1
+    return rem0[p, c] + r - (d + 1 if rank[p, c] > d - r else 0)
 
 
 @_jit
