@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import click
 
-from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option
+from deeplab_cli.cli.options import crf_options, device_option, load_segmenter
 
 VOC_HELP = "PASCAL VOC root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)."
 
@@ -111,8 +111,8 @@ def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weight
         samples = _samples(root, split, images_dir, labels_dir)[:limit]
         if n_classes is not None:
             raise DeeplabError("--n-classes only applies to --pred; the weights fix the classes")
-        segmenter = _segmenter(weights, device, no_msc=no_msc, max_size=max_size,
-                               precision=precision, crf_flags=crf_flags, no_crf=no_crf)
+        segmenter = load_segmenter(weights, device, no_crf=no_crf, crf_flags=crf_flags,
+                                   msc=not no_msc, max_size=max_size, precision=precision)
         meta, crf = segmenter.meta, segmenter.crf
         click.echo(f"deeplab: {len(samples)} images, weights {meta.name}, "
                    f"{'multi-scale' if segmenter.msc else 'single-scale'}, CRF "
@@ -207,7 +207,8 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
     samples = _samples(root, split, images_dir, labels_dir)[:limit]
     preset = CRFParams.from_json_file(crf_params) if crf_params else None  # before the slow load
 
-    segmenter = _segmenter(weights, device, no_msc=no_msc, max_size=max_size, precision=precision)
+    segmenter = load_segmenter(weights, device, msc=not no_msc, max_size=max_size,
+                               precision=precision)
     meta = segmenter.meta
     base = (preset or meta.crf).replace(pos_w=pos_w, pos_xy_std=pos_xy_std, iterations=iters,
                                         normalization=crf_norm)
@@ -277,20 +278,6 @@ def _weights_choice(model, weights):
     if weights and not Path(weights).is_file():
         raise DeeplabError(f"--weights {weights}: no such file")
     return weights or model
-
-
-def _segmenter(weights, device, *, no_msc, max_size, precision, crf_flags=None, no_crf=False):
-    """Load the weights once and build the pipeline. The CRF is the weights' own, with
-    `crf_flags` (the --iters ... --crf-params options) applied over it; none with `no_crf`."""
-    from deeplab_cli.pipeline import Segmenter
-
-    segmenter = Segmenter.from_weights(weights, device=device, msc=not no_msc,
-                                       max_size=max_size, precision=precision)
-    if no_crf:
-        segmenter.crf = None
-    elif crf_flags is not None:
-        segmenter.crf = crf_params_from_options(dict(crf_flags), defaults=segmenter.meta.crf)
-    return segmenter
 
 
 def _meta_for_pred(weights, n_classes):

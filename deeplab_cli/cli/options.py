@@ -1,4 +1,5 @@
-"""Option groups shared by several commands (CRF flags, device), as single decorators."""
+"""Option groups shared by several commands (CRF flags, device), as single decorators, and
+the one way those commands turn them into a pipeline."""
 
 from __future__ import annotations
 
@@ -64,3 +65,20 @@ def device_option(func: Callable) -> Callable:
         "--device", default="auto", show_default=True,
         help="auto, cpu, cuda or cuda:N. 'auto' uses CUDA when available, else the CPU.",
     )(func)
+
+
+def load_segmenter(weights, device: str, *, no_crf: bool = False, crf_flags: dict | None = None,
+                   quiet: bool = False, **segmenter_options):
+    """The pipeline a command runs: `weights` (registry name, file, or None for the default)
+    on `device`, with the weights' own CRF and the CRF flags applied over it (none with
+    `no_crf`). `segmenter_options` go to `Segmenter` (msc, max_size, precision)."""
+    from deeplab_cli.device import resolve_device
+    from deeplab_cli.pipeline import Segmenter
+
+    segmenter = Segmenter.from_weights(weights, device=resolve_device(device, quiet=quiet),
+                                       **segmenter_options)
+    if no_crf:
+        segmenter.crf = None
+    elif crf_flags:
+        segmenter.crf = crf_params_from_options(dict(crf_flags), defaults=segmenter.meta.crf)
+    return segmenter

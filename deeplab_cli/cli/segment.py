@@ -31,7 +31,7 @@ from pathlib import Path, PurePath
 
 import click
 
-from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option
+from deeplab_cli.cli.options import crf_options, device_option, load_segmenter
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.fsutil import read_input
 
@@ -322,9 +322,9 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = None
-        segmenter = _load_segmenter(model or weights, device, no_crf=no_crf, no_msc=no_msc,
-                                    max_size=max_size, precision=precision, quiet=quiet,
-                                    crf_flags=crf_flags)
+        segmenter = load_segmenter(model or weights, device, no_crf=no_crf, crf_flags=crf_flags,
+                                   quiet=quiet, msc=not no_msc, max_size=max_size,
+                                   precision=precision)
         try:
             _run(segmenter, todo, stats, fmt=fmt, alpha=alpha, as_json=as_json,
                  max_pixels=max_pixels, batch_size=batch_size, fail_fast=fail_fast, quiet=quiet)
@@ -333,18 +333,6 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(1)
     _finish(ctx, stats, quiet)
-
-
-def _load_segmenter(weights, device, *, no_crf, no_msc, max_size, precision, quiet, crf_flags):
-    from deeplab_cli.device import resolve_device
-    from deeplab_cli.pipeline import Segmenter
-    from deeplab_cli.weights import load_model
-
-    torch_device = resolve_device(device, quiet=quiet)
-    model, meta = load_model(weights, device=torch_device)
-    crf = None if no_crf else crf_params_from_options(dict(crf_flags), defaults=meta.crf)
-    return Segmenter(model, meta, device=torch_device, crf=crf, msc=not no_msc,
-                     max_size=max_size, precision=precision)
 
 
 @dataclasses.dataclass
