@@ -7,3 +7,12 @@ Messages name the file (or option) and the reason, on one line.
 
 class DeeplabError(Exception):
     """A user-facing error: the message is shown as is, without a traceback."""
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first sentence of an exception's message (its type name when it has none), at
+    most 200 characters: the reason part of a one-line error built around a library's."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    return text.splitlines()[0].split(". ")[0].rstrip(".")[:200]

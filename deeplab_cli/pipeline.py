@@ -310,20 +310,23 @@ class Segmenter:
 
     # --- CRF parameters and working resolution --------------------------------------------
 
-    def _crf_params_at(self, size: tuple[int, int], net: tuple[int, int]) -> CRFParams | None:
-        """CRF parameters for a CRF run at `size` when the network saw `net`: the spatial
-        stds were tuned at the network's resolution, so they grow with size / net."""
-        if self.crf is None:
+    def _crf_params_at(self, size: tuple[int, int], net: tuple[int, int],
+                       params: CRFParams | None = None) -> CRFParams | None:
+        """CRF parameters (`params`, default the segmenter's own) for a CRF run at `size`
+        when the network saw `net`: the spatial stds were tuned at the network's
+        resolution, so they grow with size / net."""
+        params = params or self.crf
+        if params is None:
             return None
         factor = max(size) / max(net)
-        return self.crf if factor == 1 else self.crf.scaled(factor)
+        return params if factor == 1 else params.scaled(factor)
 
-    def crf_params_for(self, rgb: np.ndarray) -> CRFParams | None:
-        """The CRF parameters applied at `rgb`'s own resolution (None without a CRF):
-        spatial stds multiplied by original / network size when the network saw a
-        downscaled copy, unchanged otherwise."""
+    def crf_params_for(self, rgb: np.ndarray, params: CRFParams | None = None) -> CRFParams | None:
+        """The CRF parameters (`params`, default the segmenter's own; None without a CRF)
+        applied at `rgb`'s own resolution: spatial stds multiplied by original / network
+        size when the network saw a downscaled copy, unchanged otherwise."""
         height, width = np.shape(rgb)[:2]
-        return self._crf_params_at((height, width), self.network_size(height, width))
+        return self._crf_params_at((height, width), self.network_size(height, width), params)
 
     def crf_size(self, height: int, width: int, n_labels: int | None = None, *,
                  budget: int | None = None) -> tuple[int, int]:

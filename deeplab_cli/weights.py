@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from deeplab_cli import labels
 from deeplab_cli.crf.params import CRFParams
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, first_line
 from deeplab_cli.fsutil import atomic_path
 
 if TYPE_CHECKING:
@@ -386,17 +386,11 @@ def _read_pth(path: Path) -> dict[str, "torch.Tensor"]:
             raise DeeplabError(f"{path}: refused to load: the pickle holds code or objects other "
                                "than tensors (loaded with weights_only=True)") from None
         raise DeeplabError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
-                           f"{_first_line(text)})") from None
+                           f"{first_line(exc)})") from None
     except Exception as exc:  # zip errors, EOFError, RuntimeError from torch's readers
         raise DeeplabError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
-                           f"{_first_line(str(exc)) or exc.__class__.__name__})") from None
+                           f"{first_line(exc)})") from None
     return _unwrap(obj, path)
-
-
-def _first_line(text: str) -> str:
-    """The first sentence of an exception message, for one-line errors."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line.split(". ")[0].rstrip(".")[:200]
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, "torch.Tensor"]:
@@ -447,7 +441,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, "torch.Tensor"], dict[str, 
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DeeplabError(f"{path}: not a readable safetensors file (truncated or corrupt: "
-                           f"{_first_line(str(exc))})") from None
+                           f"{first_line(exc)})") from None
     return normalize_keys(tensors, source=str(path)), metadata
 
 

@@ -13,7 +13,7 @@ import sys
 import click
 
 from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, first_line
 from deeplab_cli.fsutil import read_input
 
 
@@ -80,7 +80,7 @@ def _load_probs(path: str):
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, EOFError, OSError) as exc:
-        raise DeeplabError(f"{path}: not a NumPy .npy array ({_first_line(exc)})") from None
+        raise DeeplabError(f"{path}: not a NumPy .npy array ({first_line(exc)})") from None
     if not isinstance(array, np.ndarray):
         array.close()  # an .npz archive
         raise DeeplabError(f"{path}: an .npz archive; expected a single .npy array (C, H, W)")
@@ -91,5 +91,3 @@ def _load_probs(path: str):
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -233,7 +233,7 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
     with _progress(len(samples), "tuning") as advance:
         result = tune.tune_crf(
             items(), grid, n_classes=n_classes, probs_fn=segmenter.probs,
-            params_for=_params_scaler(segmenter), cache=cache,
+            params_for=segmenter.crf_params_for, cache=cache,
             on_image=lambda item, partial: advance(),
         )
 
@@ -301,22 +301,6 @@ def _meta_for_pred(weights, n_classes):
     if n_classes is not None and n_classes != len(meta.classes):
         raise DeeplabError(f"--n-classes {n_classes}: the weights have {len(meta.classes)} classes")
     return meta
-
-
-def _params_scaler(segmenter):
-    """(rgb, setting) -> the setting as `segment` applies it to that image.
-
-    The grid is tuned at the network's resolution: when the network sees a downscaled
-    copy (longer side > --max-size), the spatial stds grow by original / network size,
-    exactly as `Segmenter.crf_params_for` scales the segmenter's own parameters.
-    """
-
-    def params_for(rgb, setting):
-        height, width = rgb.shape[:2]
-        factor = max(height, width) / max(segmenter.network_size(height, width))
-        return setting if factor == 1 else setting.scaled(factor)
-
-    return params_for
 
 
 def _weights_identity(weights) -> tuple:
