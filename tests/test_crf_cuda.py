@@ -441,6 +441,29 @@ def test_torch_cuda_tensors_through_dense_crf(photos_and_probs):
 
 
 @pytest.mark.cuda
+def test_batch_of_mixed_label_counts_and_array_types(photos_and_probs):
+    """dense_crf_batch splits CUDA inputs into GPU batches of one label count, device and
+    array type; every result equals that image run alone, in the caller's order."""
+    cp = _cupy()
+    torch = pytest.importorskip("torch")
+    from deeplab_cli.crf import dense_crf, dense_crf_batch
+
+    image, probs = photos_and_probs["coffee.jpg"]
+    small = np.ascontiguousarray(image[:61, :83])
+    p21 = np.ascontiguousarray(probs[:, :61, :83])
+    p5 = network_like_probs(61, 83, n_labels=5, seed=3)
+    images = [torch.from_numpy(small).cuda(), cp.asarray(small), torch.from_numpy(small).cuda(), small]
+    probs_list = [torch.from_numpy(p21).cuda(), cp.asarray(p5), torch.from_numpy(p5).cuda(), p21]
+    outs = dense_crf_batch(images, probs_list, DEEPLAB)
+    assert [type(o).__module__.split(".")[0] for o in outs] == ["torch", "cupy", "torch", "numpy"]
+    assert [o.shape[0] for o in outs] == [21, 5, 5, 21]
+    for image_i, probs_i, out in zip(images, probs_list, outs):
+        alone = dense_crf(image_i, probs_i, DEEPLAB)
+        got, want = (x.cpu().numpy() if hasattr(x, "cpu") else cp.asnumpy(x) for x in (out, alone))
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.cuda
 @pytest.mark.slow
 def test_12_mp_fits_in_80_gb(photos_and_probs):
     cp = _cupy()

@@ -84,21 +84,23 @@ def dense_crf(image: Any, probs: Any, params: CRFParams = CRFParams()) -> Any:
 
 def dense_crf_batch(images: Sequence[Any], probs_list: Sequence[Any],
                     params: CRFParams = CRFParams()) -> list[Any]:
-    """`dense_crf` over several images (sizes may differ). The CUDA inputs run as one batch
-    on the GPU, so they must share one label count and one device."""
+    """`dense_crf` over several images (sizes may differ). CUDA inputs that share a label
+    count, a device and an array type run together as one batch on the GPU."""
     if len(images) != len(probs_list):
         raise DeeplabError(f"CRF: {len(images)} images but {len(probs_list)} probability maps")
     results: list[Any] = [None] * len(images)
-    gpu: list[int] = []
+    gpu_groups: dict[tuple, list[int]] = {}  # (array type, device, labels) -> indices
     for i, (image, probs) in enumerate(zip(images, probs_list)):
         where = f"image {i}" if len(images) > 1 else "input"
         _validate(image, probs, where, params)
-        if _kind(probs) in ("torch-cuda", "cupy"):
-            gpu.append(i)
+        kind = _kind(probs)
+        if kind in ("torch-cuda", "cupy"):
+            gpu_groups.setdefault((kind, str(probs.device), probs.shape[0]), []).append(i)
         else:
             results[i] = _run_cpu(image, probs, params)
-    if gpu:
-        for i, out in zip(gpu, _run_cuda([images[i] for i in gpu], [probs_list[i] for i in gpu], params)):
+    for group in gpu_groups.values():
+        outs = _run_cuda([images[i] for i in group], [probs_list[i] for i in group], params)
+        for i, out in zip(group, outs):
             results[i] = out
     return results
 
@@ -209,15 +211,11 @@ def _run_cuda(images: list[Any], probs: list[Any], params: CRFParams) -> list[An
         ) from None
     from deeplab_cli.crf.cuda import dense_crf_cuda_batch
 
-    kinds = {_kind(p) for p in probs}
-    if len(kinds) > 1:
-        raise DeeplabError("CRF: mix of torch CUDA tensors and CuPy arrays in one batch")
-    if kinds == {"torch-cuda"}:
+    # dense_crf_batch groups the inputs: one array type, one device, one label count.
+    if _kind(probs[0]) == "torch-cuda":
         import torch
 
         device = probs[0].device
-        if any(p.device != device for p in probs):
-            raise DeeplabError("CRF: probabilities of one batch are on different GPUs")
         probs_t = [p.detach().float().contiguous() for p in probs]
         images_t = [_torch_image(im, device) for im in images]
         stream = torch.cuda.current_stream(device)
