@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import load_photo
-from deeplab_cli.crf import CRFParams, check_size, dense_crf, dense_crf_batch
+from deeplab_cli.crf import CRFParams, dense_crf, dense_crf_batch
 from deeplab_cli.crf.cpu import dense_crf_cpu
 from deeplab_cli.errors import DeeplabError
 
@@ -87,30 +87,6 @@ def test_batch_length_mismatch_and_unknown_types():
         dense_crf_batch([image, image], [probs], PARAMS)
     with pytest.raises(DeeplabError, match="expected a NumPy array"):
         dense_crf(image.tolist(), probs, PARAMS)
-
-
-def test_check_size_bounds():
-    check_size(375, 500, 21)
-    check_size(3000, 4000, 21)  # 12 MP with the DeepLab parameters fits int16 keys
-    check_size(3000, 4000, 182)
-    with pytest.raises(DeeplabError, match="int32"):
-        check_size(20000, 20000, 21)  # 400 MP: 6N corners overflow int32
-    with pytest.raises(DeeplabError, match="int16.*pos_xy_std"):
-        check_size(3000, 4000, 21, CRFParams(pos_xy_std=0.2))
-    with pytest.raises(DeeplabError, match="int16.*bi_xy_std and bi_rgb_std"):
-        check_size(100, 100, 21, CRFParams(bi_rgb_std=0.01))
-
-
-def test_check_size_bound_is_real():
-    """The int16 bound holds on the actual lattice of the largest accepted extent."""
-    from deeplab_cli.crf import _max_key
-    from deeplab_cli.crf.cpu import build_lattice
-
-    # Features at their extremes: corners of the image and pure colours.
-    fmax = [(640 - 1) / 3.0, (427 - 1) / 3.0, 255 / 3.0, 255 / 3.0, 255 / 3.0]
-    corners = np.array(np.meshgrid(*[[0.0, f] for f in fmax])).reshape(5, -1).T.astype(np.float32)
-    lat = build_lattice(corners)
-    assert np.abs(lat.keys).max() + 5 <= _max_key(fmax)
 
 
 def test_image_too_large_is_refused_by_dense_crf():

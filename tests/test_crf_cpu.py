@@ -7,6 +7,7 @@ import pytest
 
 from conftest import load_photo
 from deeplab_cli.crf import cpu
+from deeplab_cli.crf.geometry import scale_factors
 from deeplab_cli.crf.params import CRFParams
 
 DEEPLAB = CRFParams(pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3, iterations=10)
@@ -187,7 +188,7 @@ def test_wide_codes_build_the_same_lattice(lattices, monkeypatch):
     image = crop("coffee.jpg", 71, 97, 150, 250)
     features = cpu.kernel_features(image, README)
     for feats, packed in zip(features, lattices):
-        scale = cpu._scale_factors(feats.shape[1])
+        scale = scale_factors(feats.shape[1])
         monkeypatch.setattr(cpu, "_CODE_BITS", 62)
         _, _, bits = cpu._vertex_coding(feats, scale)
         monkeypatch.setattr(cpu, "_CODE_BITS", bits - 1)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import PHOTOS, load_photo
-from deeplab_cli.crf import cuda
+from deeplab_cli.crf import cuda, geometry
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 
@@ -71,7 +71,7 @@ def test_kernel_sources_are_found():
 def test_keys_pack_in_one_word_for_a_12_mp_photo():
     # Both lattices share one sort: the lattice index tops each key, and 8 images of 12 MP
     # still fit one 64-bit word.
-    specs = cuda.kernel_specs(DEEPLAB)
+    specs = geometry.kernel_specs(DEEPLAB)
     tables, words = cuda.pack_layouts(specs, 3000, 4000, n_images=8)
     assert words == 1
     for table in tables:
@@ -80,24 +80,6 @@ def test_keys_pack_in_one_word_for_a_12_mp_photo():
         assert fields[:, 2].sum() <= 64
     table, words = cuda.constant_table(specs, 3000, 4000, 8, spread=True)
     assert words == 2 and table.shape == (66,)
-
-
-def test_int16_key_overflow_is_refused_naming_the_option():
-    with pytest.raises(DeeplabError, match="pos_xy_std"):
-        cuda.check_lattice_size(8000, 10000, CRFParams(pos_xy_std=0.3))
-    cuda.check_lattice_size(3000, 4000, DEEPLAB)  # 12 MP with DeepLab's parameters is fine
-
-
-def test_too_many_pixels_for_int32_indices_is_refused():
-    with pytest.raises(DeeplabError, match="MP"):
-        cuda.check_lattice_size(12000, 12000, CRFParams(pos_xy_std=3, bi_xy_std=80), n_images=3)
-
-
-def test_scale_factors_and_alpha_are_pydensecrf_constants():
-    np.testing.assert_allclose(cuda.scale_factors(2), [np.sqrt(2 / 3) * 3 / np.sqrt(2), np.sqrt(2 / 3) * 3 / np.sqrt(6)],
-                               rtol=1e-6)
-    assert cuda.alpha(2) == np.float32(0.8)
-    assert cuda.alpha(5) == np.float32(1.0) / np.float32(1.03125)
 
 
 def test_torch_stream_wraps_with_from_external_else_external_stream():

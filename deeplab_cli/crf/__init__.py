@@ -9,7 +9,6 @@ torch's current stream). Both compute pydensecrf's mean field (REFERENCE §2).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 from deeplab_cli.crf.params import CRFParams
@@ -17,52 +16,18 @@ from deeplab_cli.errors import DeeplabError
 
 __all__ = ["CRFParams", "dense_crf", "dense_crf_batch", "check_size"]
 
-# Lattice coordinates are int16 in pydensecrf (and in our kernels); indices are int32.
-KEY_LIMIT = 32767
-INDEX_LIMIT = 2**31 - 1
 # How far the probabilities may sum away from 1 over the labels (float16 softmax included).
 SUM_TOLERANCE = 1e-2
 
 
-def check_size(height: int, width: int, n_labels: int, params: CRFParams | None = None) -> None:
-    """Raise DeeplabError when the lattice cannot index an image of this size.
+def check_size(height: int, width: int, n_labels: int | None = None, params: CRFParams | None = None) -> None:
+    """Raise DeeplabError when the lattice cannot index an image of this size (int16 lattice
+    coordinates, int32 corner counts; see `deeplab_cli.crf.geometry.check_size`), on any device.
+    `n_labels` is accepted for callers sizing a batch; label rows use 64-bit offsets, so it
+    sets no limit."""
+    from deeplab_cli.crf.geometry import check_size as check
 
-    Limits: every lattice coordinate (and its blur neighbours) fits int16, which depends on
-    width/σ, height/σ and 255/σβ; the d+1 simplex corners of all pixels (at most 6N)
-    are countable with int32. `n_labels` is accepted for callers sizing a batch; label
-    arrays use 64-bit offsets, so it sets no limit here.
-    """
-    params = params or CRFParams()
-    n = height * width
-    if n <= 0:
-        raise DeeplabError(f"CRF: empty image ({width}x{height})")
-    if 6 * n > INDEX_LIMIT:
-        raise DeeplabError(
-            f"CRF: a {width}x{height} image is too large for the lattice's int32 indices "
-            f"(at most {INDEX_LIMIT // 6 / 1e6:.0f} MP); use a smaller image"
-        )
-    kernels = (
-        ("Gaussian", "pos_xy_std", [(width - 1) / params.pos_xy_std, (height - 1) / params.pos_xy_std]),
-        ("bilateral", "bi_xy_std and bi_rgb_std",
-         [(width - 1) / params.bi_xy_std, (height - 1) / params.bi_xy_std] + [255 / params.bi_rgb_std] * 3),
-    )
-    for name, options, fmax in kernels:
-        if _max_key(fmax) > KEY_LIMIT:
-            raise DeeplabError(
-                f"CRF: a {width}x{height} image needs {name} lattice coordinates beyond int16 with "
-                f"these {options}; use larger standard deviations or a smaller image"
-            )
-
-
-def _max_key(fmax: list[float]) -> float:
-    """Largest |lattice coordinate| (plus rounding, corner and neighbour margins) for
-    non-negative features bounded by `fmax` (see the elevation in `crf.cpu`)."""
-    d = len(fmax)
-    inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
-    cf = [f * inv_std / math.sqrt((i + 1) * (i + 2)) for i, f in enumerate(fmax)]
-    # elevated[j] = sum(cf[j:]) - j * cf[j-1] lies in [-j*cf[j-1], sum(cf[j:])].
-    extent = max(max(sum(cf[j:]), j * cf[j - 1] if j else 0.0) for j in range(d))
-    return extent * (1 + 1e-6) + 3 * (d + 1)
+    check(height, width, params)
 
 
 def dense_crf(image: Any, probs: Any, params: CRFParams = CRFParams()) -> Any:

@@ -77,7 +77,6 @@ every process. Compiling takes about 10 s (once per install); loading it about 0
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING
 
 import llvmlite.ir
@@ -85,6 +84,8 @@ import numba
 import numba.core.cgutils
 import numba.extending
 import numpy as np
+
+from deeplab_cli.crf.geometry import alpha, scale_factors
 
 if TYPE_CHECKING:  # pragma: no cover
     from deeplab_cli.crf.params import CRFParams
@@ -151,7 +152,7 @@ class Lattice:
 
     @property
     def alpha(self) -> float:
-        return 1.0 / (1.0 + 2.0 ** -self.dim)
+        return float(alpha(self.dim))
 
     def filter(self, values: np.ndarray) -> np.ndarray:
         """K·values for values (N, C): splat, blur axes 0..d, slice with α (plain NumPy).
@@ -195,11 +196,6 @@ def kernel_features(image: np.ndarray, params: "CRFParams") -> tuple[np.ndarray,
     return gauss, bilateral
 
 
-def _scale_factors(d: int) -> np.ndarray:
-    inv_std = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
-    return np.array([1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std for i in range(d)], np.float32)
-
-
 def build_lattice(features: np.ndarray, *, block: int = 4) -> Lattice:
     """Build the permutohedral lattice of float32 features (N, d) exactly as pydensecrf does.
 
@@ -220,7 +216,7 @@ def build_lattice(features: np.ndarray, *, block: int = 4) -> Lattice:
     if n_points % block:  # one zero row stands for all padding lanes (same corners)
         features = np.concatenate([features, np.zeros((1, d), np.float32)])
     n = features.shape[0]
-    scale = _scale_factors(d)
+    scale = scale_factors(d)
     coding, constant, bits = _vertex_coding(features, scale)
     # Codes of one word (any photo with sensible σ): distinct corners through a hash
     # table. Wider ones (tiny σ) are rare: all corners' codes are sorted at once.

@@ -26,9 +26,9 @@ so every pass moves them as float4; each label's arithmetic is pydensecrf's.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.resources
-import math
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from deeplab_cli.crf.geometry import KernelSpec, alpha, check_size, kernel_specs, key_bounds, scale_factors
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 
@@ -60,8 +61,7 @@ UNARY_CLIP = 1e-5  # U = -log(clip(p, 1e-5, 1)), as pydensecrf.utils.unary_from_
 # vertex's runs. Short runs keep the threads of a warp (neighbouring vertices) equally busy.
 RUN_MIN = 16
 _BLOCK = 256
-_KEY_LIMIT = 32767  # pydensecrf stores lattice coordinates as int16
-_INDEX_LIMIT = 2**31 - 1  # entry and vertex indices are int32
+_CONSTANTS_KEPT = 64  # constant tables a backend keeps on the device
 
 
 def kernel_dir() -> Path:
@@ -142,70 +142,7 @@ def compile_all(arch: str | None = None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Lattice geometry, decided on the host from image sizes and parameters alone (no device sync)
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelSpec:
-    """One pairwise kernel: its Potts weight and its features' standard deviations (float32)."""
-
-    name: str
-    weight: float
-    d: int
-    stds: tuple[float, ...]
-    std_options: tuple[str, ...]
-
-
-def kernel_specs(params: CRFParams) -> list[KernelSpec]:
-    """The two kernels in pydensecrf's order: Gaussian (x, y), then bilateral (x, y, r, g, b)."""
-    xy = float(np.float32(params.pos_xy_std))
-    bxy, rgb = float(np.float32(params.bi_xy_std)), float(np.float32(params.bi_rgb_std))
-    return [
-        KernelSpec("gaussian", float(params.pos_w), 2, (xy, xy), ("pos_xy_std",)),
-        KernelSpec("bilateral", float(params.bi_w), 5, (bxy, bxy, rgb, rgb, rgb), ("bi_xy_std", "bi_rgb_std")),
-    ]
-
-
-def scale_factors(d: int) -> np.ndarray:
-    """Per-feature elevation scale, rounded as pydensecrf does (double, then float32)."""
-    inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
-    return np.array([(1.0 / math.sqrt((i + 2) * (i + 1))) * inv_std_dev for i in range(d)], dtype=np.float32)
-
-
-def key_bounds(spec: KernelSpec, height: int, width: int) -> list[tuple[int, int]]:
-    """Inclusive bounds of each of the d stored lattice coordinates over any image this size."""
-    d = spec.d
-    fmax = [(width - 1) / spec.stds[0], (height - 1) / spec.stds[1]] + [255.0 / s for s in spec.stds[2:]]
-    cf = [f * float(s) * (1 + 1e-5) + 1e-3 for f, s in zip(fmax, scale_factors(d))]
-    bounds = []
-    margin = 3 * (d + 1)  # rounding to a multiple of d+1, the +-(d+1) fix, the simplex corner
-    for j in range(d):
-        lo = 0.0 if j == 0 else -j * cf[j - 1]
-        hi = sum(cf[j:])
-        bounds.append((math.floor(lo) - margin, math.ceil(hi) + margin))
-    return bounds
-
-
-def check_lattice_size(height: int, width: int, params: CRFParams, n_images: int = 1) -> None:
-    """Raise DeeplabError when the lattice cannot index an image of this size (int16 keys,
-    int32 entry indices), before any memory is touched."""
-    n = height * width * n_images
-    if 6 * (n + n_images) > _INDEX_LIMIT:
-        raise DeeplabError(
-            f"CRF: {n_images} image(s) of {width}x{height} is {n / 1e6:.0f} MP, over the lattice's "
-            f"{_INDEX_LIMIT // 6 / 1e6:.0f} MP limit (int32 indices); run fewer or smaller images"
-        )
-    for spec in kernel_specs(params):
-        if spec.weight == 0:
-            continue
-        lo = min(b[0] for b in key_bounds(spec, height, width))
-        hi = max(b[1] for b in key_bounds(spec, height, width))
-        if lo < -_KEY_LIMIT or hi > _KEY_LIMIT:
-            stds = ", ".join(f"{o}={getattr(params, o)}" for o in spec.std_options)
-            raise DeeplabError(
-                f"CRF: a {width}x{height} image with {stds} needs {spec.name} lattice coordinates "
-                f"beyond int16 (pydensecrf's key type); use larger standard deviations or a smaller image"
-            )
+# Key packing, decided on the host from image sizes and parameters alone (no device sync)
 
 
 def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int,
@@ -274,11 +211,6 @@ def constant_table(specs: Sequence[KernelSpec], height: int, width: int, n_image
     return table, words
 
 
-def alpha(d: int) -> np.float32:
-    """pydensecrf's slice scale 1 / (1 + 2^-d), in float32."""
-    return np.float32(1.0) / (np.float32(1.0) + np.float32(2.0**-d))
-
-
 # --------------------------------------------------------------------------------------------
 # Backends: CuPy on the GPU; tests plug in the same kernels compiled for the CPU.
 
@@ -293,7 +225,7 @@ class CupyBackend:
         self.functions = load_kernels()
         self.max_blocks = cupy.cuda.Device().attributes["MultiProcessorCount"] * 32
         self._null = np.uint64(0)
-        self._constants: dict[Any, Any] = {}
+        self._constants: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 
     def launch(self, name: str, rows: int, args: Sequence[Any], width: int = 1) -> None:
         """Run kernel `name` over `rows` rows of `width` lanes each (labels; 32 for a warp per
@@ -306,9 +238,14 @@ class CupyBackend:
         self.functions[name]((grid,), (lanes, per_block), tuple(self._null if a is None else a for a in args))
 
     def constant(self, key: Any, host: np.ndarray) -> Any:
-        """`host` on the device, uploaded once per `key` for the life of this backend."""
-        if key not in self._constants:
+        """`host` on the device, uploaded once per `key` while among the last _CONSTANTS_KEPT
+        keys used (a folder of photos has a handful of sizes, or a new one per photo)."""
+        if key in self._constants:
+            self._constants.move_to_end(key)
+        else:
             self._constants[key] = self.xp.asarray(host)
+            while len(self._constants) > _CONSTANTS_KEPT:
+                self._constants.popitem(last=False)
         return self._constants[key]
 
     def to_host(self, array: Any) -> np.ndarray:
@@ -462,7 +399,7 @@ class CudaCRF:
         self.n_pixels = self.offsets[-1]
         self.max_h = max(h for h, _ in self.sizes)
         self.max_w = max(w for _, w in self.sizes)
-        check_lattice_size(self.max_h, self.max_w, params, len(self.images))
+        check_size(self.max_h, self.max_w, params, n_images=len(self.images))
         # Lattice 0 the Gaussian (d = 2), lattice 1 the bilateral (d = 5), when their weights are not 0.
         self.specs = [s for s in kernel_specs(params) if s.weight != 0] if params.iterations > 0 else []
         self.spread_keys = spread_keys
@@ -475,6 +412,7 @@ class CudaCRF:
         self.lattices: Lattices | None = None
         self.q = self.neg_unary = None
         self._launches: list[tuple[str, int, tuple, int]] = []
+        self._consts: tuple[Any, int] | None = None
 
     # -- stage 1: unary, Q0, lattices and their norms ------------------------------------------
 
@@ -517,11 +455,14 @@ class CudaCRF:
 
     def _constants(self) -> tuple[Any, int]:
         """The lattices' constant table on the device (uploaded once per geometry) and the key
-        word count."""
-        key = (tuple(self.specs), self.max_h, self.max_w, len(self.images), self.spread_keys)
-        table, words = constant_table(self.specs, self.max_h, self.max_w, len(self.images), spread=self.spread_keys)
-        upload = getattr(self.bk, "constant", None)
-        return (upload(key, table) if upload else self.bk.xp.asarray(table)), words
+        word count; worked out once per batch."""
+        if self._consts is None:
+            key = (tuple(self.specs), self.max_h, self.max_w, len(self.images), self.spread_keys)
+            table, words = constant_table(self.specs, self.max_h, self.max_w, len(self.images),
+                                          spread=self.spread_keys)
+            upload = getattr(self.bk, "constant", None)
+            self._consts = (upload(key, table) if upload else self.bk.xp.asarray(table)), words
+        return self._consts
 
     def _build(self) -> Lattices:
         """Both lattices with one sort and one wait on the device (for the vertex count)."""

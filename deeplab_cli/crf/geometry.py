@@ -1,0 +1,102 @@
+"""Lattice geometry shared by the CPU and CUDA CRF: the two Potts kernels, their elevation
+scale factors, the range of lattice coordinates an image can reach, and the size limits.
+
+Both paths build pydensecrf's lattices (REFERENCE §2), so they refuse the same inputs with
+the same message: a user sees one limit whatever the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+
+from deeplab_cli.crf.params import CRFParams
+from deeplab_cli.errors import DeeplabError
+
+KEY_LIMIT = 32767  # pydensecrf stores lattice coordinates as int16
+INDEX_LIMIT = 2**31 - 1  # entry and vertex indices are int32
+MAX_CORNERS = 6  # simplex corners per pixel: d + 1 of the bilateral lattice (d = 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One pairwise kernel: its Potts weight and its features' standard deviations (float32)."""
+
+    name: str
+    weight: float
+    d: int
+    stds: tuple[float, ...]
+    std_options: tuple[str, ...]
+
+
+def kernel_specs(params: CRFParams) -> list[KernelSpec]:
+    """The two kernels in pydensecrf's order: Gaussian (x, y), then bilateral (x, y, r, g, b)."""
+    xy = float(np.float32(params.pos_xy_std))
+    bxy, rgb = float(np.float32(params.bi_xy_std)), float(np.float32(params.bi_rgb_std))
+    return [
+        KernelSpec("Gaussian", float(params.pos_w), 2, (xy, xy), ("pos_xy_std",)),
+        KernelSpec("bilateral", float(params.bi_w), 5, (bxy, bxy, rgb, rgb, rgb), ("bi_xy_std", "bi_rgb_std")),
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_factors(d: int) -> tuple[float, ...]:
+    inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
+    return tuple(float(np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev)) for i in range(d))
+
+
+def scale_factors(d: int) -> np.ndarray:
+    """Per-feature elevation scale of a d-dimensional lattice, rounded as pydensecrf does
+    (computed in double, stored as float32): (d,) float32."""
+    return np.array(_scale_factors(d), dtype=np.float32)
+
+
+def alpha(d: int) -> np.float32:
+    """pydensecrf's slice scale of a d-dimensional lattice, 1 / (1 + 2^-d), in float32."""
+    return np.float32(1.0) / (np.float32(1.0) + np.float32(2.0**-d))
+
+
+@functools.lru_cache(maxsize=256)
+def key_bounds(spec: KernelSpec, height: int, width: int) -> tuple[tuple[int, int], ...]:
+    """Inclusive bounds of each of the d stored lattice coordinates (simplex corners and their
+    blur neighbours included) over any image of this size, colours 0..255."""
+    d = spec.d
+    fmax = [(width - 1) / spec.stds[0], (height - 1) / spec.stds[1]] + [255.0 / s for s in spec.stds[2:]]
+    # Non-negative features f_i <= fmax_i elevate to e_j = sum(cf[j:]) - j * cf[j-1], cf_i = f_i * sf_i,
+    # so e_j lies in [-j * cf[j-1], sum(cf[j:])]; float32 rounding is covered by the slack.
+    cf = [f * s * (1 + 1e-5) + 1e-3 for f, s in zip(fmax, _scale_factors(d))]
+    margin = 3 * (d + 1)  # rounding to a multiple of d+1, the +-(d+1) fix, the simplex corner
+    bounds = []
+    for j in range(d):
+        lo = 0.0 if j == 0 else -j * cf[j - 1]
+        hi = sum(cf[j:])
+        bounds.append((math.floor(lo) - margin, math.ceil(hi) + margin))
+    return tuple(bounds)
+
+
+def check_size(height: int, width: int, params: CRFParams | None = None, *, n_images: int = 1) -> None:
+    """Raise DeeplabError when the lattices cannot index `n_images` images of (at most) this
+    size: every lattice coordinate must fit int16 (pydensecrf's key type; it depends on
+    width/σ, height/σ and 255/σβ), and all simplex corners, 6 per pixel plus an image's
+    padding origin, must be countable with int32."""
+    params = params or CRFParams()
+    n = height * width * n_images
+    if height <= 0 or width <= 0:
+        raise DeeplabError(f"CRF: empty image ({width}x{height})")
+    if MAX_CORNERS * (n + n_images) > INDEX_LIMIT:
+        what = f"a {width}x{height} image is" if n_images == 1 else f"{n_images} images of {width}x{height} are"
+        fewer = "a smaller image" if n_images == 1 else "fewer or smaller images"
+        raise DeeplabError(
+            f"CRF: {what} {n / 1e6:.0f} MP, over the lattice's {INDEX_LIMIT // MAX_CORNERS / 1e6:.0f} MP "
+            f"limit (int32 indices); use {fewer}"
+        )
+    for spec in kernel_specs(params):
+        bounds = key_bounds(spec, height, width)
+        if min(lo for lo, _ in bounds) < -KEY_LIMIT or max(hi for _, hi in bounds) > KEY_LIMIT:
+            raise DeeplabError(
+                f"CRF: a {width}x{height} image needs {spec.name} lattice coordinates beyond int16 with "
+                f"these {' and '.join(spec.std_options)}; use larger standard deviations or a smaller image"
+            )
