@@ -1,12 +1,135 @@
-"""Crash-safe file output: write to a temporary name beside the target, then rename."""
+"""Crash-safe file output: write to a temporary name beside the target, then rename.
+
+A process killed mid-write (SIGKILL, power loss) cannot remove its temporary file, so each
+temporary name says who wrote it (`temp_prefix`), and the first write into a folder sweeps
+that folder for temporaries whose writer, on this host, is gone (`sweep_stale_temps`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
+import re
+import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Iterator
+
+TEMP_SUFFIX = ".part"
+
+# `.{target name}.dl-{writer pid, hex}-{host tag}-{mkstemp's random part}.part`; the random
+# part is drawn from [a-z0-9_] and never holds a dot, so the tail parses back unambiguously
+# whatever the target name holds.
+TEMP_NAME_RE = re.compile(
+    r"\.(?P<name>.+)\.dl-(?P<pid>[0-9a-f]{1,8})-(?P<host>[0-9a-f]{8})-[a-z0-9_]+" + re.escape(TEMP_SUFFIX),
+    re.DOTALL,
+)
+
+_NAME_MAX = 255  # bytes in one file name on the common file systems
+_RANDOM_LEN = 8  # characters mkstemp inserts
+
+_swept_folders: set[Path] = set()  # folders already swept by this process
+_swept_lock = threading.Lock()  # writer threads call atomic_path concurrently
+
+
+@functools.cache
+def host_tag() -> str:
+    """8 hex digits of a hash of this machine's host name, as written into temporary names."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def temp_prefix(target_name: str) -> str:
+    """The start of a temporary name for `target_name` written by this process on this host
+    (mkstemp appends its random part, then `TEMP_SUFFIX`).
+
+    A long target name is shortened here so that the whole temporary name still fits the
+    255 bytes a file name may have; only the rename gives the target its full name.
+    """
+    tag = f".dl-{os.getpid():x}-{host_tag()}-"
+    room = _NAME_MAX - 1 - len(tag) - _RANDOM_LEN - len(TEMP_SUFFIX)
+    name = target_name
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return f".{name}{tag}"
+
+
+def parse_temp_name(filename: str) -> tuple[int, str] | None:
+    """(writer pid, host tag) of a temporary name made by `temp_prefix`, or None if
+    `filename` is not exactly such a name."""
+    match = TEMP_NAME_RE.fullmatch(filename)
+    if match is None:
+        return None
+    return int(match["pid"], 16), match["host"]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host may still be running (True when unsure)."""
+    if pid == os.getpid():
+        return True
+    if not 0 < pid <= 0x7FFFFFFF:  # not a pid we could have written; never signal groups
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists under another user
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries in `folder` (not its subfolders) left by dead writers of this host.
+
+    A file is removed only when its name parses with `parse_temp_name`, its host tag is
+    this host's, it is a regular file (not a directory, not a symlink) and no process
+    with its pid exists. That is safe: a live writer's pid exists until it has renamed or
+    removed its temporary, and temporaries of other hosts (a shared network folder may have
+    a live writer elsewhere), older formats and anything else are left alone. Errors
+    (races with other sweepers, permissions) are ignored. Returns the paths removed.
+    """
+    if os.name != "posix":  # on Windows os.kill(pid, 0) sends CTRL_C_EVENT instead of probing
+        return []
+    removed = []
+    try:
+        ours = host_tag()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                parsed = parse_temp_name(entry.name)
+                if parsed is None or parsed[1] != ours:
+                    continue
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and not _pid_alive(parsed[0]):
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+    except OSError:
+        pass
+    return removed
+
+
+def _sweep_once(folder: Path) -> None:
+    """Sweep `folder` if no write of this process has gone there yet; never raises."""
+    try:
+        key = folder.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return
+    with _swept_lock:
+        if key in _swept_folders:
+            return
+        _swept_folders.add(key)
+    sweep_stale_temps(key)  # outside the lock: writers to other folders need not wait
+
+
+def _reset_after_fork() -> None:
+    # A child forked while another thread held the lock would deadlock on it.
+    global _swept_lock
+    _swept_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 @contextlib.contextmanager
@@ -14,12 +137,15 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `target` on success.
 
     The temporary name starts with '.' and ends with '.part', so a reader that lists the
-    folder mid-run never mistakes it for a finished output. On any exception the
-    temporary file is removed and `target` is left as it was.
+    folder mid-run never mistakes it for a finished output; in between it names this
+    process and host (see `temp_prefix`). On any exception the temporary file is removed
+    and `target` is left as it was. The first call of a process for a folder also removes
+    the temporaries that killed writers of this host left there (`sweep_stale_temps`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    _sweep_once(target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

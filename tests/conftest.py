@@ -1,4 +1,4 @@
-"""Shared test fixtures: an isolated cache dir, the shipped photos, no network."""
+"""Shared test fixtures: an isolated cache dir, the shipped photos, a random checkpoint; no network."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import helpers
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = sorted(DATA.glob("*.jpg"))
@@ -30,3 +32,17 @@ def load_photo(name: str) -> np.ndarray:
 
     with Image.open(DATA / name) as im:
         return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """A bare state dict of a randomly initialised model with helpers.N_CLASSES classes, saved
+    once per session."""
+    import torch
+
+    from deeplab_cli.model import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random3.pth"
+    torch.save(build_model(n_classes=helpers.N_CLASSES).state_dict(), path)
+    return path

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from deeplab_cli import weights as W
 from deeplab_cli.cli import cli
-from test_weights import Server, random_state
+from helpers import Server, random_state
 
 VOC_FILE = W.REGISTRY["voc12"].filename
 

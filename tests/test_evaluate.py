@@ -13,18 +13,8 @@ from PIL import Image
 from deeplab_cli import datasets
 from deeplab_cli.cli import cli
 from deeplab_cli.errors import DeeplabError
-from deeplab_cli.labels import palette_for
+from helpers import LABELS, N_CLASSES, assert_one_line_error, write_palette_png, write_voc
 
-N_CLASSES = 3
-
-# Two images with known labels and predictions (255 = ignore).
-LABELS = {
-    "a": np.array([[0, 0, 0, 1, 1],
-                   [0, 0, 1, 1, 1],
-                   [255, 255, 2, 2, 2]], dtype=np.uint8),
-    "b": np.array([[2, 2, 0],
-                   [2, 255, 0]], dtype=np.uint8),
-}
 PREDS = {
     "a": np.array([[0, 0, 1, 1, 1],
                    [0, 0, 1, 1, 2],
@@ -41,28 +31,6 @@ HAND = np.array([[6, 1, 0],
 HAND_IOU = [6 / (7 + 7 - 6), 4 / (5 + 5 - 4), 5 / (6 + 6 - 5)]
 
 
-def write_palette_png(path: Path, labels: np.ndarray) -> None:
-    im = Image.fromarray(labels.astype(np.uint8), mode="P")
-    flat = [c for rgb in palette_for(256) for c in rgb]
-    im.putpalette(flat)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-
-
-def write_voc(root: Path, labels: dict[str, np.ndarray], *, split: str = "val") -> Path:
-    """A VOC-layout folder: a JPEG per label map (same size), palette PNGs, a split file."""
-    rng = np.random.default_rng(1)
-    for name, lab in labels.items():
-        (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
-        rgb = rng.integers(0, 256, (*lab.shape, 3), dtype=np.uint8)
-        Image.fromarray(rgb).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
-        write_palette_png(root / "SegmentationClass" / f"{name}.png", lab)
-    sets = root / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True, exist_ok=True)
-    (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in labels))
-    return root
-
-
 @pytest.fixture
 def voc(tmp_path) -> Path:
     return write_voc(tmp_path / "VOC2012", LABELS)
@@ -75,31 +43,8 @@ def preds(tmp_path) -> Path:
     return tmp_path / "pred"
 
 
-@pytest.fixture(scope="session")
-def weights_file(tmp_path_factory) -> Path:
-    """A bare state dict of a randomly initialised 3-class model, saved once per session."""
-    import torch
-
-    from deeplab_cli.model import build_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "random3.pth"
-    torch.save(build_model(n_classes=N_CLASSES).state_dict(), path)
-    return path
-
-
 def run(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    # Progress notes ("deeplab: ...") may come first; the error is one last line.
-    assert lines and lines[-1].startswith("Error: "), result.stderr
-    assert all(line.startswith("deeplab: ") for line in lines[:-1]), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
 
 
 # Dataset reading

@@ -13,7 +13,7 @@ from deeplab_cli.cli import cli
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 
-from test_evaluate import LABELS, N_CLASSES, assert_one_line_error, weights_file, write_voc  # noqa: F401
+from helpers import LABELS, N_CLASSES, assert_one_line_error, write_voc
 
 
 def test_parse_values():

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import pickle
-import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +16,9 @@ from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.labels import VOC_CLASSES, palette_for
 from deeplab_cli.model import build_model
+from helpers import Server, random_state
 
 VOC_FILE = W.REGISTRY["voc12"].filename
-
-
-def random_state(n_classes: int, seed: int) -> dict[str, torch.Tensor]:
-    """A full state dict with every tensor random (BN statistics included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = build_model(n_classes).state_dict()
-    # One draw for everything is several times faster than one per tensor.
-    flat = torch.randn(sum(v.numel() for v in shapes.values()), generator=gen) * 0.05
-    state, offset = {}, 0
-    for key, meta in shapes.items():
-        chunk = flat[offset:offset + meta.numel()].view(meta.shape).clone()
-        offset += meta.numel()
-        if key.endswith("num_batches_tracked"):
-            chunk = torch.tensor(7, dtype=torch.long)
-        elif key.endswith("running_var"):
-            chunk = 0.5 + chunk.abs() * 20
-        state[key] = chunk
-    return state
 
 
 def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, exact=True):
@@ -431,46 +410,6 @@ def test_registry_entries():
             state = build_model(entry.n_classes).state_dict()
         float_bytes = sum(v.numel() * 4 for k, v in state.items() if v.is_floating_point())
         assert entry.approx_size == float_bytes
-
-
-class Server:
-    """A loopback HTTP server: serves `files` by name; `mode` can break the transfer."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, Path] = {}
-        self.mode = "ok"
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                server.requests.append(self.path)
-                path = server.files.get(self.path.lstrip("/"))
-                if path is None or server.mode == "404":
-                    self.send_error(404, "Not Found")
-                    return
-                size = path.stat().st_size
-                self.send_response(200)
-                self.send_header("Content-Length", str(size))
-                self.end_headers()
-                with open(path, "rb") as fh:
-                    if server.mode == "truncate":
-                        self.wfile.write(fh.read(size // 2))
-                        self.close_connection = True
-                    else:
-                        shutil.copyfileobj(fh, self.wfile)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
