@@ -10,7 +10,7 @@ overlap buys. Weights are random unless --weights is given (speed does not depen
 
     python benchmarks/pipeline.py [--weights FILE] [--devices cpu,cuda] [--repeat 1]
                                   [--max-size 513] [--no-msc] [--batch-size 1] [--iters 10]
-                                  [--precisions fp32,bf16]
+                                  [--precisions fp32,bf16] [--memory-formats contiguous,channels_last]
                                   [--images a.jpg b.jpg ...]
 """
 
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--iters", type=int, default=10, help="CRF iterations")
     parser.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, fp16")
+    parser.add_argument("--memory-formats", default="contiguous", help="comma list of contiguous, channels_last")
     args = parser.parse_args()
 
     devices = args.devices.split(",") if args.devices else \
@@ -104,18 +105,19 @@ def main() -> None:
     if "cuda" in devices and torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name(0)}")
 
-    header = f"{'device':6} {'prec':5} {'crf':4} {'mode':10} {'img/s':>7} " + \
+    header = f"{'device':6} {'prec':5} {'layout':6} {'crf':4} {'mode':10} {'img/s':>7} " + \
         " ".join(f"{s + ' ms':>10}" for s in STAGES) + f" {'speedup':>8}"
     print(header)
     print("-" * len(header))
     for device_name in devices:
         device = resolve_device(device_name)
         model, meta = load(args.weights, device)
-        settings = [(precision, crf) for precision in args.precisions.split(",")
+        settings = [(precision, layout, crf) for precision in args.precisions.split(",")
+                    for layout in args.memory_formats.split(",")
                     for crf in (None, CRFParams(iterations=args.iters))]
-        for precision, crf in settings:
+        for precision, layout, crf in settings:
             seg = Segmenter(model, meta, device=device, crf=crf, msc=not args.no_msc,
-                            max_size=args.max_size, precision=precision)
+                            max_size=args.max_size, precision=precision, memory_format=layout)
             seg.segment(read_image(paths[0]))  # kernels compiled, cuDNN algorithms chosen
             baseline = None
             for mode, runner in (("sequential", lambda: run_sequential(seg, paths)),
@@ -126,7 +128,8 @@ def main() -> None:
                     f"{1000 * statistics.mean(t.get(s, 0.0) for t in timings):10.1f}" for s in STAGES)
                 speedup = "" if baseline is None else f"{rate / baseline:7.2f}x"
                 baseline = baseline or rate
-                print(f"{device_name:6} {precision:5} {'yes' if crf else 'no':4} {mode:10} {rate:7.2f} {stages} {speedup:>8}")
+                print(f"{device_name:6} {precision:5} {layout[:6]:6} {'yes' if crf else 'no':4} {mode:10} {rate:7.2f} "
+                      f"{stages} {speedup:>8}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MEMORY_FORMATS = ("contiguous", "channels_last")
 
 # Dense CRF working memory per pixel: about 48 bytes per label (pydensecrf peaks at 3.9 GB
 # for 4 MP x 21 labels, REFERENCE §2: unary, Q, messages and lattice values with up to
@@ -143,6 +144,8 @@ class Segmenter:
         msc: fuse the 1, 0.75 and 0.5 input scales (the released models' setting).
         max_size: longest side the network sees (0 = native resolution).
         precision: 'fp32', 'bf16' or 'fp16' (autocast). On the CPU fp16 falls back to fp32.
+        memory_format: the network's activation layout, 'contiguous' (NCHW, the faster on an
+            idle CPU) or 'channels_last' (NHWC); `benchmarks/network.py` compares them.
         memory_budget: bytes the probabilities and CRF may use; None = 80% of the GPU's free
             memory, or 60% of the host's available memory.
         notify: where one-line notes go (default: stderr); each distinct note is said once.
@@ -150,17 +153,24 @@ class Segmenter:
 
     def __init__(self, model, meta, *, device, crf: CRFParams | None = CRFParams(),
                  msc: bool = True, max_size: int = 513, precision: str = "fp32",
-                 memory_budget: int | None = None,
+                 memory_budget: int | None = None, memory_format: str = "contiguous",
                  notify: Callable[[str], None] | None = None) -> None:
         import torch
+
+        from deeplab_cli.model import inference_copy
 
         if precision not in PRECISIONS:
             raise DeeplabError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
         if max_size < 0:
             raise DeeplabError(f"--max-size {max_size}: expected 0 (native) or a positive size")
-        self.model = model
+        if memory_format not in MEMORY_FORMATS:
+            raise DeeplabError(f"memory format {memory_format!r}: expected one of {', '.join(MEMORY_FORMATS)}")
         self.meta = meta
         self.device = torch.device(device)
+        self.memory_format = memory_format
+        # The network in inference form: batch norms folded into the convolutions (a copy;
+        # `model` itself is left as it was).
+        self.model = inference_copy(model, channels_last=memory_format == "channels_last")
         self.crf = crf
         self.msc = msc
         self.max_size = int(max_size)
@@ -168,7 +178,7 @@ class Segmenter:
         self.memory_budget = memory_budget
         self._notify = notify or (lambda line: print(f"deeplab: {line}", file=sys.stderr))
         self._said: set = set()
-        self.n_classes = int(getattr(model, "n_classes", 0) or len(meta.classes))
+        self.n_classes = int(getattr(self.model, "n_classes", 0) or len(meta.classes))
         self._autocast_dtype = None
         if precision != "fp32":
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -254,9 +264,11 @@ class Segmenter:
                 # Antialiased: plain bilinear would alias badly at 8x reductions.
                 inp = F.interpolate(inp, size=net, mode="bilinear", align_corners=False,
                                     antialias=True)  # (N, 3, h', w')
+            if self.memory_format == "channels_last":
+                inp = inp.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 logits = self.model(inp, msc=self.msc)  # (N, C, h, w)
-            return logits.float()
+            return logits.float().contiguous()
 
     @staticmethod
     def _upsampled_softmax(logits, size: tuple[int, int]):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deeplab_cli.model import MEAN_BGR, build_model, predict_probs, preprocess
+from deeplab_cli.model import MEAN_BGR, build_model, inference_copy, predict_probs, preprocess
 
 # The published layout, written down independently of deeplab_cli.model (REFERENCE §1):
 # (layer index, blocks, output channels, stride of block1, dilation of the 3x3 convs).
@@ -231,3 +231,24 @@ def test_parity_aspp_s():
         wrong_rates = reference_logits(model.state_dict(), x, RATES["L"])
     assert relative_error(ours, ref) < 1e-5
     assert relative_error(ours, wrong_rates) > 1e-3  # the reference can tell the rates apart
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_copy_is_the_same_function_with_bn_folded(model21, channels_last):
+    """The folded copy matches the functional reference of the checkpoint layout as closely as
+    the model itself, holds no batch norm, and leaves the original model untouched."""
+    before = {k: v.clone() for k, v in model21.state_dict().items()}
+    fused = inference_copy(model21, channels_last=channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert fused.n_classes == 21 and not any(p.requires_grad for p in fused.parameters())
+    conv = fused.base.layer4.block3.conv3x3.conv
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    rgb = np.random.default_rng(4).integers(0, 256, (65, 49, 3), dtype=np.uint8)
+    x = preprocess(rgb)
+    with torch.no_grad():
+        ours = fused(x.contiguous(memory_format=torch.channels_last) if channels_last else x, msc=True)
+        ref = reference_msc(before, x, RATES["L"])
+    assert relative_error(ours, ref) < 1e-5
+    after = model21.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model21.modules())

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import load_photo
+from helpers import OTHER_HOST, dead_pid, temp_name
 from deeplab_cli.cli import cli
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
@@ -555,3 +556,36 @@ def test_killed_run_leaves_only_complete_outputs_and_resumes(tmp_path, weights_f
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
         [n.replace(".jpg", ".png") for n in names]
     assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in mtimes.items())
+
+
+def test_both_memory_formats_agree_and_leave_the_model_alone(model_meta):
+    model, meta = model_meta
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nhwc = Segmenter(model, meta, device="cpu", crf=None, max_size=32, msc=True, memory_format="channels_last")
+    nchw = Segmenter(model, meta, device="cpu", crf=None, max_size=32, msc=True)
+    assert (nhwc.memory_format, nchw.memory_format) == ("channels_last", "contiguous")
+    assert nhwc.model is not model and nhwc.n_classes == N_CLASSES
+    rgb = photo()
+    probs = nhwc.probs(rgb)
+    assert probs.is_contiguous()
+    torch.testing.assert_close(probs, nchw.probs(rgb), atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(DeeplabError, match="memory format 'nhwc'"):
+        Segmenter(model, meta, device="cpu", memory_format="nhwc")
+
+
+def test_segment_sweeps_a_killed_runs_leftovers(tmp_path, fast_load, weights_file):
+    src, out = tmp_path / "photos", tmp_path / "masks"
+    save(src / "a.jpg", photo())
+    save(src / "b.jpg", photo("coffee.jpg", (29, 41)))
+    out.mkdir()
+    dead = dead_pid()
+    stale = out / temp_name("a.png", dead)
+    stale.write_bytes(b"half a png")
+    elsewhere = out / temp_name("b.png", dead, OTHER_HOST)
+    elsewhere.write_bytes(b"another machine's write in progress")
+
+    invoke([src, "-o", out, "--weights", weights_file, "--no-crf", *FAST])
+
+    assert {p.name for p in out.iterdir()} == {"a.png", "b.png", elsewhere.name}
+    assert read_mask(out / "b.png").shape == (41, 29)
