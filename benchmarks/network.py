@@ -104,7 +104,6 @@ def main() -> None:
                 rows.append((device_name, precision, name, 1000 * med, 1000 * min(times[name]), baseline / med, diff))
                 print(f"  {device_name} {precision} {name}: {1000 * med:.1f} ms", file=sys.stderr, flush=True)
 
-
     header = f"{'device':6} {'prec':5} {'form':12} {'median ms':>10} {'min ms':>10} {'speedup':>8} {'max rel diff':>13}"
     print(header)
     print("-" * len(header))

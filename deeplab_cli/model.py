@@ -193,8 +193,8 @@ def inference_copy(model: MSC, *, channels_last: bool = False) -> MSC:
     """A copy of `model` for inference only, the same function up to float rounding (about
     1e-6 relative on the logits): each frozen batch norm folded into the convolution before
     it (weight * g, bias b - m * g with g = gamma / sqrt(var + eps), worked out in float64),
-    and with `channels_last` the weights stored NHWC, which oneDNN's CPU convolutions run
-    faster (`benchmarks/network.py`). Its state dict no longer matches the checkpoints'."""
+    and with `channels_last` the weights stored NHWC (`benchmarks/network.py` times both
+    layouts). Its state dict no longer matches the checkpoints'."""
     fused = copy.deepcopy(model).eval().requires_grad_(False)
     for unit in fused.modules():
         if not isinstance(unit, ConvBnRelu) or not isinstance(unit.bn, nn.BatchNorm2d):
