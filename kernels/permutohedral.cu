@@ -326,13 +326,14 @@ static __device__ void neighbours_of(long long v, const u64* unique_lo, const u6
     }
 }
 
-// One thread: one vertex v of either lattice (vertices [0, first_1) are lattice 0's, which is
-// the Gaussian when has_g). Reads its key and binary-searches the M sorted unique keys for its
-// two neighbours along each of its lattice's d+1 axes; writes nbr (6, M, 2) rows (axis, v)
-// for axes 0..d (-1 = missing).
+// One thread: one vertex v in [v_begin, M) of either lattice (vertices [0, first_1) are lattice
+// 0's, which is the Gaussian when has_g). Reads its key and binary-searches the M sorted unique
+// keys for its two neighbours along each of its lattice's d+1 axes; writes nbr (6, M, 2) rows
+// (axis, v) for axes 0..d (-1 = missing).
 extern "C" __global__ void lattice_neighbours(const u64* unique_lo, const u64* unique_hi, long long n_vertices,
-                                              long long first_1, int has_g, const int* consts, int* nbr) {
-    for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
+                                              long long v_begin, long long first_1, int has_g, const int* consts,
+                                              int* nbr) {
+    for (long long v = v_begin + grid_start(); v < n_vertices; v += grid_step()) {
         if (has_g && v < first_1) neighbours_of<2>(v, unique_lo, unique_hi, n_vertices, consts + CONST_PACK_G, nbr);
         else neighbours_of<5>(v, unique_lo, unique_hi, n_vertices, consts + CONST_PACK_B, nbr);
     }
@@ -549,6 +550,180 @@ extern "C" __global__ void lattice_blur(const float4* __restrict__ src, float4* 
             const float4 own = src[t];
             dst[t] = make_float4(blur_one(own.x, __fadd_rn(a.x, b.x), seq), blur_one(own.y, __fadd_rn(a.y, b.y), seq),
                                  blur_one(own.z, __fadd_rn(a.z, b.z), seq), blur_one(own.w, __fadd_rn(a.w, b.w), seq));
+        }
+    }
+}
+
+// ---- the Gaussian lattice as a grid of cells -------------------------------------------------
+// The Gaussian lattice (d = 2) depends on pixel positions only, so its vertices sit on a regular
+// 2D grid of cells (q0, q1) (stored coordinates k_i = 3 q_i + r), up to three per cell (one per
+// remainder r), and every blur neighbour lies in the vertex's own cell or one of the 8 around
+// it. `grid` maps each cell of the box an image can reach, per image, to its vertex ids:
+// grid[((image * span1 + q1) * span0 + q0) * 3 + r], -1 where there is no vertex (q relative to
+// the box origin, the key packing's q_lo). With it, neighbours are found by indexing instead of
+// binary search, and the three blur passes run in shared-memory tiles (gauss_blur_tiles).
+
+// The cell step (dq0, dq1) and remainder r2 of the neighbour, along axis j on side `side` (0: n1,
+// 1: n2), of a remainder-r vertex: as in neighbours_of<2>, n1 moves every stored coordinate by -1
+// but axis j's by +2 (axis 2 has no stored coordinate) with remainder r - 1, n2 the opposite
+// with r + 1; then q_i moves by (r + step_i - r2) / 3, exact (r + step_i = r2 mod 3).
+static __device__ __forceinline__ void gauss_step(int r, int j, int side, int* dq0, int* dq1, int* r2) {
+    *r2 = side ? (r + 1) % 3 : (r + 2) % 3;
+    const int step = side ? 1 : -1;
+    const int d0 = j == 0 ? -2 * step : step, d1 = j == 1 ? -2 * step : step;
+    *dq0 = (r + d0 - *r2) / 3;
+    *dq1 = (r + d1 - *r2) / 3;
+}
+
+// A Gaussian vertex's key as (remainder, image, q0, q1), q relative to the grid's origin.
+static __device__ __forceinline__ void gauss_cell_of(const u64* unique_lo, const u64* unique_hi, long long v,
+                                                     const int* pack, int* r, long long* b, long long* q0,
+                                                     long long* q1) {
+    const u64 words[2] = {unique_lo[v], unique_hi ? unique_hi[v] : 0ULL};
+    *r = (int)pack_get(words, pack, 1);
+    *b = pack_get(words, pack, 2);
+    *q0 = pack_get(words, pack, 3) - pack[4 * 3 + 3];
+    *q1 = pack_get(words, pack, 4) - pack[4 * 4 + 3];
+}
+
+// One thread: one Gaussian vertex v < n_vertices (lattice 0). Reads its key; writes v into its
+// cell's slot of `grid` (keys are unique: no two threads write one slot). The box comes from the
+// same bounds as the key packing, so every key lies inside it; the check only guards memory.
+extern "C" __global__ void gauss_grid(const u64* unique_lo, const u64* unique_hi, long long n_vertices,
+                                      const int* consts, int span0, int span1, int* grid) {
+    for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
+        int r;
+        long long b, q0, q1;
+        gauss_cell_of(unique_lo, unique_hi, v, consts + CONST_PACK_G, &r, &b, &q0, &q1);
+        if (q0 < 0 || q0 >= span0 || q1 < 0 || q1 >= span1) continue;
+        grid[((b * span1 + q1) * span0 + q0) * 3 + r] = (int)v;
+    }
+}
+
+// One thread: one Gaussian vertex v < n_gauss. Reads its key and the grid slots of its two
+// neighbours along each of the 3 axes; writes them as lattice_neighbours does, to
+// nbr[((axis * n_vertices) + v) * 2 + side] (-1 = missing): the same ids its binary search finds.
+extern "C" __global__ void gauss_neighbours(const u64* unique_lo, const u64* unique_hi, long long n_gauss,
+                                            long long n_vertices, const int* consts, int span0, int span1,
+                                            const int* grid, int* nbr) {
+    for (long long v = grid_start(); v < n_gauss; v += grid_step()) {
+        int r;
+        long long b, q0, q1;
+        gauss_cell_of(unique_lo, unique_hi, v, consts + CONST_PACK_G, &r, &b, &q0, &q1);
+        for (int j = 0; j < 3; ++j) {
+            for (int side = 0; side < 2; ++side) {
+                int dq0, dq1, r2;
+                gauss_step(r, j, side, &dq0, &dq1, &r2);
+                const long long c0 = q0 + dq0, c1 = q1 + dq1;
+                const bool inside = c0 >= 0 && c0 < span0 && c1 >= 0 && c1 < span1;
+                nbr[((long long)j * n_vertices + v) * 2 + side] =
+                    inside ? grid[((b * span1 + c1) * span0 + c0) * 3 + r2] : -1;
+            }
+        }
+    }
+}
+
+// ---- the Gaussian lattice's three blur passes at once, in shared-memory tiles ---------------
+// A block loads a tile of GAUSS_TILE x GAUSS_TILE cells plus GAUSS_HALO rings of cells around it
+// into shared memory and runs the three passes there: each pass updates one ring fewer, so after
+// three the tile's own cells hold exactly what three passes through memory give. Values move
+// through memory once each way instead of three times; the arithmetic of every value is
+// lattice_blur's (a missing vertex reads 0 and is never written), so the result is bit-identical.
+// The host launches blocks of exactly GAUSS_TILE_THREADS threads (cuda.py _GAUSS_TILE_THREADS).
+// Shared memory: the Jacobi double buffer of one float4 label chunk per slot (cell, r),
+// 2 * 22 * 22 * 3 * 16 = 46,464 bytes, under the 48 KB of static shared memory.
+#ifndef GAUSS_TILE_THREADS
+#define GAUSS_TILE_THREADS 512
+#endif
+#define GAUSS_TILE 16
+#define GAUSS_HALO 3
+#define GAUSS_SPAN (GAUSS_TILE + 2 * GAUSS_HALO)
+#define GAUSS_SLOTS (GAUSS_SPAN * GAUSS_SPAN * 3)
+#define GAUSS_PER_THREAD ((GAUSS_SLOTS + GAUSS_TILE_THREADS - 1) / GAUSS_TILE_THREADS)
+
+// Shared-memory slot of the neighbour, along axis j on side `side`, of the vertex in `slot`
+// (cell * 3 + r, cell = row * GAUSS_SPAN + column).
+static __device__ __forceinline__ int gauss_neighbour_slot(int slot, int j, int side) {
+    int dq0, dq1, r2;
+    gauss_step(slot % 3, j, side, &dq0, &dq1, &r2);
+    const int cell = slot / 3;
+    return ((cell / GAUSS_SPAN + dq1) * GAUSS_SPAN + cell % GAUSS_SPAN + dq0) * 3 + r2;
+}
+
+// Rings of cells between a slot's cell and the tile's outer edge (0 on the outermost ring).
+static __device__ __forceinline__ int gauss_ring(int slot) {
+    const int cell = slot / 3, row = cell / GAUSS_SPAN, col = cell % GAUSS_SPAN;
+    const int a = row < col ? row : col;
+    const int b = (GAUSS_SPAN - 1 - row) < (GAUSS_SPAN - 1 - col) ? GAUSS_SPAN - 1 - row : GAUSS_SPAN - 1 - col;
+    return a < b ? a : b;
+}
+
+// One block: one tile (image, tile row, tile column) and the float4 label chunks
+// [group * chunk_step, (group + 1) * chunk_step) of every vertex in it, one chunk after another;
+// one thread: slots tid, tid + GAUSS_TILE_THREADS, ... of the tile (their vertex ids stay in
+// registers for all chunks). Reads the tile's and halo's vertex ids from grid and their chunks
+// from src; writes the tile's own vertices' chunks, blurred along axes 0, 1, 2, to dst. `seq` as
+// in lattice_blur. Blocks stride over n_images * tiles * groups, groups the fastest, so the
+// blocks reading one tile's rows run together.
+extern "C" __global__ void __launch_bounds__(GAUSS_TILE_THREADS, 3)
+gauss_blur_tiles(const float4* __restrict__ src, float4* __restrict__ dst, const int* __restrict__ grid,
+                 int n_images, int span0, int span1, int n_vec, int chunk_step, int seq) {
+    __shared__ float4 buffer[2][GAUSS_SLOTS];
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const int tiles0 = (span0 + GAUSS_TILE - 1) / GAUSS_TILE, tiles1 = (span1 + GAUSS_TILE - 1) / GAUSS_TILE;
+    const int groups = (n_vec + chunk_step - 1) / chunk_step;
+    const long long n_blocks = (long long)n_images * tiles1 * tiles0 * groups;
+    const int tid = threadIdx.x;
+    for (long long block = blockIdx.x; block < n_blocks; block += gridDim.x) {
+        const int group = (int)(block % groups);
+        long long rest = block / groups;
+        const int col0 = (int)(rest % tiles0) * GAUSS_TILE - GAUSS_HALO;
+        rest /= tiles0;
+        const int row0 = (int)(rest % tiles1) * GAUSS_TILE - GAUSS_HALO;
+        const long long image = rest / tiles1;
+        int id[GAUSS_PER_THREAD];
+#pragma unroll
+        for (int k = 0; k < GAUSS_PER_THREAD; ++k) {
+            const int slot = tid + k * GAUSS_TILE_THREADS, cell = slot / 3;
+            const int q0 = col0 + cell % GAUSS_SPAN, q1 = row0 + cell / GAUSS_SPAN;
+            id[k] = slot < GAUSS_SLOTS && q0 >= 0 && q0 < span0 && q1 >= 0 && q1 < span1
+                        ? grid[((image * span1 + q1) * span0 + q0) * 3 + slot % 3]
+                        : -1;
+        }
+        const int chunk_end = (group + 1) * chunk_step < n_vec ? (group + 1) * chunk_step : n_vec;
+        for (int chunk = group * chunk_step; chunk < chunk_end; ++chunk) {
+#pragma unroll
+            for (int k = 0; k < GAUSS_PER_THREAD; ++k) {
+                const int slot = tid + k * GAUSS_TILE_THREADS;
+                if (slot >= GAUSS_SLOTS) continue;
+                buffer[0][slot] = id[k] >= 0 ? src[(long long)id[k] * n_vec + chunk] : zero;
+                if (id[k] < 0) buffer[1][slot] = zero;  // missing vertices read 0 from either buffer
+            }
+            __syncthreads();
+            // Jacobi, buffer 0 -> 1 -> 0 -> 1. Ring > axis: the neighbours read are still exact.
+            for (int axis = 0; axis < 3; ++axis) {
+                const float4* from = buffer[axis & 1];
+                float4* to = buffer[(axis & 1) ^ 1];
+#pragma unroll
+                for (int k = 0; k < GAUSS_PER_THREAD; ++k) {
+                    const int slot = tid + k * GAUSS_TILE_THREADS;
+                    if (id[k] < 0 || gauss_ring(slot) <= axis) continue;
+                    const float4 own = from[slot];
+                    const float4 a = from[gauss_neighbour_slot(slot, axis, 0)];
+                    const float4 b = from[gauss_neighbour_slot(slot, axis, 1)];
+                    to[slot] = make_float4(blur_one(own.x, __fadd_rn(a.x, b.x), seq),
+                                           blur_one(own.y, __fadd_rn(a.y, b.y), seq),
+                                           blur_one(own.z, __fadd_rn(a.z, b.z), seq),
+                                           blur_one(own.w, __fadd_rn(a.w, b.w), seq));
+                }
+                __syncthreads();
+            }
+#pragma unroll
+            for (int k = 0; k < GAUSS_PER_THREAD; ++k) {
+                const int slot = tid + k * GAUSS_TILE_THREADS;
+                if (id[k] >= 0 && gauss_ring(slot) >= GAUSS_HALO) dst[(long long)id[k] * n_vec + chunk] = buffer[1][slot];
+            }
+            __syncthreads();  // the next chunk's loads overwrite what the stores above read
         }
     }
 }

@@ -1,12 +1,12 @@
 // Lets g++ compile kernels/*.cu as plain C++ so tests can run the CUDA code path on the CPU
 // (C++17, for the inline variables below).
 //
-// Every kernel is a grid-stride loop over rows with lanes striding over labels, so a launch of
-// one block of one row covers the whole range. By default that block has one lane (one
-// "thread" walks everything). The tests can also run a block of G lanes as G host threads
-// (emu_set_lanes, then emu_enter_lane(i) on each thread before calling the kernel): warp
-// shuffles then exchange values between those threads at a barrier, as the lanes of a warp do,
-// so the lane-group code (xor-shuffle trees over G lanes) runs as on the GPU. The
+// Every kernel is a grid-stride loop over rows with lanes striding over labels (or a block-stride
+// loop over tiles), so a launch of one block of one row covers the whole range. By default that
+// block has one lane (one "thread" walks everything). The tests can also run a block of G lanes
+// as G host threads (emu_set_lanes, then emu_enter_lane(i) on each thread before calling the
+// kernel): warp shuffles then exchange values between those threads at a barrier, as the lanes
+// of a warp do, so the lane-group code (xor-shuffle trees over G lanes) runs as on the GPU. The
 // round-to-nearest intrinsics become plain IEEE operations (build with -ffp-contract=off so none
 // is fused into an FMA).
 #pragma once
@@ -29,6 +29,11 @@ static const emu_dim3 gridDim = {1, 1, 1};
 #define __forceinline__ inline
 #define __launch_bounds__(threads, blocks)
 #define __restrict__ __restrict
+// Block-wide kernels (gauss_blur_tiles) run as one thread per block: its shared memory is a
+// function-local static array, and the barriers have nobody to wait for.
+#define __shared__ static
+#define GAUSS_TILE_THREADS 1
+static inline void __syncthreads() {}
 
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }

@@ -65,7 +65,7 @@ def test_kernel_sources_are_found():
     for name in cuda.KERNEL_FILES:
         text = cuda.kernel_source(name)
         for fn in cuda.KERNELS[name]:
-            assert re.search(rf'extern "C" __global__ void (__launch_bounds__\([0-9, ]+\) )?{fn}\(', text), fn
+            assert re.search(rf'extern "C" __global__ void (__launch_bounds__\([\w, ]+\)\s+)?{fn}\(', text), fn
 
 
 def test_keys_pack_in_one_word_for_a_12_mp_photo():
@@ -80,6 +80,32 @@ def test_keys_pack_in_one_word_for_a_12_mp_photo():
         assert fields[:, 2].sum() <= 64
     table, words = cuda.constant_table(specs, 3000, 4000, 8, spread=True)
     assert words == 2 and table.shape == (66,)
+
+
+def test_host_constants_match_the_kernel_sources():
+    # cuda.py and permutohedral.cu agree on the constant table's offsets and the tiled blur's shape.
+    defines = dict(re.findall(r"^#define (\w+) (-?\d+)$", cuda.kernel_source("permutohedral.cu"), re.M))
+    for d, name in ((2, "G"), (5, "B")):
+        assert int(defines[f"CONST_PACK_{name}"]) == cuda._CONST_PACK[d]
+        assert int(defines[f"CONST_STD_{name}"]) == cuda._CONST_STD[d]
+        assert int(defines[f"CONST_SCALE_{name}"]) == cuda._CONST_SCALE[d]
+    assert int(defines["CONST_SCALE_B"]) + 5 == cuda._CONST_SIZE
+    assert int(defines["GAUSS_TILE"]) == cuda._GAUSS_TILE
+    assert int(defines["GAUSS_TILE_THREADS"]) == cuda._GAUSS_TILE_THREADS
+    span = cuda._GAUSS_TILE + 2 * int(defines["GAUSS_HALO"])
+    assert 2 * span * span * 3 * 16 <= 48 * 1024  # the double buffer fits static shared memory
+
+
+def test_gauss_cells_cover_the_packed_gaussian_keys():
+    # The tiled blur's cell box is the key packing's range of q0 and q1, which holds every vertex.
+    spec = geometry.kernel_specs(DEEPLAB)[0]
+    for h, w in ((375, 500), (1732, 2309), (13, 17)):
+        span0, span1 = cuda.gauss_cells(spec, h, w)
+        table, _, _ = cuda.pack_layout(spec, h, w, 1)
+        (_, _, bits0, _), (_, _, bits1, _) = table[2], table[3]  # after remainder and image: q0, q1
+        assert span0 <= 2**bits0 and span1 <= 2**bits1
+        bounds = geometry.key_bounds(spec, h, w)
+        assert span0 * 3 >= bounds[0][1] - bounds[0][0] and span1 * 3 >= bounds[1][1] - bounds[1][0]
 
 
 def test_torch_stream_wraps_with_from_external_else_external_stream():
@@ -178,6 +204,11 @@ class EmulatedBackend:
             t.join()
         assert not self.library.emu_shuffle_failed(), f"{name}: a shuffle that not every lane reached"
 
+    def launch_blocks(self, name, blocks, threads, args):
+        # Block-wide kernels are built with one thread per block (GAUSS_TILE_THREADS 1 in
+        # tests/cuda_emulation.h), and one block strides over all of them.
+        self.launch(name, blocks, args)
+
     def to_host(self, array):
         return np.asarray(array)
 
@@ -224,6 +255,49 @@ def test_emulated_two_level_splat_two_word_keys_and_two_labels(emulated):
     two = probs[:2] / probs[:2].sum(0)
     out2 = cuda.CudaCRF([image], [two], README, backend=emulated).run()[0]  # pydensecrf's scalar path
     assert_close(out2, pydensecrf_reference(image, two, README), atol=1e-5)
+
+
+TILED_CASES = {  # crops (photo, top, left, height, width), parameters, labels
+    # several tiles per image, each block taking all of a row's chunks
+    "tiles": ([("chelsea.jpg", 60, 120, 41, 57)], DEEPLAB, 21),
+    # the pydensecrf README's Gaussian (sxy 3), a coarser cell grid
+    "readme": ([("chelsea.jpg", 60, 120, 41, 57)], README, 21),
+    # one small padded image: few tiles, so the blocks split the chunks between them
+    "chunk groups": ([("astronaut.jpg", 0, 0, 13, 17)], DEEPLAB.replace(normalization="after"), 21),
+    # a batch of different sizes: one box of cells per image, sized by the largest
+    "batch": ([("astronaut.jpg", 0, 0, 21, 19), ("rocket.jpg", 100, 200, 30, 44), ("coffee.jpg", 0, 0, 8, 10)],
+              DEEPLAB, 21),
+    # two labels: pydensecrf's scalar blur; 182: many chunks
+    "two labels": ([("coffee.jpg", 40, 40, 24, 31)], DEEPLAB, 2),
+    "182 labels": ([("coffee.jpg", 40, 40, 11, 13)], DEEPLAB, 182),
+    # the Gaussian kernel alone: no bilateral passes after the tiles
+    "gaussian only": ([("rocket.jpg", 100, 200, 30, 44)], DEEPLAB.replace(bi_w=0), 21),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TILED_CASES))
+def test_emulated_gaussian_grid_is_bit_identical(emulated, case):
+    # gauss_grid: the Gaussian lattice's neighbours come from its cell grid and each iteration
+    # blurs it in shared-memory tiles; the neighbour table and every output bit stay the same.
+    crops, params, n_labels = TILED_CASES[case]
+    images = [crop(*c) for c in crops]
+    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=i + 4) for i, im in enumerate(images)]
+    sparse = cuda.CudaCRF(images, probs, params, backend=emulated)
+    passes = sparse.run()
+    crf = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_grid=True)
+    tiled = crf.run()
+    planned = [args[0] for _, args in crf._launches]
+    assert planned.count("gauss_blur_tiles") == 1
+    assert planned.count("lattice_blur") == (6 if params.bi_w else 0)  # the bilateral's axes only
+    g = sparse.lattices.first[1]  # Gaussian vertices: axes 0..2 used
+    ours, theirs = crf.lattices.neighbours, sparse.lattices.neighbours
+    assert np.array_equal(ours[:3, :g], theirs[:3, :g]) and np.array_equal(ours[:, g:], theirs[:, g:])
+    assert (ours[:3, :g] >= 0).mean() > 0.5  # most Gaussian vertices have neighbours: a real check
+    for a, b in zip(passes, tiled):
+        assert np.array_equal(a, b)
+    if case == "chunk groups":
+        assert crf._chunk_step(4) < crf.n_vec
+    assert not np.allclose(tiled[0], probs[0], atol=1e-3)
 
 
 @pytest.mark.parametrize("n_labels,group", [(3, 1), (21, 8), (182, 32)])
@@ -395,6 +469,23 @@ def test_gpu_is_deterministic_and_batch_equals_singles(photos_and_probs):
     graphed = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB).run(graph=True)]
     for a, b in zip(first, graphed):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.cuda
+def test_gpu_gaussian_grid_equals_sparse(photos_and_probs):
+    # Shared-memory tiles, barriers and the chunk split only run for real on a GPU.
+    cp = _cupy()
+    names = [p.name for p in PHOTOS]
+    images = [cp.asarray(photos_and_probs[n][0]) for n in names]
+    probs = [cp.asarray(photos_and_probs[n][1]) for n in names]
+    for params in (DEEPLAB, README.replace(normalization="after")):
+        passes = [o.get() for o in cuda.CudaCRF(images, probs, params).run()]
+        tiled = [o.get() for o in cuda.CudaCRF(images, probs, params, gauss_grid=True).run(graph=True)]
+        for a, b in zip(passes, tiled):
+            assert np.array_equal(a, b)
+    small = cuda.CudaCRF([images[0][:20, :30]], [probs[0][:, :20, :30].copy()], DEEPLAB, gauss_grid=True)
+    alone = cuda.CudaCRF([images[0][:20, :30]], [probs[0][:, :20, :30].copy()], DEEPLAB).run()[0].get()
+    assert np.array_equal(small.run()[0].get(), alone)
 
 
 @pytest.mark.cuda

@@ -22,6 +22,12 @@ both lattices share one set of arrays, so each step below is one launch for both
      adds the normalized Potts messages to -U and takes the softmax over labels.
 Per-pixel and per-vertex label rows are padded to a multiple of 4 floats (pad columns stay 0)
 so every pass moves them as float4; each label's arithmetic is pydensecrf's.
+
+With `gauss_grid=True` the Gaussian lattice, whose vertices depend on pixel positions only, is
+also indexed by its regular grid of cells: its neighbours come from the grid instead of a binary
+search, and each iteration blurs it along all three axes in one launch of shared-memory tiles
+instead of three launches through memory. The result is bit-identical; it stays off by default
+until `benchmarks/crf.py --ab default,grid` has timed it on a GPU.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ KERNELS = {
     "permutohedral.cu": (
         "lattice_elevate", "lattice_mark", "lattice_vertices", "lattice_entries", "lattice_neighbours",
         "lattice_run_counts", "lattice_runs", "norm_splat", "norm_splat_reduce", "norm_blur", "lattice_norms",
-        "lattice_splat", "lattice_splat_reduce", "lattice_blur",
+        "lattice_splat", "lattice_splat_reduce", "lattice_blur", "gauss_grid", "gauss_neighbours",
+        "gauss_blur_tiles",
     ),
     "meanfield.cu": ("mf_unary_rows", "mf_slice_softmax_v4", "mf_to_planes_rows"),
 }
@@ -61,6 +68,11 @@ UNARY_CLIP = 1e-5  # U = -log(clip(p, 1e-5, 1)), as pydensecrf.utils.unary_from_
 # vertex's runs. Short runs keep the threads of a warp (neighbouring vertices) equally busy.
 RUN_MIN = 16
 _BLOCK = 256
+# The Gaussian lattice's tiled blur (gauss_blur_tiles): cells per tile side and threads per block,
+# as GAUSS_TILE and GAUSS_TILE_THREADS in permutohedral.cu; blocks one multiprocessor runs at once.
+_GAUSS_TILE = 16
+_GAUSS_TILE_THREADS = 512
+_GAUSS_TILE_BLOCKS_PER_SM = 3
 _CONSTANTS_KEPT = 64  # constant tables a backend keeps on the device
 
 
@@ -171,6 +183,17 @@ def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int,
     return table, word + 1, shift
 
 
+def gauss_cells(spec: KernelSpec, height: int, width: int) -> tuple[int, int]:
+    """The box of Gaussian lattice cells (q0, q1) an image of this size can reach, as the key
+    packing bounds them (origin at the packed q_lo): (span0, span1)."""
+    assert spec.d == 2
+    spans = []
+    for lo, hi in key_bounds(spec, height, width):
+        q_lo, q_hi = lo // (spec.d + 1) - 1, hi // (spec.d + 1) + 1
+        spans.append(q_hi - q_lo + 1)
+    return spans[0], spans[1]
+
+
 def pack_layouts(specs: Sequence[KernelSpec], height: int, width: int, n_images: int,
                  *, spread: bool = False) -> tuple[list[np.ndarray], int]:
     """Key packing of every lattice of a batch sharing one sort: per lattice int32 (word, shift,
@@ -236,6 +259,19 @@ class CupyBackend:
         per_block = max(1, _BLOCK // lanes)
         grid = min((rows + per_block - 1) // per_block, self.max_blocks)
         self.functions[name]((grid,), (lanes, per_block), tuple(self._null if a is None else a for a in args))
+
+    def launch_blocks(self, name: str, blocks: int, threads: int, args: Sequence[Any]) -> None:
+        """Run a block-wide kernel (shared memory, barriers) as `blocks` blocks of `threads`
+        threads, at most max_blocks at once: its block-stride loop covers the rest."""
+        if blocks <= 0:
+            return
+        grid = min(blocks, self.max_blocks)
+        self.functions[name]((grid,), (threads,), tuple(self._null if a is None else a for a in args))
+
+    @property
+    def resident_tile_blocks(self) -> int:
+        """gauss_blur_tiles blocks the whole device runs at once."""
+        return self.max_blocks // 32 * _GAUSS_TILE_BLOCKS_PER_SM
 
     def constant(self, key: Any, host: np.ndarray) -> Any:
         """`host` on the device, uploaded once per `key` while among the last _CONSTANTS_KEPT
@@ -327,6 +363,8 @@ class Lattices:
     neighbours: Any  # (d_max+1, M, 2) int32, -1 = missing (axes past a lattice's d unused)
     norms: list[Any] = dataclasses.field(default_factory=list)  # per lattice (N,) float32
     values: tuple[Any, Any] = (None, None)  # two (M, ld) float32 buffers: the splat/blur double buffer
+    gauss_grid: Any = None  # (images, span1, span0, 3) int32 Gaussian vertex of each cell slot, -1 = none
+    gauss_cells: tuple[int, int] = (0, 0)  # (span0, span1) of gauss_grid
 
     @property
     def n_vertices(self) -> int:
@@ -337,13 +375,15 @@ class Lattices:
         lo, hi = self.entry_first[l], self.entry_first[l + 1]
         return self.entry_vertex[lo:hi], self.entry_weight[lo:hi]
 
-    def blur_plan(self) -> list[tuple[int, int, int, list[int]]]:
-        """Blur passes: (axis, v0, v1, lattices whose d+1 passes end here). Lattices are in
-        ascending d, so the vertices having an axis are one range."""
+    def blur_plan(self, lattices: Sequence[int] | None = None) -> list[tuple[int, int, int, list[int]]]:
+        """Blur passes of `lattices` (default all; consecutive): (axis, v0, v1, lattices whose
+        d+1 passes end here). Lattices are in ascending d, so the vertices having an axis are
+        one range."""
+        lattices = list(range(len(self.specs))) if lattices is None else list(lattices)
         plan = []
-        for axis in range(max(s.d for s in self.specs) + 1):
-            having = [l for l, s in enumerate(self.specs) if s.d >= axis]
-            done = [l for l, s in enumerate(self.specs) if s.d == axis]
+        for axis in range(max(self.specs[l].d for l in lattices) + 1):
+            having = [l for l in lattices if self.specs[l].d >= axis]
+            done = [l for l in lattices if self.specs[l].d == axis]
             plan.append((axis, self.first[having[0]], self.first[having[-1] + 1], done))
         return plan
 
@@ -357,6 +397,11 @@ def _bytes_before_lattice(n_pixels: int, row: int, words: int, entries_per_pixel
     # keys, order (int64), the sort's copies and scratch, flags, scan, starts, unique keys
     build = e * (2 * 8 * words + 3 * 8 + 4 * 3 + 8 * words)
     return per_pixel + entries + build
+
+
+def _gauss_grid_bytes(spec: KernelSpec, height: int, width: int, n_images: int) -> int:
+    span0, span1 = gauss_cells(spec, height, width)
+    return 4 * 3 * span0 * span1 * n_images
 
 
 def _bytes_after_lattice(lat: Lattices, row: int) -> int:
@@ -373,7 +418,14 @@ class CudaCRF:
     `result`) so benchmarks can time the lattice build and the iterations apart."""
 
     def __init__(self, images: Sequence[Any], probs: Sequence[Any], params: CRFParams = CRFParams(),
-                 backend: Any = None, *, spread_keys: bool = False, run_min: int = RUN_MIN) -> None:
+                 backend: Any = None, *, spread_keys: bool = False, run_min: int = RUN_MIN,
+                 gauss_grid: bool = False) -> None:
+        """`gauss_grid`: index the Gaussian lattice's vertices by their regular grid of cells,
+        so the build finds their neighbours by indexing instead of binary search and each
+        iteration runs its three blur passes in one launch of shared-memory tiles (one read and
+        one write of the values instead of three). Bit-identical either way; off by default
+        until it is timed on a GPU (benchmarks/crf.py --ab default,grid). `spread_keys` and
+        `run_min` exist for tests and benchmarks."""
         self.bk = backend if backend is not None else cupy_backend()
         xp = self.bk.xp
         if len(images) != len(probs) or not images:
@@ -409,9 +461,10 @@ class CudaCRF:
         # Lanes per pixel in the slice/softmax kernel: enough for one float4 each, at most a warp.
         self.group = min(32, 1 << max(self.n_vec - 1, 0).bit_length())
         self.run_min = run_min
+        self.gauss_grid = bool(gauss_grid)
         self.lattices: Lattices | None = None
         self.q = self.neg_unary = None
-        self._launches: list[tuple[str, int, tuple, int]] = []
+        self._launches: list[tuple[Any, tuple]] = []  # (backend method, its arguments)
         self._consts: tuple[Any, int] | None = None
 
     # -- stage 1: unary, Q0, lattices and their norms ------------------------------------------
@@ -423,6 +476,8 @@ class CudaCRF:
         if self.specs:
             words = self._constants()[1]
         need = _bytes_before_lattice(n, ld, words, sum(s.d + 1 for s in self.specs))
+        if self._gridded:
+            need += _gauss_grid_bytes(self.specs[0], self.max_h, self.max_w, len(self.images))
         free = bk.free_bytes()
         if need > free:
             raise DeeplabError(
@@ -512,8 +567,18 @@ class CudaCRF:
             raise RuntimeError("CRF lattice: a key fell outside its packed range (a bug)")
         first = first + [m]
         neighbours = xp.empty((max(s.d for s in specs) + 1, m, 2), dtype=xp.int32)
-        bk.launch("lattice_neighbours", m, (unique_lo[:m], None if unique_hi is None else unique_hi[:m], _i64(m),
-                                            _i64(first[1]), _i32(specs[0].d == 2), consts, neighbours))
+        grid, cells, searched = None, (0, 0), 0
+        if self._gridded:  # the Gaussian vertices (lattice 0) by cell, and their neighbours from that
+            cells = gauss_cells(specs[0], self.max_h, self.max_w)
+            grid = xp.full((len(self.images), cells[1], cells[0], 3), -1, dtype=xp.int32)
+            bk.launch("gauss_grid", first[1], (unique_lo, unique_hi, _i64(first[1]), consts, _i32(cells[0]),
+                                              _i32(cells[1]), grid))
+            bk.launch("gauss_neighbours", first[1], (unique_lo, unique_hi, _i64(first[1]), _i64(m), consts,
+                                                    _i32(cells[0]), _i32(cells[1]), grid, neighbours))
+            searched = first[1]
+        bk.launch("lattice_neighbours", m - searched,
+                  (unique_lo[:m], None if unique_hi is None else unique_hi[:m], _i64(m), _i64(searched),
+                   _i64(first[1]), _i32(specs[0].d == 2), consts, neighbours))
         del unique_lo, unique_hi
         # Each vertex's split depends on its own length only, so a batch sums exactly as its
         # images would alone.
@@ -526,14 +591,22 @@ class CudaCRF:
         run_vertex = xp.empty(n_runs_max, dtype=xp.int32)
         bk.launch("lattice_runs", m, (starts, run_offset, _i64(m), _i32(self.run_min), run_bounds, run_vertex))
         return Lattices(specs, first, entry_first, entry_vertex, weight, sorted_pixel, sorted_weight, run_bounds,
-                        run_offset[m:], n_runs_max, run_offset, run_vertex, neighbours)
+                        run_offset[m:], n_runs_max, run_offset, run_vertex, neighbours, gauss_grid=grid,
+                        gauss_cells=cells)
 
-    def _blur(self, kernel: str, a: Any, b: Any, extra: tuple) -> tuple[list[tuple], list[Any]]:
-        """The blur passes of both lattices from buffer `a` (Jacobi, swapping a and b): their
-        launches (kernel's args src, dst, nbr, v0, v1, *extra) and each lattice's result buffer."""
+    @property
+    def _gridded(self) -> bool:
+        """Whether the Gaussian lattice is there and indexed by its grid of cells."""
+        return self.gauss_grid and bool(self.specs) and self.specs[0].d == 2
+
+    def _blur(self, kernel: str, a: Any, b: Any, extra: tuple,
+              lattices: Sequence[int] | None = None) -> tuple[list[tuple], list[Any]]:
+        """The blur passes of `lattices` (default both) from buffer `a` (Jacobi, swapping a and
+        b): their launches (kernel's args src, dst, nbr, v0, v1, *extra) and each lattice's
+        result buffer (None for those not blurred)."""
         lat = self.lattices
         launches, result = [], [None] * len(lat.specs)
-        for axis, v0, v1, done in lat.blur_plan():
+        for axis, v0, v1, done in lat.blur_plan(lattices):
             launches.append((kernel, v1 - v0, (a, b, lat.neighbours[axis], _i64(v0), _i64(v1), *extra)))
             a, b = b, a
             for l in done:
@@ -567,16 +640,40 @@ class CudaCRF:
         a, b = lat.values
         symmetric = self.params.normalization == "symmetric"
         scales = (lat.norms + [None])[:2] if symmetric else [None, None]
+        launch = self.bk.launch
         launches = [
-            ("lattice_splat", lat.n_runs_max, (self.q, scales[0], scales[1], _i64(lat.entry_first[1]),
-                                               lat.run_bounds, lat.n_runs, _i64(lat.n_runs_max), _i32(nv),
-                                               lat.sorted_pixel, lat.sorted_weight, lat.run_vertex, a,
-                                               self._partial), nv),
-            ("lattice_splat_reduce", m, (self._partial, lat.run_offset, _i64(m), _i32(nv), a), nv),
+            (launch, ("lattice_splat", lat.n_runs_max, (self.q, scales[0], scales[1], _i64(lat.entry_first[1]),
+                                                        lat.run_bounds, lat.n_runs, _i64(lat.n_runs_max), _i32(nv),
+                                                        lat.sorted_pixel, lat.sorted_weight, lat.run_vertex, a,
+                                                        self._partial), nv)),
+            (launch, ("lattice_splat_reduce", m, (self._partial, lat.run_offset, _i64(m), _i32(nv), a), nv)),
         ]
-        blur, blurred = self._blur("lattice_blur", a, b, (_i32(nv), _i32(self._seq)))
-        launches += [(*launch, nv) for launch in blur]
-        self._launches = launches + [self._slice_softmax(blurred)]
+        blur_args = (_i32(nv), _i32(self._seq))
+        if lat.gauss_grid is None:
+            blur, blurred = self._blur("lattice_blur", a, b, blur_args)
+        else:
+            # The Gaussian's three passes in one tiled launch a -> b (its rows only), then the
+            # bilateral's six through memory starting from a (its rows only): no row is written twice.
+            span0, span1 = lat.gauss_cells
+            tiles = len(self.images) * -(-span0 // _GAUSS_TILE) * -(-span1 // _GAUSS_TILE)
+            step = self._chunk_step(tiles)
+            launches.append((self.bk.launch_blocks, (
+                "gauss_blur_tiles", tiles * -(-nv // step), _GAUSS_TILE_THREADS,
+                (a, b, lat.gauss_grid, _i32(len(self.images)), _i32(span0), _i32(span1), _i32(nv), _i32(step),
+                 _i32(self._seq)))))
+            blur, blurred = [], [b]
+            if len(lat.specs) > 1:
+                blur, blurred = self._blur("lattice_blur", a, b, blur_args, range(1, len(lat.specs)))
+                blurred[0] = b
+        launches += [(launch, (*call, nv)) for call in blur]
+        self._launches = launches + [(launch, self._slice_softmax(blurred))]
+
+    def _chunk_step(self, tiles: int) -> int:
+        """Label chunks (float4s) one gauss_blur_tiles block takes in turn: all of them when the
+        tiles alone fill the device about 8 times over, else fewer, down to one, for more blocks."""
+        resident = getattr(self.bk, "resident_tile_blocks", 1)
+        groups = min(self.n_vec, max(1, -(-8 * resident // tiles)))
+        return -(-self.n_vec // groups)
 
     # -- stage 2: mean-field iterations -----------------------------------------------------------
 
@@ -592,10 +689,9 @@ class CudaCRF:
 
     def _iterations(self) -> None:
         # Q is read by each splat and only rewritten by the slice + softmax that ends the iteration.
-        launch = self.bk.launch
         for _ in range(self.params.iterations):
-            for call in self._launches:
-                launch(*call)
+            for method, args in self._launches:
+                method(*args)
 
     @property
     def _seq(self) -> bool:
