@@ -2,7 +2,8 @@
 
 A process killed mid-write (SIGKILL, power loss) cannot remove its temporary file, so each
 temporary name says who wrote it (`temp_prefix`), and the first write into a folder sweeps
-that folder for temporaries whose writer, on this host, is gone (`sweep_stale_temps`).
+that folder for temporaries whose writer, on this host and in this pid namespace, is gone
+(`sweep_stale_temps`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ TEMP_NAME_RE = re.compile(
     re.DOTALL,
 )
 
+# Linux: this process's pid namespace; its inode number tells namespaces apart (namespaces(7)).
+PID_NAMESPACE_LINK = "/proc/self/ns/pid"
+
 _NAME_MAX = 255  # bytes in one file name on the common file systems
 _RANDOM_LEN = 8  # characters mkstemp inserts
 
@@ -35,15 +39,33 @@ _swept_folders: set[Path] = set()  # folders already swept by this process
 _swept_lock = threading.Lock()  # writer threads call atomic_path concurrently
 
 
+def _pid_namespace() -> int | None:
+    """The inode number of this process's pid namespace, or None where it cannot be read
+    (no /proc, as on macOS and Windows, or /proc not readable)."""
+    try:
+        return os.stat(PID_NAMESPACE_LINK).st_ino
+    except (OSError, ValueError):
+        return None
+
+
 @functools.cache
 def host_tag() -> str:
-    """8 hex digits of a hash of this machine's host name, as written into temporary names."""
-    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    """8 hex digits of a hash of this machine's host name and, on Linux, this process's pid
+    namespace, as written into temporary names (just the host name where there is no /proc).
+
+    A pid names a process only within its pid namespace: two containers that share a volume
+    and a host name but not their pids must not take each other's live writers for dead.
+    """
+    ident = socket.gethostname()
+    namespace = _pid_namespace()
+    if namespace is not None:
+        ident += f"\0pid:{namespace}"  # NUL: no host name holds one
+    return hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def temp_prefix(target_name: str) -> str:
     """The start of a temporary name for `target_name` written by this process on this host
-    (mkstemp appends its random part, then `TEMP_SUFFIX`).
+    and pid namespace (mkstemp appends its random part, then `TEMP_SUFFIX`).
 
     A long target name is shortened here so that the whole temporary name still fits the
     255 bytes a file name may have; only the rename gives the target its full name.
@@ -81,13 +103,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries in `folder` (not its subfolders) left by dead writers of this host.
+    """Remove the temporaries in `folder` (not its subfolders) left by dead writers of this
+    host and pid namespace.
 
     A file is removed only when its name parses with `parse_temp_name`, its host tag is
-    this host's, it is a regular file (not a directory, not a symlink) and no process
+    ours (`host_tag`), it is a regular file (not a directory, not a symlink) and no process
     with its pid exists. That is safe: a live writer's pid exists until it has renamed or
     removed its temporary, and temporaries of other hosts (a shared network folder may have
-    a live writer elsewhere), older formats and anything else are left alone. Errors
+    a live writer elsewhere) or of other pid namespaces (containers sharing a volume, whose
+    pids we cannot see), older formats and anything else are left alone. Errors
     (races with other sweepers, permissions) are ignored. Returns the paths removed.
     """
     if os.name != "posix":  # on Windows os.kill(pid, 0) sends CTRL_C_EVENT instead of probing
@@ -140,7 +164,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     folder mid-run never mistakes it for a finished output; in between it names this
     process and host (see `temp_prefix`). On any exception the temporary file is removed
     and `target` is left as it was. The first call of a process for a folder also removes
-    the temporaries that killed writers of this host left there (`sweep_stale_temps`).
+    the temporaries that killed writers of this host (and pid namespace) left there
+    (`sweep_stale_temps`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -189,14 +189,16 @@ def build_model(n_classes: int, *, aspp: str = "L",
 
 
 @torch.no_grad()
-def inference_copy(model: MSC, *, channels_last: bool = False) -> MSC:
-    """A copy of `model` for inference only, the same function up to float rounding (about
-    1e-6 relative on the logits): each frozen batch norm folded into the convolution before
-    it (weight * g, bias b - m * g with g = gamma / sqrt(var + eps), worked out in float64),
-    and with `channels_last` the weights stored NHWC (`benchmarks/network.py` times both
-    layouts). Its state dict no longer matches the checkpoints'."""
-    fused = copy.deepcopy(model).eval().requires_grad_(False)
-    for unit in fused.modules():
+def fold_batchnorms_(model: MSC, *, channels_last: bool = False) -> MSC:
+    """Turn `model` itself into its inference form and return it: the same function up to
+    float rounding (about 1e-6 relative on the logits), each frozen batch norm folded into
+    the convolution before it (weight * g, bias b - m * g with g = gamma / sqrt(var + eps),
+    worked out in float64), gradients off, and with `channels_last` the weights stored NHWC
+    (`benchmarks/network.py` times both layouts). Its state dict no longer matches the
+    checkpoints'. Only one layer's weights exist twice at any moment, so this is the way to
+    prepare a model nobody else holds; `inference_copy` leaves the original alone."""
+    model.eval().requires_grad_(False)
+    for unit in model.modules():
         if not isinstance(unit, ConvBnRelu) or not isinstance(unit.bn, nn.BatchNorm2d):
             continue
         conv, bn = unit.conv, unit.bn
@@ -208,8 +210,13 @@ def inference_copy(model: MSC, *, channels_last: bool = False) -> MSC:
         folded.bias.copy_(bn.bias.double() - bn.running_mean.double() * gain)
         unit.conv, unit.bn = folded, nn.Identity()
     if channels_last:
-        fused = fused.to(memory_format=torch.channels_last)
-    return fused
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def inference_copy(model: MSC, *, channels_last: bool = False) -> MSC:
+    """A copy of `model` in inference form (see `fold_batchnorms_`); `model` is left as it was."""
+    return fold_batchnorms_(copy.deepcopy(model), channels_last=channels_last)
 
 
 def preprocess(rgb) -> torch.Tensor:

@@ -149,15 +149,19 @@ class Segmenter:
         memory_budget: bytes the probabilities and CRF may use; None = 80% of the GPU's free
             memory, or 60% of the host's available memory.
         notify: where one-line notes go (default: stderr); each distinct note is said once.
+
+    The segmenter runs a copy of `model` with its batch norms folded in; `model` itself is
+    left as it was. (`from_weights` passes the internal `_owns_model=True`: the model it has
+    just loaded is folded in place, as a copy would briefly double the weights' memory.)
     """
 
     def __init__(self, model, meta, *, device, crf: CRFParams | None = CRFParams(),
                  msc: bool = True, max_size: int = 513, precision: str = "fp32",
                  memory_budget: int | None = None, memory_format: str = "contiguous",
-                 notify: Callable[[str], None] | None = None) -> None:
+                 notify: Callable[[str], None] | None = None, _owns_model: bool = False) -> None:
         import torch
 
-        from deeplab_cli.model import inference_copy
+        from deeplab_cli.model import fold_batchnorms_, inference_copy
 
         if precision not in PRECISIONS:
             raise DeeplabError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
@@ -168,9 +172,9 @@ class Segmenter:
         self.meta = meta
         self.device = torch.device(device)
         self.memory_format = memory_format
-        # The network in inference form: batch norms folded into the convolutions (a copy;
-        # `model` itself is left as it was).
-        self.model = inference_copy(model, channels_last=memory_format == "channels_last")
+        # The network in inference form: batch norms folded into the convolutions.
+        prepare = fold_batchnorms_ if _owns_model else inference_copy
+        self.model = prepare(model, channels_last=memory_format == "channels_last")
         self.crf = crf
         self.msc = msc
         self.max_size = int(max_size)
@@ -201,7 +205,7 @@ class Segmenter:
         model, meta = load_model(weights, device=dev)
         if crf is _KEEP_META_CRF:
             crf = meta.crf
-        return cls(model, meta, device=dev, crf=crf, **kw)
+        return cls(model, meta, device=dev, crf=crf, **kw, _owns_model=True)
 
     # --- small helpers -------------------------------------------------------------------
 

@@ -126,7 +126,20 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 
 # Temporary names of deeplab_cli.fsutil, written by hand (independent of fsutil).
-HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+def host_tag_for(hostname: str, pid_namespace: int | None) -> str:
+    """The writer tag of a host name and pid namespace inode (None: no /proc)."""
+    ident = hostname if pid_namespace is None else f"{hostname}\0pid:{pid_namespace}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:8]
+
+
+def own_pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+HOST = host_tag_for(socket.gethostname(), own_pid_namespace())  # this process's tag
 OTHER_HOST = ("0" if HOST[0] != "0" else "1") + HOST[1:]
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,7 +14,7 @@ import pytest
 
 from deeplab_cli import fsutil
 from deeplab_cli.fsutil import TEMP_NAME_RE, atomic_open, atomic_path, parse_temp_name
-from helpers import HOST, OTHER_HOST, dead_pid, temp_name
+from helpers import HOST, OTHER_HOST, dead_pid, host_tag_for, temp_name
 
 @pytest.fixture(autouse=True)
 def fresh_sweeps(monkeypatch):
@@ -188,5 +192,79 @@ def test_writer_threads_share_the_sweep(tmp_path):
     assert names(tmp_path) == {f"{i}.png" for i in range(32)}
     assert fsutil._swept_folders == {tmp_path.resolve()}
 
+
+
+# --- pid namespaces ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pid_namespace(monkeypatch):
+    """Call with a namespace inode (None: no /proc) to become a process there; returns the
+    host tag fsutil then writes."""
+    def enter(inode):
+        monkeypatch.setattr(fsutil, "_pid_namespace", lambda: inode)
+        fsutil.host_tag.cache_clear()
+        return fsutil.host_tag()
+
+    yield enter
+    fsutil.host_tag.cache_clear()  # back to the real namespace's tag
+
+
+def test_writers_in_another_pid_namespace_are_left_alone(tmp_path, pid_namespace):
+    """Two containers on one volume with one host name: the other's pids mean nothing here."""
+    dead = dead_pid()
+    theirs = pid_namespace(4026532001)
+    ours = pid_namespace(4026532002)
+    assert theirs != ours and theirs == host_tag_for(socket.gethostname(), 4026532001)
+    assert TEMP_NAME_RE.fullmatch(temp_name("a.png", dead, ours))  # the same format and length
+    other_writer = temp_name("a.png", dead, theirs)  # maybe alive: its pid is not ours to judge
+    (tmp_path / other_writer).write_bytes(b"a write in progress elsewhere")
+    (tmp_path / temp_name("b.png", dead, ours)).write_bytes(b"leftover")
+
+    with atomic_path(tmp_path / "c.png") as tmp:
+        assert parse_temp_name(tmp.name) == (os.getpid(), ours)
+        tmp.write_bytes(b"new")
+    assert names(tmp_path) == {other_writer, "c.png"}
+
+
+def test_without_proc_the_tag_is_the_host_name_alone(tmp_path, pid_namespace, monkeypatch):
+    host_only = host_tag_for(socket.gethostname(), None)
+    assert pid_namespace(None) == host_only
+    stale = tmp_path / temp_name("a.png", dead_pid(), host_only)
+    stale.write_bytes(b"leftover")
+    assert fsutil.sweep_stale_temps(tmp_path) == [stale]
+
+    monkeypatch.undo()  # the real reader, with /proc missing, then unreadable
+    monkeypatch.setattr(fsutil, "PID_NAMESPACE_LINK", str(tmp_path / "no-proc" / "self" / "ns" / "pid"))
+    fsutil.host_tag.cache_clear()
+    assert fsutil._pid_namespace() is None and fsutil.host_tag() == host_only
+
+    def unreadable(path, *args, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(fsutil, "PID_NAMESPACE_LINK", "/proc/self/ns/pid")
+    monkeypatch.setattr(fsutil.os, "stat", unreadable)
+    fsutil.host_tag.cache_clear()
+    assert fsutil._pid_namespace() is None and fsutil.host_tag() == host_only
+
+
+TAG_OF_A_NEW_PROCESS = "from deeplab_cli.fsutil import host_tag; print(host_tag())"
+
+
+def test_a_process_in_a_new_pid_namespace_writes_another_tag():
+    """For real (Linux, where unshare may make a pid namespace): a child in our namespace
+    shares our tag, a child in a new one does not."""
+    child = subprocess.run([sys.executable, "-c", TAG_OF_A_NEW_PROCESS], capture_output=True,
+                           text=True, check=True)
+    assert child.stdout.strip() == fsutil.host_tag() == HOST
+    unshare = shutil.which("unshare")
+    if unshare is None or not os.path.exists("/proc/self/ns/pid"):
+        pytest.skip("no unshare or no /proc here")
+    other = subprocess.run([unshare, "--user", "--map-root-user", "--pid", "--fork",
+                            sys.executable, "-c", TAG_OF_A_NEW_PROCESS], capture_output=True, text=True)
+    if other.returncode != 0:
+        pytest.skip(f"cannot make a pid namespace here: {other.stderr.strip()}")
+    assert TEMP_NAME_RE.fullmatch(temp_name("a.png", 1, other.stdout.strip()))
+    assert other.stdout.strip() != HOST
 
 # --- through the command -------------------------------------------------------------------

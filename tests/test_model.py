@@ -3,12 +3,15 @@ parity with an independent functional implementation of the published layout."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deeplab_cli.model import MEAN_BGR, build_model, inference_copy, predict_probs, preprocess
+from deeplab_cli.model import (MEAN_BGR, build_model, fold_batchnorms_, inference_copy, predict_probs,
+                                preprocess)
 
 # The published layout, written down independently of deeplab_cli.model (REFERENCE §1):
 # (layer index, blocks, output channels, stride of block1, dilation of the 3x3 convs).
@@ -252,3 +255,27 @@ def test_inference_copy_is_the_same_function_with_bn_folded(model21, channels_la
     after = model21.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model21.modules())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fold_batchnorms_changes_the_model_itself_into_the_inference_copy(model21, channels_last, monkeypatch):
+    """In place: no deep copy, the layers without a batch norm keep their very storage, and
+    the result is exactly what inference_copy makes (same float64 folding)."""
+    expected = inference_copy(model21, channels_last=channels_last)
+    model = copy.deepcopy(model21)
+    classifier = model.base.aspp.c0.weight.data_ptr()  # no batch norm: nothing to fold
+
+    def no_copies(*args, **kw):
+        raise AssertionError("fold_batchnorms_ copied the model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(copy, "deepcopy", no_copies)
+        folded = fold_batchnorms_(model, channels_last=channels_last)
+    assert folded is model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert (model.base.aspp.c0.weight.data_ptr() == classifier) != channels_last  # NHWC re-lays it out
+    conv = model.base.layer4.block3.conv3x3.conv
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    ours, theirs = model.state_dict(), expected.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

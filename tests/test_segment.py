@@ -59,7 +59,10 @@ _MODELS: dict = {}
 @pytest.fixture
 def fast_load(monkeypatch, weights_file):
     """Load the weights file once per session for the in-process CLI runs (the subprocess
-    tests load it for real)."""
+    tests load it for real). Each call gets its own copy of the model, as from load_model:
+    `Segmenter.from_weights` folds the model it loaded in place."""
+    import copy
+
     import deeplab_cli.weights as weights
 
     real = weights.load_model
@@ -68,7 +71,8 @@ def fast_load(monkeypatch, weights_file):
         key = (str(name_or_path), str(device))
         if key not in _MODELS:
             _MODELS[key] = real(name_or_path, device=device, dtype=dtype)
-        return _MODELS[key]
+        model, meta = _MODELS[key]
+        return copy.deepcopy(model), meta
 
     monkeypatch.setattr(weights, "load_model", cached)
     return cached
@@ -152,6 +156,37 @@ def test_from_weights_takes_the_crf_from_the_metadata(fast_load, weights_file):
     _, meta = fast_load(str(weights_file))
     assert seg.crf == meta.crf and seg.device == torch.device("cpu") and seg.max_size == 32
     assert Segmenter.from_weights(weights_file, device="cpu", crf=None).crf is None
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_from_weights_folds_the_model_it_loaded_without_a_copy(fast_load, weights_file, monkeypatch,
+                                                               memory_format):
+    """The segmenter runs the very model load_model returned (the weights are never held
+    twice) and computes the same numbers as a segmenter built on a caller's model (a copy)."""
+    import deeplab_cli.weights as weights
+
+    loaded = []
+
+    def recording(*args, **kw):
+        loaded.append(fast_load(*args, **kw))
+        return loaded[-1]
+
+    monkeypatch.setattr(weights, "load_model", recording)
+    seg = Segmenter.from_weights(weights_file, device="cpu", crf=None, max_size=32, msc=False,
+                                 memory_format=memory_format)
+    (model, meta), = loaded
+    assert seg.model is model, "from_weights ran a copy of the model it loaded"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+    callers = fast_load(str(weights_file))[0]
+    copied = Segmenter(callers, meta, device="cpu", crf=None, max_size=32, msc=False,
+                       memory_format=memory_format)
+    assert copied.model is not callers
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in callers.modules())
+    ours, theirs = seg.model.state_dict(), copied.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    rgb = photo()
+    assert torch.equal(seg.probs(rgb), copied.probs(rgb))
 
 
 def test_crf_params_scale_with_the_downscaling(model_meta):
