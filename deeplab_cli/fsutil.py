@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import socket
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -156,6 +157,32 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+_umask_lock = threading.Lock()
+
+
+def _umask() -> int:
+    """This process's umask: read from /proc on Linux, else set and put back at once."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _output_mode(target: Path) -> int:
+    """The permissions a finished output gets: those of the file it replaces, else what a
+    plain open() would give a new file (0o666 less the umask). mkstemp creates its files 0o600,
+    which would leave every output unreadable to other users whatever the umask."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `target` on success.
@@ -163,7 +190,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     The temporary name starts with '.' and ends with '.part', so a reader that lists the
     folder mid-run never mistakes it for a finished output; in between it names this
     process and host (see `temp_prefix`). On any exception the temporary file is removed
-    and `target` is left as it was. The first call of a process for a folder also removes
+    and `target` is left as it was. The finished file gets the permissions of the file it
+    replaces, or of any newly created file (`_output_mode`). The first call of a process for a folder also removes
     the temporaries that killed writers of this host (and pid namespace) left there
     (`sweep_stale_temps`).
     """
@@ -175,6 +203,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with contextlib.suppress(OSError):  # file systems without Unix permissions
+            os.chmod(tmp_path, _output_mode(target))
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -38,6 +38,48 @@ def test_interrupted_first_write_leaves_no_target_and_no_temp(tmp_path):
     assert names(tmp_path) == set()
 
 
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then put the old one back."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix permissions")
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_new_outputs_get_the_umask_permissions_not_mkstemps(tmp_path, umask, mask, mode):
+    umask(mask)
+    with atomic_open(tmp_path / "mask.png") as fh:
+        fh.write(b"png")
+    assert (tmp_path / "mask.png").stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix permissions")
+def test_replacing_an_output_keeps_its_permissions(tmp_path, umask):
+    target = tmp_path / "mask.png"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    with atomic_open(target) as fh:
+        fh.write(b"new")
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix permissions")
+def test_umask_without_proc_is_read_and_put_back(monkeypatch, umask):
+    umask(0o027)
+    real_open = open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    assert fsutil._umask() == 0o027
+    assert os.umask(0o027) == 0o027  # left as it was
+
+
 def test_temp_name_says_which_process_and_host_wrote_it(tmp_path):
     with atomic_path(tmp_path / "cat.v2.png") as tmp:
         assert tmp.parent == tmp_path
