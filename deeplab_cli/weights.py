@@ -563,8 +563,11 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device="cpu",
         if any(path == entry.path for entry in REGISTRY.values()):
             raise DeeplabError(f"{exc}; delete the cached file to download it again") from None
         raise
-    model = build_model(meta.n_classes, aspp=meta.aspp)
-    model.load_state_dict(state, strict=True)
+    # Built on the meta device (no memory, no random init) and given the loaded tensors
+    # themselves: the weights are in memory once, not twice.
+    with torch.device("meta"):
+        model = build_model(meta.n_classes, aspp=meta.aspp)
+    model.load_state_dict(state, strict=True, assign=True)
     model.to(device=torch.device(device), dtype=dtype or torch.float32)
     return model.eval(), meta
 

@@ -128,6 +128,25 @@ def test_load_model_outputs_match_the_saved_network(files):
     with torch.no_grad():
         torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
     assert meta.n_classes == 21
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+
+
+def test_load_model_builds_no_second_copy_of_the_weights(files, monkeypatch):
+    # The network is built on the meta device (no storage, no random init) and takes the loaded
+    # tensors themselves, so the weights are never in memory twice.
+    import deeplab_cli.model as model_module
+
+    real, devices = model_module.build_model, []
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        devices.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(model_module, "build_model", spy)
+    W.load_model(files["safetensors"])
+    assert devices and set(devices) == {"meta"}  # (the key check builds one too)
 
 
 def test_info_reports_counts_and_checksum(files):
