@@ -470,6 +470,11 @@ def test_bad_files_do_not_stop_the_batch(tmp_path, fast_load, weights_file):
     result = invoke([src, "-o", tmp_path / "ff", "--weights", weights_file, "--no-crf", *FAST,
                      "--fail-fast"], expect=1)
     assert "not run (--fail-fast)" in result.stderr
+    # One bad file alone: "1 image", and no rate when nothing was segmented.
+    result = invoke([src / "c_empty.png", "-o", tmp_path / "one.png", "--weights", weights_file, "--no-crf",
+                     *FAST], expect=1)
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "1 image: 0 segmented, 1 failed in" in summary and "images/s" not in summary
 
 
 def test_no_crf_and_crf_both_run(tmp_path, fast_load, weights_file):

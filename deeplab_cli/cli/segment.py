@@ -447,7 +447,8 @@ def _finish(ctx: click.Context, stats: _Stats, quiet: bool) -> None:
         not_run = stats.total - stats.done - stats.skipped - stats.failed
         if not_run:
             parts.append(f"{not_run} not run (--fail-fast)")
-        click.echo(f"deeplab: {stats.total} images: {', '.join(parts)} in {elapsed:.1f} s "
-                   f"({rate:.2f} images/s)", err=True)
+        speed = f" ({rate:.2f} images/s)" if stats.done else ""
+        click.echo(f"deeplab: {stats.total} image{'' if stats.total == 1 else 's'}: {', '.join(parts)} "
+                   f"in {elapsed:.1f} s{speed}", err=True)
     ctx.exit(1 if stats.failed else 0)
 
