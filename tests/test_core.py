@@ -37,6 +37,23 @@ def test_version_via_python_m():
     assert out.strip() == f"deeplab, version {__version__}"
 
 
+@pytest.mark.parametrize("user,expected", [
+    ({}, "GOMP_SPINCOUNT=1000"),                                # nothing said: a short spin
+    ({"GOMP_SPINCOUNT": "5"}, "GOMP_SPINCOUNT=5"),              # the user's own value wins
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "GOMP_SPINCOUNT=None"),     # so does a wait policy
+])
+def test_the_command_shortens_openmp_spinning_unless_told(user, expected):
+    # Set before torch loads: the value the OpenMP runtime of a `deeplab` process starts with.
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = ("import os, sys; import deeplab_cli.cli; assert 'torch' not in sys.modules;"
+            "print('GOMP_SPINCOUNT=' + str(os.environ.get('GOMP_SPINCOUNT')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, **user}).stdout
+    assert out.strip() == expected
+
+
 def test_every_registered_command_imports():
     for name in COMMANDS:
         assert cli.get_command(None, name) is not None, name
