@@ -191,9 +191,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     folder mid-run never mistakes it for a finished output; in between it names this
     process and host (see `temp_prefix`). On any exception the temporary file is removed
     and `target` is left as it was. The finished file gets the permissions of the file it
-    replaces, or of any newly created file (`_output_mode`). The first call of a process for a folder also removes
-    the temporaries that killed writers of this host (and pid namespace) left there
-    (`sweep_stale_temps`).
+    replaces, or of any newly created file (`_output_mode`). The first call of a process for
+    a folder also removes the temporaries that killed writers of this host (and pid
+    namespace) left there (`sweep_stale_temps`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

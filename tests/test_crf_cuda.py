@@ -414,6 +414,15 @@ def photos_and_probs():
             for i, p in enumerate(PHOTOS)}
 
 
+@pytest.fixture
+def photos_on_gpu(photos_and_probs):
+    """Every shipped photo and its probabilities as CuPy arrays: (images, probs)."""
+    cp = _cupy()
+    names = [p.name for p in PHOTOS]
+    return ([cp.asarray(photos_and_probs[n][0]) for n in names],
+            [cp.asarray(photos_and_probs[n][1]) for n in names])
+
+
 @pytest.mark.cuda
 def test_nvrtc_compiles_every_kernel():
     _cupy()
@@ -454,16 +463,13 @@ def test_gpu_padding_corners_match_cpu_oracle_and_pydensecrf(height, width, whic
 
 
 @pytest.mark.cuda
-def test_gpu_is_deterministic_and_batch_equals_singles(photos_and_probs):
-    cp = _cupy()
-    names = [p.name for p in PHOTOS]
-    images = [cp.asarray(photos_and_probs[n][0]) for n in names]
-    probs = [cp.asarray(photos_and_probs[n][1]) for n in names]
+def test_gpu_is_deterministic_and_batch_equals_singles(photos_on_gpu):
+    images, probs = photos_on_gpu
     first = [o.get() for o in cuda.dense_crf_cuda_batch(images, probs, DEEPLAB)]
     again = [o.get() for o in cuda.dense_crf_cuda_batch(images, probs, DEEPLAB)]
     for a, b in zip(first, again):
         assert np.array_equal(a, b)
-    for i in range(len(names)):
+    for i in range(len(images)):
         single = cuda.dense_crf_cuda_batch([images[i]], [probs[i]], DEEPLAB)[0].get()
         assert np.array_equal(first[i], single)
     graphed = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB).run(graph=True)]
@@ -472,20 +478,17 @@ def test_gpu_is_deterministic_and_batch_equals_singles(photos_and_probs):
 
 
 @pytest.mark.cuda
-def test_gpu_gaussian_grid_equals_sparse(photos_and_probs):
+def test_gpu_gaussian_grid_equals_sparse(photos_on_gpu):
     # Shared-memory tiles, barriers and the chunk split only run for real on a GPU.
-    cp = _cupy()
-    names = [p.name for p in PHOTOS]
-    images = [cp.asarray(photos_and_probs[n][0]) for n in names]
-    probs = [cp.asarray(photos_and_probs[n][1]) for n in names]
+    images, probs = photos_on_gpu
     for params in (DEEPLAB, README.replace(normalization="after")):
         passes = [o.get() for o in cuda.CudaCRF(images, probs, params).run()]
         tiled = [o.get() for o in cuda.CudaCRF(images, probs, params, gauss_grid=True).run(graph=True)]
         for a, b in zip(passes, tiled):
             assert np.array_equal(a, b)
-    small = cuda.CudaCRF([images[0][:20, :30]], [probs[0][:, :20, :30].copy()], DEEPLAB, gauss_grid=True)
-    alone = cuda.CudaCRF([images[0][:20, :30]], [probs[0][:, :20, :30].copy()], DEEPLAB).run()[0].get()
-    assert np.array_equal(small.run()[0].get(), alone)
+    small, p = [images[0][:20, :30]], [probs[0][:, :20, :30].copy()]  # few tiles: the chunks split
+    tiled = cuda.CudaCRF(small, p, DEEPLAB, gauss_grid=True).run()[0].get()
+    assert np.array_equal(tiled, cuda.CudaCRF(small, p, DEEPLAB).run()[0].get())
 
 
 @pytest.mark.cuda

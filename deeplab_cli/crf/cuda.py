@@ -157,6 +157,13 @@ def compile_all(arch: str | None = None) -> list[str]:
 # Key packing, decided on the host from image sizes and parameters alone (no device sync)
 
 
+def q_ranges(spec: KernelSpec, height: int, width: int) -> list[tuple[int, int]]:
+    """Inclusive range of each stored q_i (coordinate = q_i * (d+1) + remainder) over any image
+    of this size, with one spare step each side: what the key packing and the Gaussian cell
+    grid both span."""
+    return [(lo // (spec.d + 1) - 1, hi // (spec.d + 1) + 1) for lo, hi in key_bounds(spec, height, width)]
+
+
 def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int,
                 *, spread: bool = False) -> tuple[list[tuple[int, int, int, int]], int, int]:
     """How one lattice's keys pack into 64-bit words, the lattice field left out: (word, shift,
@@ -166,8 +173,7 @@ def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int,
     `spread` puts the last field in a second word even when one would do (tests use it).
     """
     fields = [(spec.d.bit_length(), 0), (max(n_images - 1, 0).bit_length(), 0)]
-    for lo, hi in key_bounds(spec, height, width):
-        q_lo, q_hi = lo // (spec.d + 1) - 1, hi // (spec.d + 1) + 1
+    for q_lo, q_hi in q_ranges(spec, height, width):
         fields.append(((q_hi - q_lo).bit_length(), q_lo))
     table, word, shift = [], 0, 0
     for index, (bits, lo) in enumerate(fields):
@@ -187,11 +193,8 @@ def gauss_cells(spec: KernelSpec, height: int, width: int) -> tuple[int, int]:
     """The box of Gaussian lattice cells (q0, q1) an image of this size can reach, as the key
     packing bounds them (origin at the packed q_lo): (span0, span1)."""
     assert spec.d == 2
-    spans = []
-    for lo, hi in key_bounds(spec, height, width):
-        q_lo, q_hi = lo // (spec.d + 1) - 1, hi // (spec.d + 1) + 1
-        spans.append(q_hi - q_lo + 1)
-    return spans[0], spans[1]
+    (lo0, hi0), (lo1, hi1) = q_ranges(spec, height, width)
+    return hi0 - lo0 + 1, hi1 - lo1 + 1
 
 
 def pack_layouts(specs: Sequence[KernelSpec], height: int, width: int, n_images: int,
