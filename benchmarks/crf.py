@@ -60,9 +60,9 @@ def make_inputs(mp_: float, n_labels: int, seed: int = 0) -> tuple[np.ndarray, n
 # ---------------------------------------------------------------------------------------------
 
 
-def time_gpu(image, probs, params, repeat: int, graph: bool, **options) -> dict:
+def time_gpu(image, probs, params, repeat: int, graph: bool | str, **options) -> dict:
     """Median CUDA-event times (ms) of the lattice build, the iterations and the whole call,
-    after a warm-up; peak bytes held by CuPy's memory pool."""
+    after a warm-up; peak bytes held by CuPy's memory pool. `graph` as CudaCRF.iterate's."""
     import cupy as cp
 
     from deeplab_cli.crf.cuda import CudaCRF
@@ -284,7 +284,7 @@ def main() -> None:
         if have_gpu:
             options = {}
             row["gpu"] = time_gpu(image, probs, params, args.repeat, graph=False, **options)
-            row["gpu_graph"] = time_gpu(image, probs, params, args.repeat, graph=True, **options)
+            row["gpu_graph"] = time_gpu(image, probs, params, args.repeat, graph="iteration", **options)
             row["gpu_labels"] = gpu_labels(image, probs, params)
             if args.breakdown:
                 import cupy as cp
@@ -336,11 +336,13 @@ def ab(args, names: list[str]) -> None:
                 agree = float((out.argmax(0) == ref.argmax(0)).mean()) * 100
             options = dict(VARIANTS[name])
             plain = time_gpu(image, probs, params, args.repeat, graph=False, **dict(options))
-            graph = time_gpu(image, probs, params, args.repeat, graph=True, **dict(options))
+            graph = time_gpu(image, probs, params, args.repeat, graph="iteration", **dict(options))
+            whole = time_gpu(image, probs, params, args.repeat, graph="all", **dict(options))
             lines.append(f"{image.shape[1]}x{image.shape[0]} {name:6s} build {plain['build']:7.2f} "
                          f"(host {plain['host_build']:6.2f}) iters {plain['iters']:7.2f} "
                          f"(host {plain['host_iters']:5.2f}) total {plain['total']:7.2f} "
-                         f"| graph: iters {graph['iters']:7.2f} total {graph['total']:7.2f} | peak "
+                         f"| graph of one iteration: iters {graph['iters']:7.2f} (host {graph['host_iters']:5.2f}) "
+                         f"total {graph['total']:7.2f} | of all: iters {whole['iters']:7.2f} | peak "
                          f"{plain['peak'] / 2**20:6.0f} MiB | vs {names[0]}: max diff {diff:.1e} argmax "
                          f"{agree:.4f}% | deterministic {np.array_equal(out, again)}")
             print(lines[-1], flush=True)

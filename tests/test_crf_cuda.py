@@ -170,8 +170,13 @@ class EmulatedBackend:
         self.library = library
         self.free = free
         self.lanes = lanes
+        self.captures, self.replays = [], 0  # launches per captured graph, graphs replayed
+        self.recording = None  # the launches being captured, if any
 
     def launch(self, name, n, args, width=1):
+        if self.recording is not None:
+            self.recording.append((name, n, args, width))
+            return
         if n <= 0:
             return
         converted = []
@@ -208,6 +213,22 @@ class EmulatedBackend:
         # Block-wide kernels are built with one thread per block (GAUSS_TILE_THREADS 1 in
         # tests/cuda_emulation.h), and one block strides over all of them.
         self.launch(name, blocks, args)
+
+    def capture(self, work):
+        """Like stream capture: the launches `work()` makes are recorded, not run."""
+        self.recording = []
+        try:
+            work()
+            recorded = self.recording
+        finally:
+            self.recording = None
+        self.captures.append(len(recorded))
+        return recorded
+
+    def replay(self, recorded):
+        self.replays += 1
+        for launch in recorded:
+            self.launch(*launch)
 
     def to_host(self, array):
         return np.asarray(array)
@@ -316,6 +337,27 @@ def test_emulated_lane_groups_match_pydensecrf(emulated, n_labels, group):
     one_lane = cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0]
     assert_close(out, one_lane, agreement=1.0, atol=1e-5)
     assert_close(out, pydensecrf_reference(image, probs, params), agreement=1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("gauss_grid", [False, True])
+def test_emulated_graph_replays_equal_direct_launches(emulated, gauss_grid):
+    # A graph of one iteration replayed once per iteration, or of all of them replayed once,
+    # gives exactly the direct launches' result (the emulated capture records, replay runs).
+    image = crop("coffee.jpg", 100, 150, 37, 45)
+    probs = network_like_probs(37, 45, seed=4)
+    params = DEEPLAB.replace(iterations=4)
+    direct = cuda.CudaCRF([image], [probs], params, backend=emulated, gauss_grid=gauss_grid).run()[0]
+    launches = []
+    for mode, replays in (("iteration", 4), (True, 4), ("all", 1)):
+        backend = EmulatedBackend(emulated.library)
+        out = cuda.CudaCRF([image], [probs], params, backend=backend, gauss_grid=gauss_grid).run(graph=mode)[0]
+        assert np.array_equal(out, direct), mode
+        assert backend.replays == replays and len(backend.captures) == 1
+        launches.append(backend.captures[0] * replays)
+    per_iteration = 10 if gauss_grid else 9  # splat, reduce, blur passes (or tiles + 6), slice
+    assert launches == [4 * per_iteration] * 3
+    with pytest.raises(ValueError, match="graph must be one of"):
+        cuda.CudaCRF([image], [probs], params, backend=emulated).run(graph="sometimes")
 
 
 @pytest.mark.parametrize("run_min,small", [(cuda.RUN_MIN, (2, 3)), (64, (9, 7))])
@@ -472,9 +514,10 @@ def test_gpu_is_deterministic_and_batch_equals_singles(photos_on_gpu):
     for i in range(len(images)):
         single = cuda.dense_crf_cuda_batch([images[i]], [probs[i]], DEEPLAB)[0].get()
         assert np.array_equal(first[i], single)
-    graphed = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB).run(graph=True)]
-    for a, b in zip(first, graphed):
-        assert np.array_equal(a, b)
+    for mode in ("iteration", "all"):
+        graphed = [o.get() for o in cuda.CudaCRF(images, probs, DEEPLAB).run(graph=mode)]
+        for a, b in zip(first, graphed):
+            assert np.array_equal(a, b), mode
 
 
 @pytest.mark.cuda

@@ -16,7 +16,7 @@ both lattices share one set of arrays, so each step below is one launch for both
      pydensecrf (its 4-wide build pads the last group with all-zero features). The host waits
      once, for the vertex count; scalars go as kernel arguments, the small constant table is
      uploaded once per geometry;
-  3. each iteration (9 launches, or one CUDA graph for all): splat both lattices (gather over
+  3. each iteration (9 launches, or a CUDA graph of them replayed): splat both lattices (gather over
      each vertex's entries, no atomics), reduce long vertices, blur along the axes (Jacobi,
      double buffer; axes 3..5 only on the bilateral vertices); then one kernel slices both,
      adds the normalized Potts messages to -U and takes the softmax over labels.
@@ -74,6 +74,7 @@ _GAUSS_TILE = 16
 _GAUSS_TILE_THREADS = 512
 _GAUSS_TILE_BLOCKS_PER_SM = 3
 _CONSTANTS_KEPT = 64  # constant tables a backend keeps on the device
+GRAPH_MODES = ("off", "iteration", "all")  # how CudaCRF.iterate launches the iterations
 
 
 def kernel_dir() -> Path:
@@ -680,19 +681,29 @@ class CudaCRF:
 
     # -- stage 2: mean-field iterations -----------------------------------------------------------
 
-    def iterate(self, *, graph: bool = False) -> None:
-        """Run the mean-field iterations; with `graph`, as one captured CUDA graph (one launch
-        from the host instead of ~9 per iteration; same arithmetic)."""
+    def iterate(self, *, graph: bool | str = False) -> None:
+        """Run the mean-field iterations (same arithmetic whichever way they are launched).
+
+        `graph`: False or "off" launches each kernel from the host (about 9 per iteration);
+        True or "iteration" records one iteration as a CUDA graph and replays it once per
+        iteration (a small graph to instantiate, one host call per iteration); "all" records
+        every iteration in one graph and replays it once."""
+        mode = {False: "off", True: "iteration"}.get(graph, graph)
+        if mode not in GRAPH_MODES:
+            raise ValueError(f"graph must be one of {GRAPH_MODES} or a bool, got {graph!r}")
         if not self.lattices or self.params.iterations <= 0:
             return  # no pairwise term: every iteration gives softmax(-U) again
-        if graph and hasattr(self.bk, "capture"):
-            self.bk.replay(self.bk.capture(self._iterations))
-        else:
-            self._iterations()
+        if mode == "off" or not hasattr(self.bk, "capture"):
+            self._iterations(self.params.iterations)
+            return
+        count = 1 if mode == "iteration" else self.params.iterations
+        recorded = self.bk.capture(lambda: self._iterations(count))
+        for _ in range(self.params.iterations // count):
+            self.bk.replay(recorded)
 
-    def _iterations(self) -> None:
+    def _iterations(self, count: int) -> None:
         # Q is read by each splat and only rewritten by the slice + softmax that ends the iteration.
-        for _ in range(self.params.iterations):
+        for _ in range(count):
             for method, args in self._launches:
                 method(*args)
 
@@ -723,7 +734,7 @@ class CudaCRF:
             outs.append(out)
         return outs
 
-    def run(self, *, graph: bool = False) -> list[Any]:
+    def run(self, *, graph: bool | str = False) -> list[Any]:
         self.prepare()
         self.iterate(graph=graph)
         return self.result()
