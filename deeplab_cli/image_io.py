@@ -12,6 +12,7 @@ writer thread, then written atomically (`write_bytes`) or to a binary stream (st
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from typing import IO, Sequence
@@ -270,13 +271,55 @@ def encode_output(fmt: str, *, labels: np.ndarray | None = None,
 
 
 def write_bytes(target: str | os.PathLike | IO[bytes], data: bytes) -> None:
-    """Write `data` to a binary stream, or to a file atomically (temp name + rename)."""
+    """Write `data` to a binary stream, or to a file atomically (temp name + rename).
+
+    All of `data` reaches the stream, or an OSError says why not (BrokenPipeError when
+    its reader has gone).
+    """
     if hasattr(target, "write"):
-        target.write(data)
-        target.flush()
+        _write_all(target, data)
         return
     with atomic_open(target, "wb") as fh:
         fh.write(data)
+
+
+def _write_all(stream: IO[bytes], data: bytes) -> None:
+    """Write and flush all of `data`, however little the stream takes per call.
+
+    Under `python -u` or PYTHONUNBUFFERED=1, sys.stdout.buffer is a raw FileIO: one write()
+    call, which a pipe whose reader leaves (or a signal) cuts short, and whose count of
+    bytes taken a caller must check. A non-blocking stream takes nothing when full (None,
+    or BlockingIOError from a buffered one): wait until it can take more.
+    """
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        try:
+            n = stream.write(view[done:] if done else data)
+        except BlockingIOError as exc:  # a buffered stream kept what it could
+            done += exc.characters_written
+            _wait_writable(stream)
+            continue
+        if n is None:
+            if not isinstance(stream, io.RawIOBase):
+                break  # a writer that reports no count (a plain class): it took it all
+            _wait_writable(stream)  # a raw non-blocking stream took nothing
+            continue
+        if n <= 0:
+            raise OSError(errno.EIO, "the stream took none of the data")
+        done += n
+    while True:
+        try:
+            stream.flush()
+            return
+        except BlockingIOError:
+            _wait_writable(stream)
+
+
+def _wait_writable(stream) -> None:
+    """Block until a non-blocking stream's descriptor can take more bytes."""
+    import select
+
+    select.select([], [stream.fileno()], [])
 
 
 def write_labels(target: str | os.PathLike | IO[bytes], labels: np.ndarray,

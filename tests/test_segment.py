@@ -7,6 +7,7 @@ ResNet-101 forward pass cheap on the CPU.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -28,6 +29,7 @@ from helpers import OTHER_HOST, dead_pid, temp_name
 from deeplab_cli.cli import cli
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
+from deeplab_cli.image_io import write_bytes
 from deeplab_cli.pipeline import BatchItem, Segmenter, crf_memory_bytes, network_size
 
 N_CLASSES = 21
@@ -629,3 +631,254 @@ def test_segment_sweeps_a_killed_runs_leftovers(tmp_path, fast_load, weights_fil
 
     assert {p.name for p in out.iterdir()} == {"a.png", "b.png", elsewhere.name}
     assert read_mask(out / "b.png").shape == (41, 29)
+
+
+# --- as a demanding shell user drives it: odd names, closed or failing standard streams,
+# unbuffered stdout, unset variables, unreadable folders ------------------------------------
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_shell(args, *, shell_redirect: str = "", env: dict | None = None, **kw):
+    """`python -m deeplab_cli segment ARGS` in a real process; `shell_redirect` (e.g. '>&-')
+    is applied by sh just before it execs Python, to close or point its descriptors."""
+    argv = [sys.executable, "-m", "deeplab_cli", "segment", *map(str, args)]
+    script = f'exec "$@" {shell_redirect}'
+    return subprocess.run(["sh", "-c", script, "sh", *argv], timeout=300, env=env, **kw)
+
+
+def _env(**changes) -> dict:
+    env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+# --- stdout: partial writes, failures ----------------------------------------------------
+
+
+class _Trickle(io.RawIOBase):
+    """A raw stream that takes at most `step` bytes per write and, every third call, none
+    (as a full non-blocking pipe does); its descriptor is a real, writable pipe."""
+
+    def __init__(self, step: int, fd: int) -> None:
+        self.step, self.fd, self.calls, self.got = step, fd, 0, bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data) -> int | None:
+        self.calls += 1
+        if self.calls % 3 == 0:
+            return None
+        taken = bytes(data[: self.step])
+        self.got += taken
+        return len(taken)
+
+
+def test_write_bytes_delivers_everything_to_a_stream_that_takes_little_at_a_time():
+    data = bytes(range(256)) * 40
+    read_end, write_end = os.pipe()
+    try:
+        stream = _Trickle(1000, write_end)
+        write_bytes(stream, data)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert bytes(stream.got) == data
+
+    class Leaving(_Trickle):  # the reader goes away after the first part
+        def write(self, data):
+            if self.got:
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+            return super().write(data)
+
+    with pytest.raises(BrokenPipeError):
+        write_bytes(Leaving(100, 1), data)
+
+    class Plain:  # a plain writer object that reports no count
+        def __init__(self):
+            self.got = b""
+
+        def write(self, data):
+            self.got += bytes(data)
+
+        def flush(self):
+            pass
+
+    plain = Plain()
+    write_bytes(plain, data)
+    assert plain.got == data
+
+
+def test_unbuffered_stdout_whose_reader_leaves_is_not_a_success(tmp_path, weights_file):
+    """Under PYTHONUNBUFFERED=1 stdout is a raw FileIO; a pipe closed mid-write used to
+    take part of the mask silently, and the run reported success."""
+    src = save(tmp_path / "cat.png", photo(size=(160, 120)))  # 1.6 MB of probabilities
+    argv = [sys.executable, "-m", "deeplab_cli", "segment", src, "--format", "probs",
+            "--weights", weights_file, "--no-crf", *FAST]
+    proc = subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(PYTHONUNBUFFERED="1"))
+    try:
+        assert proc.stdout.read(6) == b"\x93NUMPY"
+        proc.stdout.close()  # as `| head -c 6` does
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 1, err.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"Traceback" not in err and b"segmented" not in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failing_stdout_gives_one_line_and_status_1(tmp_path, weights_file):
+    src = save(tmp_path / "cat.jpg", photo())
+    with open("/dev/full", "wb") as full:
+        # The mask itself to a full stdout (buffered, the default).
+        proc = run_shell([src, "--weights", weights_file, "--no-crf", *FAST], stdout=full,
+                       stderr=subprocess.PIPE, env=_env(PYTHONUNBUFFERED=None))
+        err = proc.stderr.decode()
+        assert proc.returncode == 1, err
+        assert "cat.jpg: cannot write the result to stdout (No space left on device)" in err
+        assert "Traceback" not in err and "Exception ignored" not in err
+        # The JSON lines to a full stdout: the masks are written, the run stops with one line.
+        proc = run_shell([src, "-o", tmp_path / "out", "--json", "--weights", weights_file, "--no-crf",
+                        *FAST], stdout=full, stderr=subprocess.PIPE, env=_env(PYTHONUNBUFFERED=None))
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "deeplab: stdout: cannot write (No space left on device)" in err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert (tmp_path / "out" / "cat.png").is_file()
+
+
+# --- closed standard streams ---------------------------------------------------------------
+
+
+def test_closed_stdout_or_stdin_is_a_one_line_error(tmp_path, weights_file):
+    src = save(tmp_path / "cat.jpg", photo())
+    for args, redirect, message in [
+        ([src], ">&-", "no -o given and stdout is closed"),
+        ([src, "-o", "-"], ">&-", "-o -: stdout is closed"),
+        ([src, "-o", tmp_path / "out", "--json"], ">&-", "--json: stdout is closed"),
+        (["-", "-o", tmp_path / "m.png"], "<&-", "- (stdin): stdin is closed"),
+        (["--from-list", "-", "-o", tmp_path / "out"], "<&-", "--from-list -: stdin is closed"),
+    ]:
+        proc = run_shell([*args, "--weights", weights_file, "--no-crf", *FAST], shell_redirect=redirect,
+                       capture_output=False, stderr=subprocess.PIPE)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and message in err and "Traceback" not in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.jpg"]
+
+
+def test_closed_stderr_neither_fails_the_run_nor_leaks_into_stdout(tmp_path, weights_file):
+    src = tmp_path / "in"
+    save(src / "a.jpg", photo())
+    save(src / "b.jpg", photo("coffee.jpg"))
+    # Several images: the progress-bar check used to fail on the missing stderr.
+    proc = run_shell([src, "-o", tmp_path / "out", "--weights", weights_file, "--no-crf", "--max-size", "32",
+                    "--no-msc", "--device", "cpu"], shell_redirect="2>&-", stdout=subprocess.PIPE)
+    assert proc.returncode == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    # A note meant for stderr ('running on the CPU', said by --device auto without a GPU)
+    # used to go to stdout, in front of the mask.
+    proc = run_shell([src / "a.jpg", "--weights", weights_file, "--no-crf", "--max-size", "32", "--no-msc",
+                    "--device", "auto"], shell_redirect="2>&-", stdout=subprocess.PIPE)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(PNG_SIGNATURE)
+    with Image.open(io.BytesIO(proc.stdout)) as im:
+        assert im.size == (W, H)
+
+
+def test_stdin_that_is_a_terminal_is_refused(tmp_path, fast_load, weights_file, monkeypatch):
+    monkeypatch.setattr("deeplab_cli.cli.segment._stdin_is_tty", lambda: True)
+    result = invoke(["-", "-o", tmp_path / "m.png", "--weights", weights_file, *FAST], expect=1)
+    assert "- (stdin) is a terminal" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- names and paths -----------------------------------------------------------------------
+
+
+def test_odd_names_fail_on_one_line_and_round_trip_in_json(tmp_path, fast_load, weights_file):
+    src = tmp_path / "in"
+    save(src / "ok.jpg", photo())
+    names = ["new\nline.jpg", "tab\there.jpg", "esc\x1b[2J.jpg"]
+    try:
+        (src / os.fsdecode(b"bad\xff.jpg")).write_bytes(b"")
+        names.append(os.fsdecode(b"bad\xff.jpg"))
+    except (OSError, UnicodeError):  # a file system that holds only UTF-8 names
+        pass
+    for name in names[:3]:
+        (src / name).write_bytes(b"")
+    result = invoke([src, "-o", tmp_path / "out", "--json", "--weights", weights_file, "--no-crf", *FAST],
+                    expect=1)
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("deeplab: ") for line in lines), lines
+    assert f"deeplab: {src}/new\\nline.jpg: empty file (0 bytes)" in lines
+    assert f"deeplab: {src}/tab\\there.jpg: empty file (0 bytes)" in lines
+    assert f"deeplab: {src}/esc\\x1b[2J.jpg: empty file (0 bytes)" in lines
+    if len(names) == 4:
+        assert f"deeplab: {src}/bad\\xff.jpg: empty file (0 bytes)" in lines
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    failed = {Path(r["input"]).name for r in records if r["status"] == "error"}
+    assert failed == set(names)  # the JSON keeps the exact names (escaped by JSON itself)
+    assert [r["status"] for r in records].count("ok") == 1
+
+
+def test_empty_strings_from_unset_variables_are_refused(tmp_path, fast_load, weights_file, monkeypatch):
+    """`deeplab segment "$IMG" -o "$OUT"` with a variable unset: Path('') is the current
+    folder, which used to be segmented (or written into) whole."""
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path / "a.jpg", photo())
+    before = sorted(os.listdir(tmp_path))
+    result = invoke(["", "-o", "out", "--weights", weights_file, "--no-crf", *FAST], expect=1)
+    assert "an input is an empty string" in result.stderr
+    result = invoke(["a.jpg", "-o", "", "--weights", weights_file, "--no-crf", *FAST], expect=1)
+    assert "-o: an empty path" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_dash_in_a_list_is_a_file_named_dash(tmp_path, fast_load, weights_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path / "-", photo(), format="PNG")
+    save(tmp_path / "b.jpg", photo("coffee.jpg"))
+    (tmp_path / "list.txt").write_text("-\nb.jpg\n")
+    result = invoke(["--from-list", "list.txt", "-o", "out", "--json", "--weights", weights_file,
+                     "--no-crf", *FAST], input=b"not an image on stdin")
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == ["-", "b.jpg"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["-.png", "b.png"]
+
+
+def test_a_folder_that_cannot_be_listed_is_a_failure(tmp_path, fast_load, weights_file, monkeypatch):
+    """A subfolder without read permission used to be skipped in silence (exit 0)."""
+    src = tmp_path / "in"
+    save(src / "a.jpg", photo())
+    save(src / "locked" / "b.jpg", photo("coffee.jpg"))
+    locked = str(src / "locked")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:  # as for a folder of mode 000 (tests may run as root)
+            raise PermissionError(errno.EACCES, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    result = invoke([src, "-o", out, "--json", "--weights", weights_file, "--no-crf", *FAST], expect=1)
+    assert f"deeplab: {locked}: cannot list this folder (Permission denied); its images were not read" \
+        in result.stderr.splitlines()
+    assert "2 images: 1 segmented, 1 failed" in result.stderr.splitlines()[-1]
+    records = {json.loads(line)["input"]: json.loads(line) for line in result.stdout.splitlines()}
+    assert records[locked]["status"] == "error" and records[str(src / "a.jpg")]["status"] == "ok"
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+    # The input folder itself unreadable: a failure too, not "no images found".
+    result = invoke([locked, "-o", out, "--weights", weights_file, "--no-crf", *FAST], expect=1)
+    assert "cannot list this folder" in result.stderr and "no images found" not in result.stderr

@@ -51,17 +51,80 @@ class Job:
 
 
 def _binary_stream(name: str):
-    """sys.stdin / sys.stdout as bytes (also under click's CliRunner)."""
+    """sys.stdin / sys.stdout as bytes (also under click's CliRunner); None when closed."""
     stream = getattr(sys, name)
     return getattr(stream, "buffer", stream)
 
 
 def _stdout_is_tty() -> bool:
-    return sys.stdout.isatty()
+    return sys.stdout is not None and sys.stdout.isatty()
 
 
 def _stderr_is_tty() -> bool:
-    return sys.stderr.isatty()
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
+def _stdin_is_tty() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _read_stdin(label: str) -> bytes:
+    """All of stdin, or a one-line DeeplabError (`label` names what was to be read)."""
+    stream = _binary_stream("stdin")
+    if stream is None:
+        raise DeeplabError(f"{label}: stdin is closed")
+    try:
+        return stream.read()
+    except OSError as exc:
+        raise DeeplabError(f"{label}: cannot read stdin ({exc.strerror or exc})") from None
+
+
+def _guard_standard_streams() -> None:
+    """Give closed standard descriptors (`>&-`, `2>&-`) /dev/null.
+
+    Python leaves sys.stderr None then, and print(file=None) writes to stdout: the notes
+    on stderr would land in the mask on stdout. A closed descriptor 0-2 would also be
+    handed to the next file opened (an output), where C libraries' own messages on fd 2
+    (libtiff's warnings) would end up.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # kept open for the life of the process
+
+
+def _abandon_stdout() -> None:
+    """Point descriptor 1 at /dev/null once writing to stdout has failed: what Python still
+    buffers for it would fail again at exit ('Exception ignored', status 120)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # closed, or CliRunner's capture
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
+def _one_line(text: str) -> str:
+    """`text` as one printable line: control characters (a newline in a file name),
+    the undecodable bytes of a name (`\\xff`) and other unprintables escaped."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":  # os.fsdecode's stand-in for a byte
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -71,9 +134,10 @@ def read_list(spec: str, *, null: bool) -> list[str]:
     """Paths from a list file (or '-' for stdin): one per line, or NUL-separated with -0.
 
     Empty entries are skipped; with lines, a trailing '\\r' is dropped (lists made on Windows).
+    An entry '-' is a file of that name, not stdin.
     """
     if spec == "-":
-        data = _binary_stream("stdin").read()
+        data = _read_stdin("--from-list -")
     else:
         data = read_input(spec, label=f"--from-list {spec}", expected="a list of paths")
     text = os.fsdecode(data)
@@ -81,19 +145,22 @@ def read_list(spec: str, *, null: bool) -> list[str]:
     return [entry for entry in entries if entry]
 
 
-def walk_images(root: Path, *, exclude: Path | None = None) -> list[Path]:
+def walk_images(root: Path, *, exclude: Path | None = None,
+                errors: list[OSError] | None = None) -> list[Path]:
     """Image files under `root`, recursively, sorted by relative path.
 
     Only known image suffixes (any case); hidden files and folders (names starting with
     '.', e.g. temporary '.part' outputs or macOS '._' files) are skipped, and so is
     `exclude` (the output folder, when it sits inside an input folder). Symlinked folders
-    are not followed (no loops).
+    are not followed (no loops). Folders that cannot be listed (permissions) are appended
+    to `errors` when given.
     """
     from deeplab_cli.image_io import IMAGE_EXTENSIONS
 
     found = []
     exclude_real = os.path.realpath(exclude) if exclude is not None else None
-    for dirpath, dirnames, filenames in os.walk(root):
+    on_error = errors.append if errors is not None else None
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")
                        and os.path.realpath(os.path.join(dirpath, d)) != exclude_real]
         for filename in filenames:
@@ -107,28 +174,40 @@ def walk_images(root: Path, *, exclude: Path | None = None) -> list[Path]:
 def collect_jobs(inputs: tuple[str, ...], from_list: str | None, null: bool,
                  output_dir: Path | None) -> list[Job]:
     """Expand the inputs (files, folders, '-', list entries) into jobs, in order, once each."""
-    entries = list(inputs)
+    if "" in inputs:  # Path("") is the current folder: never what `"$UNSET"` meant
+        raise DeeplabError("an input is an empty string (an unset shell variable?)")
+    if from_list == "-" and "-" in inputs:
+        raise DeeplabError("stdin cannot hold both the image (-) and the list (--from-list -)")
+    if list(inputs).count("-") > 1:
+        raise DeeplabError("- (stdin) can be given only once")
+    # (entry, whether '-' there means stdin): in a list, '-' is a file of that name.
+    entries = [(entry, True) for entry in inputs]
     if from_list is not None:
-        if from_list == "-" and "-" in entries:
-            raise DeeplabError("stdin cannot hold both the image (-) and the list (--from-list -)")
-        entries += read_list(from_list, null=null)
+        entries += [(entry, False) for entry in read_list(from_list, null=null)]
     if not entries:
         raise DeeplabError("no input: give image files, folders, - (stdin) or --from-list FILE")
-    if entries.count("-") > 1:
-        raise DeeplabError("- (stdin) can be given only once")
 
     jobs: list[Job] = []
     loose: list[Job] = []  # files named directly; mirrored relative to their common folder
-    for entry in entries:
-        if entry == "-":
-            data = _binary_stream("stdin").read()
+    unlisted: list[Job] = []  # folders that could not be listed: failures, no output
+    for entry, dash_is_stdin in entries:
+        if entry == "-" and dash_is_stdin:
+            if _stdin_is_tty():
+                raise DeeplabError("- (stdin) is a terminal: pipe an image into it, or name a file")
+            data = _read_stdin("- (stdin)")
             jobs.append(Job(source=data, name="<stdin>", rel=PurePath("stdin")))
             continue
         path = Path(entry)
         if path.is_dir():
-            images = walk_images(path, exclude=output_dir)
-            if not images:
-                click.echo(f"deeplab: {entry}: no images found in this folder", err=True)
+            errors: list[OSError] = []
+            images = walk_images(path, exclude=output_dir, errors=errors)
+            for exc in errors:
+                folder = exc.filename if exc.filename is not None else entry
+                unlisted.append(Job(source=Path(folder), name=str(folder), rel=PurePath(),
+                                    problem=f"{folder}: cannot list this folder "
+                                            f"({exc.strerror or exc}); its images were not read"))
+            if not images and not errors:
+                click.echo(f"deeplab: {_one_line(entry)}: no images found in this folder", err=True)
             for image in images:
                 jobs.append(Job(source=image, name=str(image), rel=PurePath(image.relative_to(path))))
         else:
@@ -151,7 +230,7 @@ def collect_jobs(inputs: tuple[str, ...], from_list: str | None, null: bool,
     for job in unique:
         if job.rel.is_absolute() or ".." in job.rel.parts:
             raise DeeplabError(f"{job.name}: cannot be mirrored inside the output folder")
-    return unique
+    return unique + unlisted
 
 
 # --- outputs -----------------------------------------------------------------------------
@@ -166,11 +245,17 @@ def choose_mode(output: str | None, inputs: tuple[str, ...], from_list: str | No
         if _stdout_is_tty():
             raise DeeplabError("no -o given and stdout is a terminal: give -o FILE or -o DIR, "
                                "or pipe the output")
+        if sys.stdout is None:
+            raise DeeplabError("no -o given and stdout is closed: give -o FILE or -o DIR")
         output = "-"
     if output == "-":
         if _stdout_is_tty():
             raise DeeplabError("-o -: refusing to write an image to a terminal; redirect stdout")
+        if sys.stdout is None:
+            raise DeeplabError("-o -: stdout is closed")
         return "stdout"
+    if not output:  # Path("") is the current folder: never what `-o "$UNSET"` meant
+        raise DeeplabError("-o: an empty path (an unset shell variable?)")
     path = Path(output)
     if path.is_dir() or output.endswith(("/", os.sep)):
         return "dir"
@@ -195,6 +280,7 @@ def assign_outputs(jobs: list[Job], out_dir: Path, suffix: str) -> None:
     def key(path: PurePath) -> str:
         return str(path).casefold()
 
+    jobs = [job for job in jobs if job.problem is None]  # unlisted folders get no output
     plain = {id(job): job.rel.with_suffix(suffix) if job.rel.suffix else job.rel.with_name(job.rel.name + suffix)
              for job in jobs}
     groups: dict[str, list[Job]] = {}
@@ -281,6 +367,7 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
     """
     from deeplab_cli.image_io import output_suffix
 
+    _guard_standard_streams()
     if model and weights:
         raise DeeplabError("give either --model NAME or --weights FILE, not both")
     if weights and not Path(weights).is_file():
@@ -289,12 +376,15 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
     mode = choose_mode(output, inputs, from_list, suffix)
     if mode == "stdout" and as_json:
         raise DeeplabError("--json and the mask would both go to stdout; give -o FILE or -o DIR")
+    if as_json and sys.stdout is None:
+        raise DeeplabError("--json: stdout is closed")
     out_dir = Path(output) if mode == "dir" else None
     jobs = collect_jobs(inputs, from_list, null, out_dir)
     if not jobs:
         raise DeeplabError("no input images found")
-    if mode == "stdout" and len(jobs) > 1:
-        raise DeeplabError(f"stdout holds one image but there are {len(jobs)} inputs; give -o DIR")
+    n_images = sum(job.problem is None for job in jobs)
+    if mode == "stdout" and n_images > 1:
+        raise DeeplabError(f"stdout holds one image but there are {n_images} inputs; give -o DIR")
     if mode == "dir":
         assign_outputs(jobs, out_dir, suffix)
     elif mode == "file":
@@ -330,8 +420,12 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
                  max_pixels=max_pixels, batch_size=batch_size, fail_fast=fail_fast, quiet=quiet)
         except BrokenPipeError:
             # Whoever read stdout went away (e.g. `| head -1`): stop quietly, as cat does.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _abandon_stdout()
             ctx.exit(1)
+        except _StdoutError as exc:  # the JSON lines cannot be written (a full disk)
+            _abandon_stdout()
+            stats.broken = True
+            click.echo(f"deeplab: stdout: cannot write ({exc}); stopped", err=True)
     _finish(ctx, stats, quiet)
 
 
@@ -341,19 +435,29 @@ class _Stats:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    broken: bool = False  # stdout failed: the run stopped early
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def fail(self, job: Job, message: str, *, as_json: bool) -> None:
         self.failed += 1
-        click.echo(f"deeplab: {message}", err=True)
+        click.echo(f"deeplab: {_one_line(message)}", err=True)
         if as_json:
             _emit({"input": job.name, "output": str(job.output) if job.output else "-",
                    "status": "error", "error": message})
 
 
+class _StdoutError(Exception):
+    """Writing a JSON line to stdout failed (other than its reader leaving)."""
+
+
 def _emit(record: dict) -> None:
-    click.echo(json.dumps(record))
-    sys.stdout.flush()  # one line at a time, so `| jq` sees each image as it finishes
+    try:
+        click.echo(json.dumps(record))
+        sys.stdout.flush()  # one line at a time, so `| jq` sees each image as it finishes
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _StdoutError(exc.strerror or str(exc)) from None
 
 
 def _describe_error(job: Job, exc: BaseException) -> str:
@@ -362,6 +466,8 @@ def _describe_error(job: Job, exc: BaseException) -> str:
         return text if job.name in text else f"{job.name}: {text}"
     if isinstance(exc, OSError) and job.output is not None:
         return f"{job.output}: cannot write ({exc.strerror or exc})"
+    if isinstance(exc, OSError):
+        return f"{job.name}: cannot write the result to stdout ({exc.strerror or exc})"
     return f"{job.name}: {type(exc).__name__}: {exc}"
 
 
@@ -404,6 +510,8 @@ def _run(segmenter, jobs: list[Job], stats: _Stats, *, fmt, alpha, as_json, max_
                 raise item.error  # stdout's reader left (the writer thread saw it); see segment()
             if item.error is not None:
                 stats.fail(job, _describe_error(job, item.error), as_json=as_json)
+                if job.output is None and isinstance(item.error, OSError):
+                    _abandon_stdout()
                 if fail_fast:
                     break
             else:
@@ -437,7 +545,7 @@ def _record(job: Job, result, counts, meta) -> dict:
 def _finish(ctx: click.Context, stats: _Stats, quiet: bool) -> None:
     """The summary line on stderr; exit status 1 if any image failed."""
     elapsed = time.perf_counter() - stats.started
-    if not quiet or stats.failed:
+    if not quiet or stats.failed or stats.broken:
         rate = stats.done / elapsed if elapsed > 0 else 0.0
         parts = [f"{stats.done} segmented"]
         if stats.skipped:
@@ -446,9 +554,9 @@ def _finish(ctx: click.Context, stats: _Stats, quiet: bool) -> None:
             parts.append(f"{stats.failed} failed")
         not_run = stats.total - stats.done - stats.skipped - stats.failed
         if not_run:
-            parts.append(f"{not_run} not run (--fail-fast)")
+            parts.append(f"{not_run} not run ({'stdout failed' if stats.broken else '--fail-fast'})")
         speed = f" ({rate:.2f} images/s)" if stats.done else ""
         click.echo(f"deeplab: {stats.total} image{'' if stats.total == 1 else 's'}: {', '.join(parts)} "
                    f"in {elapsed:.1f} s{speed}", err=True)
-    ctx.exit(1 if stats.failed else 0)
+    ctx.exit(1 if stats.failed or stats.broken else 0)
 
