@@ -16,3 +16,19 @@ def first_line(error: BaseException | str) -> str:
     if not text:
         return type(error).__name__ if isinstance(error, BaseException) else ""
     return text.splitlines()[0].split(". ")[0].rstrip(".")[:200]
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: control characters (a newline in a file name),
+    the undecodable bytes of a name (`\\xff`) and other unprintables escaped."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":  # os.fsdecode's stand-in for a byte
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)

@@ -147,10 +147,31 @@ def test_user_errors_are_one_line_through_the_group(tmp_path):
         pass
 
     @click.command()
-    def boom():
-        raise DeeplabError("x.png: not an image")
+    @click.argument("name")
+    def boom(name):
+        raise DeeplabError(f"{name}: not an image")
 
     group.get_command = lambda ctx, name: boom if name == "boom" else None
-    result = CliRunner().invoke(group, ["boom"])
+    result = CliRunner().invoke(group, ["boom", "x.png"])
     assert result.exit_code == 1
     assert result.output.strip() == "Error: x.png: not an image"
+    # A newline, an escape code or an undecodable byte in a file name stays on the one line.
+    result = CliRunner().invoke(group, ["boom", "a\nb\x1b[2J\udcff.png"])
+    assert result.exit_code == 1
+    assert result.output == "Error: a\\nb\\x1b[2J\\xff.png: not an image\n"
+
+
+def test_closed_standard_streams_get_dev_null(tmp_path):
+    # `2>&-`: notes for stderr (here the CPU fallback's) must not land in the PNG on stdout.
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(tmp_path / "a.png")
+    probs = np.full((2, 6, 7), 0.5, np.float32)
+    np.save(tmp_path / "p.npy", probs)
+    script = 'exec "$@" 2>&-'
+    proc = subprocess.run(["sh", "-c", script, "sh", sys.executable, "-m", "deeplab_cli", "crf", tmp_path / "a.png",
+                           tmp_path / "p.npy", "-o", "-", "--device", "auto", "--iters", "1"],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(b"\x89PNG\r\n\x1a\n")

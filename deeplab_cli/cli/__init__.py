@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import MutableMapping
 
 import click
@@ -65,12 +66,12 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         # Library errors a user can cause become one line and exit status 1.
-        from deeplab_cli.errors import DeeplabError
+        from deeplab_cli.errors import DeeplabError, one_line
 
         try:
             return super().invoke(ctx)
         except DeeplabError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(str(exc))) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Listing the commands must not import them: use the static one-liners.
@@ -85,5 +86,26 @@ def cli() -> None:
     """DeepLab v2 semantic segmentation with a fully connected CRF on the GPU."""
 
 
+def guard_standard_streams() -> None:
+    """Give closed standard descriptors (`>&-`, `2>&-`) /dev/null.
+
+    Python leaves sys.stderr None then, and print(file=None) writes to stdout: the notes
+    on stderr would land in the mask on stdout. A closed descriptor 0-2 would also be
+    handed to the next file opened (an output), where C libraries' own messages on fd 2
+    (libtiff's warnings) would end up.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # kept open for the life of the process
+
+
 def main() -> None:
+    guard_standard_streams()
     cli(prog_name="deeplab")

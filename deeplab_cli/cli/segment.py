@@ -32,7 +32,7 @@ from pathlib import Path, PurePath
 import click
 
 from deeplab_cli.cli.options import crf_options, device_option, load_segmenter
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, one_line
 from deeplab_cli.fsutil import read_input
 
 # image_io.FORMATS, repeated so that `deeplab segment --help` does not import NumPy.
@@ -79,26 +79,6 @@ def _read_stdin(label: str) -> bytes:
         raise DeeplabError(f"{label}: cannot read stdin ({exc.strerror or exc})") from None
 
 
-def _guard_standard_streams() -> None:
-    """Give closed standard descriptors (`>&-`, `2>&-`) /dev/null.
-
-    Python leaves sys.stderr None then, and print(file=None) writes to stdout: the notes
-    on stderr would land in the mask on stdout. A closed descriptor 0-2 would also be
-    handed to the next file opened (an output), where C libraries' own messages on fd 2
-    (libtiff's warnings) would end up.
-    """
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-    if sys.stderr is None:
-        sys.stderr = open(os.devnull, "w")  # kept open for the life of the process
-
-
 def _abandon_stdout() -> None:
     """Point descriptor 1 at /dev/null once writing to stdout has failed: what Python still
     buffers for it would fail again at exit ('Exception ignored', status 120)."""
@@ -109,22 +89,6 @@ def _abandon_stdout() -> None:
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, fd)
     os.close(null)
-
-
-def _one_line(text: str) -> str:
-    """`text` as one printable line: control characters (a newline in a file name),
-    the undecodable bytes of a name (`\\xff`) and other unprintables escaped."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if ch.isprintable():
-            out.append(ch)
-        elif "\udc80" <= ch <= "\udcff":  # os.fsdecode's stand-in for a byte
-            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
-        else:
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-    return "".join(out)
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -207,7 +171,7 @@ def collect_jobs(inputs: tuple[str, ...], from_list: str | None, null: bool,
                                     problem=f"{folder}: cannot list this folder "
                                             f"({exc.strerror or exc}); its images were not read"))
             if not images and not errors:
-                click.echo(f"deeplab: {_one_line(entry)}: no images found in this folder", err=True)
+                click.echo(f"deeplab: {one_line(entry)}: no images found in this folder", err=True)
             for image in images:
                 jobs.append(Job(source=image, name=str(image), rel=PurePath(image.relative_to(path))))
         else:
@@ -367,7 +331,6 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
     """
     from deeplab_cli.image_io import output_suffix
 
-    _guard_standard_streams()
     if model and weights:
         raise DeeplabError("give either --model NAME or --weights FILE, not both")
     if weights and not Path(weights).is_file():
@@ -440,7 +403,7 @@ class _Stats:
 
     def fail(self, job: Job, message: str, *, as_json: bool) -> None:
         self.failed += 1
-        click.echo(f"deeplab: {_one_line(message)}", err=True)
+        click.echo(f"deeplab: {one_line(message)}", err=True)
         if as_json:
             _emit({"input": job.name, "output": str(job.output) if job.output else "-",
                    "status": "error", "error": message})
