@@ -40,12 +40,14 @@ def shape_for(mp_: float) -> tuple[int, int]:
     return h, int(round(h * 4 / 3))
 
 
-def make_inputs(mp_: float, n_labels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """A resized real photo (H, W, 3) uint8 and smooth softmax probabilities (C, H, W)."""
+def make_inputs(mp_: float, n_labels: int, seed: int = 0,
+                photo: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """A resized real photo (H, W, 3) uint8 (`photo`, else the size's own) and smooth
+    softmax probabilities (C, H, W)."""
     import cv2
     from PIL import Image
 
-    name = PHOTO_FOR_SIZE.get(mp_, "rocket.jpg")
+    name = photo or PHOTO_FOR_SIZE.get(mp_, "rocket.jpg")
     h, w = shape_for(mp_)
     with Image.open(ROOT / "tests" / "data" / name) as im:
         photo = np.asarray(im.convert("RGB"))
@@ -62,15 +64,17 @@ def make_inputs(mp_: float, n_labels: int, seed: int = 0) -> tuple[np.ndarray, n
 
 def time_gpu(image, probs, params, repeat: int, graph: bool | str, **options) -> dict:
     """Median CUDA-event times (ms) of the lattice build, the iterations and the whole call,
-    after a warm-up; peak bytes held by CuPy's memory pool. `graph` as CudaCRF.iterate's."""
+    after a warm-up; peak bytes held by CuPy's memory pool. `graph` as CudaCRF.iterate's.
+    `image` and `probs` may be lists: one call on that batch."""
     import cupy as cp
 
     from deeplab_cli.crf.cuda import CudaCRF
 
-    img, prb = cp.asarray(image), cp.asarray(probs)
+    img = [cp.asarray(x) for x in image] if isinstance(image, list) else [cp.asarray(image)]
+    prb = [cp.asarray(x) for x in probs] if isinstance(probs, list) else [cp.asarray(probs)]
     pool = cp.get_default_memory_pool()
     for _ in range(2):  # warm-up: NVRTC compile, module load, pool growth
-        CudaCRF([img], [prb], params, **options).run(graph=graph)
+        CudaCRF(img, prb, params, **options).run(graph=graph)
     cp.cuda.Device().synchronize()
     pool.free_all_blocks()
     base = pool.total_bytes()
@@ -79,7 +83,7 @@ def time_gpu(image, probs, params, repeat: int, graph: bool | str, **options) ->
         events = [cp.cuda.Event() for _ in range(4)]
         events[0].record()
         t0 = time.perf_counter()
-        crf = CudaCRF([img], [prb], params, **options)
+        crf = CudaCRF(img, prb, params, **options)
         crf.prepare()
         hosts.append((time.perf_counter() - t0) * 1e3)  # host time to issue the build (one sync inside)
         events[1].record()
@@ -238,6 +242,8 @@ def main() -> None:
     ap.add_argument("--no-pydensecrf", action="store_true", help="skip pydensecrf")
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also print per-kernel GPU times")
+    ap.add_argument("--batch", type=int, default=8,
+                    help="also time one GPU call on this many photos of each size (per-image time; 1 = skip)")
     ap.add_argument("--ab", default="", help="A/B: comma-separated variants from " + ",".join(VARIANTS))
     args = ap.parse_args()
     if args.ab:
@@ -286,6 +292,13 @@ def main() -> None:
             row["gpu"] = time_gpu(image, probs, params, args.repeat, graph=False, **options)
             row["gpu_graph"] = time_gpu(image, probs, params, args.repeat, graph="iteration", **options)
             row["gpu_labels"] = gpu_labels(image, probs, params)
+            if args.batch > 1:  # the shipped photos in turn at this size, each with its own probabilities
+                photos = sorted(p.name for p in (ROOT / "tests" / "data").glob("*.jpg"))
+                batch = [make_inputs(mp_, args.labels, seed=i, photo=photos[i % len(photos)])
+                         for i in range(args.batch)]
+                timed = time_gpu([b[0] for b in batch], [b[1] for b in batch], params, args.repeat,
+                                 graph="iteration", **options)
+                row["gpu_batch"] = timed["total"] / args.batch
             if args.breakdown:
                 import cupy as cp
 
@@ -361,7 +374,8 @@ def print_row(row, flush=False):
 
 
 def print_table(rows, file=None) -> None:
-    cols = ["size", "MP", "GPU build ms", "GPU iters ms", "GPU total ms", "GPU graph ms", "GPU peak MiB",
+    cols = ["size", "MP", "GPU build ms", "GPU iters ms", "GPU total ms", "GPU graph ms", "GPU batch ms/img",
+            "GPU peak MiB",
             "CPU s", "CPU peak MiB", "pydensecrf s", "pyd peak MiB", "pyd/GPU", "CPU/pyd", "GPU=pyd argmax"]
     lines = []
     for r in rows:
@@ -373,7 +387,7 @@ def print_table(rows, file=None) -> None:
         lines.append([
             r["size"], f"{r['mp']:.2f}",
             _fmt(g and g["build"], ".2f"), _fmt(g and g["iters"], ".2f"), _fmt(g and g["total"], ".2f"),
-            _fmt(gg and gg["total"], ".2f"), _fmt(g and g["peak"] / 2**20, ".0f"),
+            _fmt(gg and gg["total"], ".2f"), _fmt(r.get("gpu_batch"), ".2f"), _fmt(g and g["peak"] / 2**20, ".0f"),
             _fmt(c and c["time"], ".2f"), _fmt(c and c["peak"] / 2**20, ".0f"),
             _fmt(p and p["time"], ".2f"), _fmt(p and p["peak"] / 2**20, ".0f"),
             _fmt(p and best_gpu and p["time"] * 1000 / best_gpu, ".0f"),
