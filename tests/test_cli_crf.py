@@ -79,7 +79,7 @@ def _bad(tmp, name, array):
     ("logits", "not a probability map"),
     ("ints", "float probabilities"),
     ("2d", "(C, H, W)"),
-    ("pickle", "not a NumPy .npy array"),
+    ("pickle", "not unpickled"),
     ("missing", "no such file"),
 ])
 def test_bad_probabilities(files, case, message):

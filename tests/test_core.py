@@ -175,3 +175,9 @@ def test_closed_standard_streams_get_dev_null(tmp_path):
                           capture_output=True, timeout=300)
     assert proc.returncode == 0
     assert proc.stdout.startswith(b"\x89PNG\r\n\x1a\n")
+    # `>&-`: nowhere to write the PNG; one line, no traceback.
+    proc = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "deeplab_cli", "crf",
+                           tmp_path / "a.png", tmp_path / "p.npy", "-o", "-", "--device", "cpu"],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().strip() == "Error: -o -: stdout is closed"

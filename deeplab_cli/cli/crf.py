@@ -1,6 +1,6 @@
 """`deeplab crf`: refine any model's class probabilities with the fully connected CRF.
 
-Reads an image and a float32 .npy of probabilities (C, H, W), runs `deeplab_cli.crf.dense_crf`
+Reads an image and a .npy of float probabilities (C, H, W), runs `deeplab_cli.crf.dense_crf`
 and writes the labels as a palette PNG (pixel values = class ids, VOC colours) or the
 refined probabilities as a float32 .npy. Outputs are written atomically; `-o -` is stdout.
 """
@@ -8,13 +8,23 @@ refined probabilities as a float32 .npy. Outputs are written atomically; `-o -` 
 from __future__ import annotations
 
 import io
+import os
 import sys
+from pathlib import Path
 
 import click
 
 from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option
 from deeplab_cli.errors import DeeplabError, first_line
 from deeplab_cli.fsutil import read_input
+
+
+# What each --format writes; `-o` must carry that suffix (or none), as with `segment`.
+SUFFIXES = {"palette": ".png", "probs": ".npy"}
+
+
+def _stdout_is_tty() -> bool:
+    return sys.stdout is not None and sys.stdout.isatty()
 
 
 @click.command()
@@ -27,8 +37,15 @@ from deeplab_cli.fsutil import read_input
               help="palette: PNG of class ids with the VOC colours; probs: float32 (C, H, W) .npy.")
 @crf_options
 @device_option
-def crf(image: str, probs: str, output: str, fmt: str, device: str, **options) -> None:
-    """Refine PROBS (a float32 .npy of softmax probabilities, shape (C, H, W)) for IMAGE.
+@click.option("--max-pixels", type=click.IntRange(min=0), default=100_000_000, show_default=True,
+              help="Refuse images with more pixels than this (0 = no limit).")
+def crf(image: str, probs: str, output: str, fmt: str, device: str, max_pixels: int,
+        **options) -> None:
+    """Refine PROBS (a .npy of softmax probabilities, shape (C, H, W), any float dtype) for
+    IMAGE (as shown upright, after its EXIF orientation).
+
+    Unset CRF flags take the DeepLab v2 defaults: --pos-w 3 --pos-xy-std 1 --bi-w 4
+    --bi-xy-std 67 --bi-rgb-std 3 --iters 10 --crf-norm symmetric.
 
     \b
     Examples:
@@ -42,15 +59,11 @@ def crf(image: str, probs: str, output: str, fmt: str, device: str, **options) -
     from deeplab_cli.labels import palette_for
 
     params = crf_params_from_options(options)
+    _check_output(output, fmt, image, probs)
     target = resolve_device(device)
 
-    rgb = read_image(image)  # (H, W, 3) uint8, one-line errors naming the file
-    prob_map = _load_probs(probs)
-    if prob_map.shape[1:] != rgb.shape[:2]:
-        raise DeeplabError(
-            f"{probs}: probabilities are {prob_map.shape[2]}x{prob_map.shape[1]} but {image} is "
-            f"{rgb.shape[1]}x{rgb.shape[0]} (expected shape (C, {rgb.shape[0]}, {rgb.shape[1]}))"
-        )
+    rgb = read_image(image, max_pixels=max_pixels)  # (H, W, 3) uint8, upright; one-line errors
+    prob_map = _load_probs(probs, image, rgb.shape[:2])  # (C, H, W) float32
 
     try:
         if target.type == "cuda":
@@ -69,25 +82,113 @@ def crf(image: str, probs: str, output: str, fmt: str, device: str, **options) -
     else:  # encode_output picks 8- or 16-bit PNGs from the class ids
         data = encode_output(fmt, labels=refined.argmax(axis=0),
                              palette=palette_for(min(len(refined), 256)))
-    write_bytes(getattr(sys.stdout, "buffer", sys.stdout) if output == "-" else output, data)
+    if output == "-":
+        try:
+            write_bytes(getattr(sys.stdout, "buffer", sys.stdout), data)
+        except BrokenPipeError:
+            raise  # the reader left (`| head`): click exits quietly
+        except OSError as exc:
+            raise DeeplabError(f"-o -: cannot write to stdout ({exc.strerror or exc})") from None
+        return
+    try:
+        write_bytes(output, data)  # missing folders are created
+    except (FileExistsError, NotADirectoryError):  # a file where a folder should be
+        raise DeeplabError(f"-o {output}: cannot write (part of its folder path is a file)") from None
+    except OSError as exc:
+        raise DeeplabError(f"-o {output}: cannot write ({exc.strerror or exc})") from None
 
 
-def _load_probs(path: str):
-    """The probability map from a .npy file, float32 (C, H, W); one-line errors."""
+def _check_output(output: str, fmt: str, *inputs: str) -> None:
+    """Refuse, before any work, an output that must not or cannot be written: binary data to
+    a terminal, a folder, an input file (it would be lost), a suffix other than the
+    format's."""
+    if output == "-":
+        if _stdout_is_tty():
+            raise DeeplabError("-o -: refusing to write binary data to a terminal; redirect stdout")
+        if sys.stdout is None:  # started with stdout closed (`>&-`)
+            raise DeeplabError("-o -: stdout is closed")
+        return
+    if not output:
+        raise DeeplabError("-o: empty file name")
+    path = Path(output)
+    suffix = SUFFIXES[fmt]
+    if path.is_dir() or output.endswith(("/", os.sep)):
+        raise DeeplabError(f"-o {output}: names a folder; name the output file (*{suffix})")
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise DeeplabError(f"-o {output}: is the input {source}; refusing to overwrite it")
+    if path.suffix and path.suffix.lower() != suffix:
+        raise DeeplabError(f"-o {output}: --format {fmt} writes {suffix} files; name the output *{suffix}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (symlinks and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _load_probs(path: str, image: str, size: tuple[int, int]):
+    """The probability map from a .npy file as float32 (C, H, W) for an image of `size`
+    (H, W); one-line errors. The header is checked (shape, dtype, length) before any data
+    is touched, so a file claiming a huge shape costs nothing, and nothing is unpickled."""
     import numpy as np
+    from numpy.lib import format as npy
 
     data = read_input(path, expected="a .npy file")
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, EOFError, OSError) as exc:
-        raise DeeplabError(f"{path}: not a NumPy .npy array ({first_line(exc)})") from None
-    if not isinstance(array, np.ndarray):
-        array.close()  # an .npz archive
+    if not data:
+        raise DeeplabError(f"{path}: empty file (0 bytes); expected a .npy array (C, H, W)")
+    if data.startswith(b"PK\x03\x04"):  # the zip archive of np.savez
         raise DeeplabError(f"{path}: an .npz archive; expected a single .npy array (C, H, W)")
-    if array.ndim != 3:
-        raise DeeplabError(f"{path}: expected probabilities of shape (C, H, W), got {array.shape}")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise DeeplabError(f"{path}: expected float probabilities, got dtype {array.dtype}")
+    stream = io.BytesIO(data)
+    try:
+        version = npy.read_magic(stream)
+        # Versions 2.0 and 3.0 differ only in the header's text encoding (3.0: UTF-8, for
+        # structured field names, which are refused below anyway).
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, EOFError, OSError, SyntaxError, TypeError) as exc:
+        raise DeeplabError(f"{path}: not a NumPy .npy array ({first_line(exc)})") from None
+    if dtype.hasobject:
+        raise DeeplabError(f"{path}: holds Python objects (dtype {dtype}); not unpickled; "
+                           "expected float probabilities (C, H, W)")
+    if len(shape) != 3:
+        raise DeeplabError(f"{path}: expected probabilities of shape (C, H, W), got {shape}")
+    if not np.issubdtype(dtype, np.floating):
+        raise DeeplabError(f"{path}: expected float probabilities, got dtype {dtype}")
+    if tuple(shape[1:]) != tuple(size):
+        raise DeeplabError(_mismatch(path, image, shape, size))
+    count = int(np.prod(shape))
+    available = len(data) - stream.tell()
+    if available < count * dtype.itemsize:
+        raise DeeplabError(f"{path}: truncated: shape {shape} {dtype} needs "
+                           f"{count * dtype.itemsize} bytes of data, the file holds {available}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    array = array.reshape(shape, order="F" if fortran_order else "C")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def _mismatch(path: str, image: str, shape: tuple[int, ...], size: tuple[int, int]) -> str:
+    """The message for probabilities whose (H, W) is not the image's, with the likely cause."""
+    height, width = size
+    message = (f"{path}: shape {shape} does not fit {image} ({width}x{height} pixels): "
+               f"expected shape (C, {height}, {width})")
+    if tuple(shape[:2]) == (height, width):
+        return message + "; this looks like (H, W, C): transpose it to (C, H, W)"
+    if tuple(shape[1:]) == (width, height) and _exif_turned(image, size):
+        return (message + f"; it fits {image} as stored, but its EXIF orientation turns it "
+                "upright: give probabilities for the upright image, as `deeplab segment` does")
+    return message
+
+
+def _exif_turned(image: str, size: tuple[int, int]) -> bool:
+    """Whether `image` is stored turned a quarter: its stored width x height is the upright
+    `size` (H, W) that `read_image` gave, after its orientation tag."""
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            return im.size == tuple(size)  # PIL's size is (width, height)
+    except Exception:  # only a hint: an unreadable header just gives none
+        return False

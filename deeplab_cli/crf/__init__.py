@@ -9,7 +9,8 @@ torch's current stream). Both compute pydensecrf's mean field (REFERENCE §2).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
@@ -30,13 +31,15 @@ def check_size(height: int, width: int, n_labels: int | None = None, params: CRF
     check(height, width, params)
 
 
-def dense_crf(image: Any, probs: Any, params: CRFParams = CRFParams()) -> Any:
+def dense_crf(image: Any, probs: Any, params: CRFParams | Mapping[str, Any] | None = CRFParams()) -> Any:
     """Refine class probabilities with the fully connected CRF.
 
     Args:
         image: RGB uint8 (H, W, 3): NumPy, torch (any device) or CuPy.
         probs: float probabilities (C, H, W) summing to 1 over C (e.g. a softmax), C >= 2.
-        params: kernel parameters, iterations and normalization.
+        params: kernel parameters, iterations and normalization: a CRFParams, or a dict
+            of its fields (`CRFParams.from_dict`; missing fields take the defaults);
+            None means CRFParams().
 
     Returns:
         float32 (C, H, W) marginals, of the same type and on the same device as `probs`.
@@ -47,10 +50,12 @@ def dense_crf(image: Any, probs: Any, params: CRFParams = CRFParams()) -> Any:
     return dense_crf_batch([image], [probs], params)[0]
 
 
-def dense_crf_batch(images: Sequence[Any], probs_list: Sequence[Any],
-                    params: CRFParams = CRFParams()) -> list[Any]:
+def dense_crf_batch(images: Iterable[Any], probs_list: Iterable[Any],
+                    params: CRFParams | Mapping[str, Any] | None = CRFParams()) -> list[Any]:
     """`dense_crf` over several images (sizes may differ). CUDA inputs that share a label
     count, a device and an array type run together as one batch on the GPU."""
+    params = _params(params)
+    images, probs_list = list(images), list(probs_list)  # generators welcome; indexed below
     if len(images) != len(probs_list):
         raise DeeplabError(f"CRF: {len(images)} images but {len(probs_list)} probability maps")
     results: list[Any] = [None] * len(images)
@@ -71,6 +76,18 @@ def dense_crf_batch(images: Sequence[Any], probs_list: Sequence[Any],
 
 
 # -- validation ----------------------------------------------------------------------------
+
+def _params(params: Any) -> CRFParams:
+    """CRFParams from what `dense_crf` accepts as `params`; one-line errors."""
+    if isinstance(params, CRFParams):
+        return params
+    if params is None:
+        return CRFParams()
+    if isinstance(params, Mapping):
+        return CRFParams.from_dict(params)
+    raise DeeplabError(
+        f"CRF: params must be a CRFParams or a dict of its fields, got {type(params).__name__}")
+
 
 def _kind(array: Any) -> str:
     module = type(array).__module__.split(".")[0]
@@ -102,7 +119,7 @@ def _validate(image: Any, probs: Any, where: str, params: CRFParams) -> None:
         )
     if _dtype_name(image) != "uint8":
         raise DeeplabError(f"CRF {where}: image must be uint8 RGB, got {_dtype_name(image)}")
-    if _dtype_name(probs) not in ("float32", "float64", "float16", "bfloat16"):
+    if not _is_float(probs, kind):
         raise DeeplabError(f"CRF {where}: probabilities must be floating point, got {_dtype_name(probs)}")
     if n_labels < 2:
         raise DeeplabError(f"CRF {where}: need at least 2 labels, got {n_labels}")
@@ -112,12 +129,23 @@ def _validate(image: Any, probs: Any, where: str, params: CRFParams) -> None:
     if not finite:
         raise DeeplabError(f"CRF {where}: probabilities contain NaN or infinity")
     if low < 0:
-        raise DeeplabError(f"CRF {where}: probabilities contain negative values (min {low:.3g})")
+        raise DeeplabError(f"CRF {where}: probabilities contain negative values (min {low:.3g}); "
+                           "pass softmax probabilities, not logits")
     if worst_sum > SUM_TOLERANCE:
         raise DeeplabError(
             f"CRF {where}: not a probability map: values do not sum to 1 over the {n_labels} labels "
             f"(off by up to {worst_sum:.3g}); pass softmax probabilities, not logits"
         )
+
+
+def _is_float(array: Any, kind: str) -> bool:
+    """Real floating point: any NumPy float (long double included: it is read as float32),
+    torch/CuPy float16, bfloat16, float32, float64."""
+    if kind == "numpy":
+        import numpy as np
+
+        return np.issubdtype(array.dtype, np.floating)
+    return _dtype_name(array) in ("float32", "float64", "float16", "bfloat16")
 
 
 def _stats(probs: Any, kind: str) -> tuple[bool, float, float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,13 @@ class CRFParams:
     normalization: Normalization = "symmetric"
 
     def __post_init__(self) -> None:
+        # Plain Python numbers from here on (NumPy or other real scalars welcome), so that
+        # to_dict() is JSON-serializable and the kernels get the types they expect.
+        for name in ("pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise DeeplabError(f"CRF parameter {name} must be a number, got {_show(value)}")
+            object.__setattr__(self, name, float(value))
         for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -37,11 +46,13 @@ class CRFParams:
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise DeeplabError(f"CRF parameter {name} must be finite, got {value}")
-        if not isinstance(self.iterations, int) or self.iterations < 0:
-            raise DeeplabError(f"CRF iterations must be a non-negative integer, got {self.iterations}")
+        iterations = self.iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
+            raise DeeplabError(f"CRF iterations must be a non-negative integer, got {_show(iterations)}")
+        object.__setattr__(self, "iterations", int(iterations))
         if self.normalization not in ("symmetric", "after"):
             raise DeeplabError(
-                f"CRF normalization must be 'symmetric' or 'after', got {self.normalization!r}"
+                f"CRF normalization must be 'symmetric' or 'after', got {_show(self.normalization)}"
             )
 
     def replace(self, **changes: Any) -> "CRFParams":
@@ -57,16 +68,22 @@ class CRFParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "CRF parameters") -> "CRFParams":
+        """CRFParams from a mapping of field names (a JSON preset, weights metadata);
+        errors are one line starting with `source`. Numbers may be JSON numbers or numeric
+        strings; `iterations` must be a whole number."""
+        if not isinstance(data, Mapping):
+            raise DeeplabError(f"{source}: expected a mapping of CRF parameter names to values, "
+                               f"got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
+        unknown = sorted(str(k) for k in set(data) - fields)
         if unknown:
             raise DeeplabError(f"{source}: unknown CRF parameter(s) {', '.join(unknown)}")
+        kwargs = {k: v if k == "normalization" else _number(v, k, source, whole=k == "iterations")
+                  for k, v in data.items()}
         try:
-            kwargs = {k: (int(v) if k == "iterations" else v if k == "normalization" else float(v))
-                      for k, v in data.items()}
-        except (TypeError, ValueError) as exc:
+            return cls(**kwargs)
+        except DeeplabError as exc:
             raise DeeplabError(f"{source}: {exc}") from None
-        return cls(**kwargs)
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "CRFParams":
@@ -74,11 +91,15 @@ class CRFParams:
         'score', 'metric' and 'source' are allowed and ignored)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise DeeplabError(f"{path}: cannot read CRF preset ({exc.strerror})") from None
+            raise DeeplabError(f"{path}: cannot read CRF preset ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise DeeplabError(f"{path}: not a JSON CRF preset (not UTF-8 text)") from None
         except json.JSONDecodeError as exc:
             raise DeeplabError(f"{path}: not a JSON CRF preset ({exc.msg} at line {exc.lineno})") from None
+        except RecursionError:
+            raise DeeplabError(f"{path}: not a JSON CRF preset (nested too deeply)") from None
         if not isinstance(data, dict):
             raise DeeplabError(f"{path}: a CRF preset must be a JSON object")
         params = data.get("crf", data)
@@ -86,3 +107,27 @@ class CRFParams:
             raise DeeplabError(f"{path}: 'crf' must be a JSON object")
         params = {k: v for k, v in params.items() if k not in ("score", "metric", "source")}
         return cls.from_dict(params, source=str(path))
+
+
+def _number(value: Any, name: str, source: str, *, whole: bool) -> float | int:
+    """A preset's value as a float (an int when `whole`), or a one-line error naming it.
+    Booleans are refused: JSON `true` is no count or weight."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise DeeplabError(f"{source}: {name}: could not convert {_show(value)} to a number")
+    if whole and isinstance(value, numbers.Integral):
+        return int(value)
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
+        raise DeeplabError(f"{source}: {name}: could not convert {_show(value)} to a number") from None
+    if not whole:
+        return number
+    if not (math.isfinite(number) and number.is_integer()):
+        raise DeeplabError(f"{source}: {name} must be a whole number, got {_show(value)}")
+    return int(number)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for one-line messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
