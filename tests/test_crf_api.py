@@ -94,3 +94,26 @@ def test_image_too_large_is_refused_by_dense_crf():
     probs = np.full((2, 10, 10), 0.5, np.float32)
     with pytest.raises(DeeplabError, match="int16"):
         dense_crf(image, probs, CRFParams(bi_rgb_std=0.001))
+
+
+def test_cuda_tensors_without_cupy_get_the_cpu_crf(monkeypatch, capsys):
+    # A CUDA build of torch but no usable CuPy: the CRF runs on the CPU instead of failing,
+    # the result comes back as a tensor where the probabilities were, and it says so once.
+    # (No GPU here: CPU tensors stand in for CUDA ones.)
+    import deeplab_cli.crf as crf_module
+
+    real_kind = crf_module._kind
+    monkeypatch.setattr(crf_module, "_kind",
+                        lambda a: "torch-cuda" if real_kind(a) == "torch" else real_kind(a))
+    monkeypatch.setattr(crf_module, "_cupy_state", {"usable": False})
+
+    def no_gpu(*args):
+        raise AssertionError("the GPU path was taken")
+
+    monkeypatch.setattr(crf_module, "_run_cuda", no_gpu)
+    image, probs = inputs()
+    for _ in range(2):
+        out = dense_crf(torch.from_numpy(image), torch.from_numpy(probs), PARAMS)
+        assert isinstance(out, torch.Tensor) and out.device.type == "cpu"
+        np.testing.assert_array_equal(out.numpy(), dense_crf_cpu(image, probs, PARAMS))
+    assert capsys.readouterr().err.count("the CRF runs on the CPU") == 1

@@ -68,11 +68,40 @@ def dense_crf_batch(images: Iterable[Any], probs_list: Iterable[Any],
             gpu_groups.setdefault((kind, str(probs.device), probs.shape[0]), []).append(i)
         else:
             results[i] = _run_cpu(image, probs, params)
-    for group in gpu_groups.values():
+    for (kind, _, _), group in gpu_groups.items():
+        if kind == "torch-cuda" and not _cupy_usable():
+            # A CUDA build of torch without a working CuPy (the `cuda` extra not installed):
+            # the CRF runs on the CPU rather than failing, and the result goes back to the GPU.
+            _note_cpu_fallback()
+            for i in group:
+                results[i] = _run_cpu(images[i], probs_list[i], params)
+            continue
         outs = _run_cuda([images[i] for i in group], [probs_list[i] for i in group], params)
         for i, out in zip(group, outs):
             results[i] = out
     return results
+
+
+_cupy_state: dict[str, bool] = {}
+
+
+def _cupy_usable() -> bool:
+    """Whether CuPy imports and sees a GPU; asked once per process."""
+    if "usable" not in _cupy_state:
+        from deeplab_cli.device import cupy_available
+
+        _cupy_state["usable"] = cupy_available()
+    return _cupy_state["usable"]
+
+
+def _note_cpu_fallback() -> None:
+    """Say once per process on stderr that CUDA tensors get the CPU CRF."""
+    if not _cupy_state.get("noted"):
+        import sys
+
+        print("deeplab: CuPy is not installed or sees no GPU, so the CRF runs on the CPU "
+              "(pip install 'deeplab-cli[cuda]' for the GPU CRF)", file=sys.stderr)
+        _cupy_state["noted"] = True
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -174,10 +203,10 @@ def _run_cpu(image: Any, probs: Any, params: CRFParams) -> Any:
     from deeplab_cli.crf.cpu import dense_crf_cpu
 
     out = dense_crf_cpu(_to_numpy(image), _to_numpy(probs), params)  # float32 (C, H, W)
-    if _kind(probs) == "torch":
+    if _kind(probs) in ("torch", "torch-cuda"):
         import torch
 
-        return torch.from_numpy(out)
+        return torch.from_numpy(out).to(probs.device)  # back where the probabilities were
     return out
 
 
