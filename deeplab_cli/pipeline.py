@@ -268,6 +268,8 @@ class Segmenter:
                 # Antialiased: plain bilinear would alias badly at 8x reductions.
                 inp = F.interpolate(inp, size=net, mode="bilinear", align_corners=False,
                                     antialias=True)  # (N, 3, h', w')
+            # A model loaded in half precision (load_model(dtype=...)) takes its own dtype.
+            inp = inp.to(next(self.model.parameters()).dtype)
             if self.memory_format == "channels_last":
                 inp = inp.contiguous(memory_format=torch.channels_last)
             with self._autocast():

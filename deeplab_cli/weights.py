@@ -10,10 +10,13 @@ Importing this module does not import torch, so listing the registry stays insta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -85,6 +88,8 @@ class WeightsMeta:
                 return json.loads(metadata[key])
             except (json.JSONDecodeError, TypeError):
                 raise DeeplabError(f"{path}: metadata field {key!r} is not valid JSON") from None
+            except RecursionError:  # a header crafted with thousands of nested brackets
+                raise DeeplabError(f"{path}: metadata field {key!r} is nested too deeply") from None
 
         meta = dataclasses.replace(default)
         if "name" in metadata:
@@ -99,16 +104,20 @@ class WeightsMeta:
             if "palette" not in metadata:
                 meta.palette = labels.palette_for(len(classes))
         if "palette" in metadata:
-            try:
-                meta.palette = [tuple(int(v) for v in c) for c in field("palette")]
-            except (TypeError, ValueError):
-                raise DeeplabError(f"{path}: metadata 'palette' must be a list of RGB triples") from None
-            if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in meta.palette):
-                raise DeeplabError(f"{path}: metadata 'palette' must be a list of RGB triples")
+            palette = field("palette")
+            # Whole numbers only: int() would quietly truncate 1.5, take true for 1 and
+            # overflow on 1e400.
+            if not (isinstance(palette, list) and all(
+                    isinstance(c, list) and len(c) == 3
+                    and all(type(v) is int and 0 <= v <= 255 for v in c) for c in palette)):
+                raise DeeplabError(f"{path}: metadata 'palette' must be a list of RGB triples "
+                                   "of whole numbers 0..255")
+            meta.palette = [tuple(c) for c in palette]
         if "mean_bgr" in metadata:
             mean = field("mean_bgr")
-            if not (isinstance(mean, list) and len(mean) == 3):
-                raise DeeplabError(f"{path}: metadata 'mean_bgr' must be three numbers")
+            if not (isinstance(mean, list) and len(mean) == 3 and all(
+                    type(v) in (int, float) and math.isfinite(v) for v in mean)):
+                raise DeeplabError(f"{path}: metadata 'mean_bgr' must be three finite numbers")
             meta.mean_bgr = tuple(float(v) for v in mean)
         if "crf" in metadata:
             meta.crf = CRFParams.from_dict(field("crf"), source=f"{path}: metadata 'crf'")
@@ -136,8 +145,7 @@ class RegistryEntry:
 
     @property
     def url(self) -> str:
-        base = os.environ.get(URL_ENV) or BASE_URL
-        return base.rstrip("/") + "/" + self.filename
+        return mirror_base_url() + self.filename
 
     @property
     def path(self) -> Path:
@@ -202,6 +210,16 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "deeplab"
 
 
+def mirror_base_url() -> str:
+    """The folder URL registry files are fetched from, ending in '/': $DEEPLAB_WEIGHTS_URL
+    (a URL, or a plain local folder path) else the release."""
+    base = os.environ.get(URL_ENV) or BASE_URL
+    # A scheme has two letters or more; "C:\\mirror" is a Windows path, not a URL.
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", base):
+        return Path(base).expanduser().absolute().as_uri().rstrip("/") + "/"
+    return base.rstrip("/") + "/"
+
+
 def resolve(name_or_path: str | os.PathLike | None, *, download: bool = True) -> Path:
     """The local file for a registry name (downloaded on first use) or an existing path.
 
@@ -250,13 +268,26 @@ def fetch(name: str, *, progress: bool | None = None) -> Path:
                 state, _ = _read(tmp, fmt_hint=Path(entry.filename).suffix)
                 n_classes = check_state_dict(state, source=str(tmp))
             except DeeplabError as exc:
+                if _looks_like_html(tmp):
+                    raise _DownloadError("the server sent a web page, not weights (a login "
+                                         "page or a proxy in the way?)") from None
                 raise _DownloadError(f"the file is not valid ({str(exc).split(': ', 1)[-1]})") from None
             if n_classes != entry.n_classes:
                 raise _DownloadError(f"the file has {n_classes} classes, expected {entry.n_classes}")
     except _DownloadError as exc:
         raise DeeplabError(f"cannot download {entry.name} from {url}: {exc}; "
                            f"download it by hand and save it as {target}") from None
+    except OSError as exc:  # the cache folder cannot be made or written, or the rename failed
+        raise DeeplabError(f"cannot save {entry.name} weights in the cache folder {target.parent} "
+                           f"({exc.strerror or exc}); set DEEPLAB_HOME to a writable folder") from None
     return target
+
+
+def _looks_like_html(path: Path) -> bool:
+    """Whether a downloaded file is a web page (no weights format starts with '<')."""
+    with open(path, "rb") as fh:
+        head = fh.read(512).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] == b"<"
 
 
 class _DownloadError(Exception):
@@ -270,8 +301,11 @@ def _download(url: str, dest: Path, *, progress: bool) -> None:
 
     from deeplab_cli import __version__
 
-    request = urllib.request.Request(url, headers={"User-Agent": f"deeplab-cli/{__version__}"})
     received, expected = 0, None
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": f"deeplab-cli/{__version__}"})
+    except ValueError as exc:  # no scheme, a broken IPv6 host
+        raise _DownloadError(f"not a usable URL ({first_line(exc)}); check {URL_ENV}") from None
     try:
         with urllib.request.urlopen(request, timeout=60) as response, open(dest, "wb") as out:
             length = response.headers.get("Content-Length")
@@ -284,10 +318,12 @@ def _download(url: str, dest: Path, *, progress: bool) -> None:
                     bar.update(received)
             if bar:
                 bar.close(received)
-    except urllib.error.HTTPError as exc:
-        raise _DownloadError(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.HTTPError as exc:  # the reason of a redirect loop spans three lines
+        raise _DownloadError(f"HTTP {exc.code} {first_line(str(exc.reason))}") from None
     except urllib.error.URLError as exc:
-        raise _DownloadError(f"{exc.reason}") from None
+        raise _DownloadError(first_line(str(exc.reason))) from None
+    except ValueError as exc:  # a redirect to a URL urllib cannot parse
+        raise _DownloadError(f"not a usable URL ({first_line(exc)})") from None
     except http.client.IncompleteRead as exc:
         raise _DownloadError(f"transfer truncated after {len(exc.partial) + received} bytes") from None
     except (OSError, http.client.HTTPException) as exc:  # resets, timeouts, disk full
@@ -375,6 +411,9 @@ def _read_pth(path: Path) -> dict[str, "torch.Tensor"]:
 
     import torch
 
+    problem = _zip_problem(path)
+    if problem:
+        raise DeeplabError(f"{path}: {problem}")
     try:
         with warnings.catch_warnings():
             # Old files trip a harmless "pickle protocol" notice.
@@ -382,15 +421,46 @@ def _read_pth(path: Path) -> dict[str, "torch.Tensor"]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text:
+        # torch's message is a long multi-line explanation; keep what it refused.
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise DeeplabError(f"{path}: refused to load: the pickle holds {found[1]}, not only "
+                               "tensors (code is never run: weights_only=True)") from None
+        found = re.search(r"Unsupported operand (\d+)", text)
+        if found:
+            raise DeeplabError(f"{path}: refused to load: the pickle uses instruction {found[1]}, "
+                               "which a plain state dict never does (corrupt, or not a state "
+                               "dict; code is never run: weights_only=True)") from None
+        if "weights_only" in text or "Weights only" in text:
             raise DeeplabError(f"{path}: refused to load: the pickle holds code or objects other "
-                               "than tensors (loaded with weights_only=True)") from None
+                               "than tensors (code is never run: weights_only=True)") from None
         raise DeeplabError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
                            f"{first_line(exc)})") from None
     except Exception as exc:  # zip errors, EOFError, RuntimeError from torch's readers
         raise DeeplabError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
                            f"{first_line(exc)})") from None
     return _unwrap(obj, path)
+
+
+def _zip_problem(path: Path) -> str | None:
+    """Why a zip file is not a PyTorch checkpoint torch can read as a state dict, or None
+    (also when it is not a readable zip: torch's own error then says so)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":  # a legacy pickle's tensor bytes may look like a zip's end
+                return None
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if any(name.endswith("/constants.pkl") for name in names):
+        return ("a TorchScript archive (torch.jit.save), not a state dict; save its "
+                "state_dict() with torch.save instead")
+    if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+        return "a zip archive, but not a PyTorch checkpoint (no data.pkl inside)"
+    return None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, "torch.Tensor"]:
@@ -413,12 +483,15 @@ def normalize_keys(state: dict[str, "torch.Tensor"], *, source: str = "weights"
                    ) -> dict[str, "torch.Tensor"]:
     """Rename pre-2019 and wrapped keys to the current `base.*` names.
 
-    Handles a `module.` prefix (DataParallel), `scale.` -> `base.`, `aspp.stages.cN` ->
-    `aspp.cN`, `proj` -> `shortcut`, and a bare network state dict without `base.`.
+    Handles a `module.` prefix (DataParallel), any other prefix that every key has before
+    `base.` or `scale.` (a training wrapper's attribute: `model.`, `net.module.`),
+    `scale.` -> `base.`, `aspp.stages.cN` -> `aspp.cN`, `proj` -> `shortcut`, and a bare
+    network state dict without `base.`.
     """
+    wrapper = _wrapper_prefix(list(state))
     out: dict[str, Any] = {}
     for key, value in state.items():
-        new = key
+        new = key[len(wrapper):]
         if new.startswith("module."):
             new = new[len("module."):]
         if new.startswith("scale."):
@@ -430,6 +503,19 @@ def normalize_keys(state: dict[str, "torch.Tensor"], *, source: str = "weights"
             raise DeeplabError(f"{source}: keys {key!r} and another both map to {new!r}")
         out[new] = value
     return out
+
+
+def _wrapper_prefix(keys: list[str]) -> str:
+    """The dotted prefix that every key has right before `base.` or `scale.`, or ''."""
+    if not keys:
+        return ""
+    found = re.search(r"(?:^|\.)(?:base|scale)\.", keys[0])
+    if found is None or found.start() == 0:
+        return ""
+    prefix = keys[0][:found.start() + 1]
+    if all(key.startswith((prefix + "base.", prefix + "scale.")) for key in keys):
+        return prefix
+    return ""
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
@@ -476,6 +562,10 @@ def check_state_dict(state: dict[str, "torch.Tensor"], *, source: str = "weights
         if tensor is not None and tensor.ndim >= 1:
             counts[key] = int(tensor.shape[0])
     if not counts:
+        elsewhere = next((k for k in state if re.search(r"aspp\.(stages\.)?c0\.weight$", k)), None)
+        if elsewhere:  # e.g. a wrapper's keys mixed with others (a loss's weights)
+            raise DeeplabError(f"{source}: no ASPP classifier at base.aspp.c0..c3, but one at "
+                               f"{elsewhere!r}: the keys have a prefix not shared by all of them")
         raise DeeplabError(f"{source}: no ASPP classifier (base.aspp.c0..c3) found; "
                            "not DeepLab v2 weights")
     if len(set(counts.values())) > 1:
@@ -545,30 +635,69 @@ def _checked_meta(path: Path, state: dict[str, "torch.Tensor"],
     return meta
 
 
+def _torch_device(spec) -> "torch.device":
+    """`spec` as a torch.device; 'auto', 'cpu', 'cuda' and 'cuda:N' are checked (one-line
+    DeeplabError when unusable), any other torch device string is passed to torch."""
+    import torch
+
+    from deeplab_cli.device import resolve_device
+
+    if isinstance(spec, torch.device):
+        return spec
+    text = str(spec).strip().lower()
+    if text in ("auto", "cpu", "cuda") or text.startswith("cuda:"):
+        return resolve_device(text)
+    try:
+        return torch.device(spec)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise DeeplabError(f"device {spec!r}: {first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _cache_hint(path: Path):
+    """Add how to recover to errors about a registry file in the cache."""
+    try:
+        yield
+    except DeeplabError as exc:
+        if any(path == entry.path for entry in REGISTRY.values()):
+            raise DeeplabError(f"{exc}; delete the cached file to download it again") from None
+        raise
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, *, device="cpu",
                dtype=None) -> tuple["MSC", WeightsMeta]:
     """The network with weights loaded, in eval mode on `device`, and its metadata.
 
     `name_or_path` is a registry name (downloaded on first use), a file, or None for the
-    default weights. `dtype` defaults to float32.
+    default weights. `device`: a torch.device or 'auto', 'cpu', 'cuda', 'cuda:N' (checked
+    first: a one-line DeeplabError when unusable) or another torch device string. `dtype`
+    defaults to float32.
     """
     import torch
 
     from deeplab_cli.model import build_model
 
+    # Checked before anything is read or downloaded: a bad device string or a missing GPU
+    # is a one-line error, not torch's exception after loading 170 MB.
+    device = _torch_device(device)
+    dtype = torch.float32 if dtype is None else dtype
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise DeeplabError(f"dtype {dtype!r}: expected a floating-point torch dtype "
+                           "(torch.float32, torch.float16, torch.bfloat16)")
     path = resolve(name_or_path)
-    try:
+    with _cache_hint(path):
         state, meta = load_state_dict(path)
-    except DeeplabError as exc:
-        if any(path == entry.path for entry in REGISTRY.values()):
-            raise DeeplabError(f"{exc}; delete the cached file to download it again") from None
-        raise
+        name = DEFAULT_WEIGHTS if name_or_path is None else name_or_path
+        entry = REGISTRY.get(name) if isinstance(name, str) else None
+        if entry is not None and path == entry.path and meta.n_classes != entry.n_classes:
+            raise DeeplabError(f"{path}: has {meta.n_classes} classes, but {entry.name} "
+                               f"weights have {entry.n_classes}")
     # Built on the meta device (no memory, no random init) and given the loaded tensors
     # themselves: the weights are in memory once, not twice.
     with torch.device("meta"):
         model = build_model(meta.n_classes, aspp=meta.aspp)
     model.load_state_dict(state, strict=True, assign=True)
-    model.to(device=torch.device(device), dtype=dtype or torch.float32)
+    model.to(device=device, dtype=dtype)
     return model.eval(), meta
 
 
@@ -582,9 +711,15 @@ def save_safetensors(state: dict[str, "torch.Tensor"], meta: WeightsMeta,
     try:
         with atomic_path(dst) as tmp:
             save_file(tensors, str(tmp), metadata=meta.to_metadata())
+    except (FileExistsError, NotADirectoryError):  # from making the folders above it
+        raise DeeplabError(f"{dst}: cannot write (a folder on its path is a file)") from None
     except OSError as exc:
-        raise DeeplabError(f"{dst}: cannot write ({exc.strerror})") from None
+        raise DeeplabError(f"{dst}: cannot write ({exc.strerror or exc})") from None
     return dst
+
+
+class ClassCountError(DeeplabError):
+    """`convert` was given more or fewer class names than the weights have classes."""
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, **changes: Any) -> Path:
@@ -601,8 +736,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, **changes: Any) -> P
     if "classes" in changes:
         changes["classes"] = list(changes["classes"])
         if len(changes["classes"]) != meta.n_classes:
-            raise DeeplabError(f"{len(changes['classes'])} class names given but {src} has "
-                               f"{meta.n_classes} classes")
+            raise ClassCountError(f"{len(changes['classes'])} class names given but {src} has "
+                                  f"{meta.n_classes} classes")
         changes.setdefault("palette", labels.palette_for(meta.n_classes))
     if changes.get("aspp", "L") not in ("L", "S"):
         raise DeeplabError(f"aspp must be L or S, got {changes['aspp']!r}")
@@ -624,10 +759,11 @@ def info(name_or_path: str | os.PathLike) -> dict[str, Any]:
     """Facts about a weights file (or a cached registry file): format, class count and
     names, number of keys, parameter count, size, sha256 and metadata."""
     path = resolve(name_or_path, download=False)
-    fmt = detect_format(path)
-    state, metadata = _read(path)
-    n_keys = len(state)  # as stored, before a missing num_batches_tracked is filled in
-    meta = _checked_meta(path, state, metadata)
+    with _cache_hint(path):
+        fmt = detect_format(path)
+        state, metadata = _read(path)
+        n_keys = len(state)  # as stored, before a missing num_batches_tracked is filled in
+        meta = _checked_meta(path, state, metadata)
     stats = ("running_mean", "running_var", "num_batches_tracked")
     return {
         "path": str(path),

@@ -54,7 +54,8 @@ def random_state(n_classes: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 class Server:
-    """A loopback HTTP server: serves `files` by name; `mode` can break the transfer."""
+    """A loopback HTTP server: serves `files` by name; `mode` can break the transfer
+    ("404", "truncate", or "loop": every request redirected to itself)."""
 
     def __init__(self) -> None:
         self.files: dict[str, Path] = {}
@@ -65,6 +66,12 @@ class Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 server.requests.append(self.path)
+                if server.mode == "loop":
+                    self.send_response(302)
+                    self.send_header("Location", self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 path = server.files.get(self.path.lstrip("/"))
                 if path is None or server.mode == "404":
                     self.send_error(404, "Not Found")

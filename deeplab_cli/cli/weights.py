@@ -130,15 +130,19 @@ def convert(src: str, dst: str, name: str | None, dataset: str | None,
     """
     from deeplab_cli.errors import DeeplabError
     from deeplab_cli.fsutil import read_input
+    from deeplab_cli.weights import ClassCountError
     from deeplab_cli.weights import convert as convert_weights
 
     classes = None
     if labels_file:
         data = read_input(labels_file, label=f"--labels {labels_file}", expected="a text file")
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not a name
         except UnicodeDecodeError:
             raise DeeplabError(f"--labels {labels_file}: not UTF-8 text") from None
         classes = [line.strip() for line in text.splitlines() if line.strip()]
-    out = convert_weights(src, dst, name=name, dataset=dataset, classes=classes, aspp=aspp)
+    try:
+        out = convert_weights(src, dst, name=name, dataset=dataset, classes=classes, aspp=aspp)
+    except ClassCountError as exc:
+        raise DeeplabError(f"--labels {labels_file}: {exc}") from None
     click.echo(str(out))
