@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -68,15 +69,15 @@ def voc_samples(root: str | Path, split: str = "val", *, labels: str | Path | No
     root = Path(root)
     if not root.is_dir():
         raise DeeplabError(f"--root {root}: no such directory")
-    split_file = Path(split) if split.endswith(".txt") and Path(split).is_file() else (
-        root / "ImageSets" / "Segmentation" / f"{split}.txt")
+    split_file = split_path(root, split)
     if not split_file.is_file():
         raise DeeplabError(f"{split_file}: split file not found (--split {split})")
     label_dir = Path(labels) if labels is not None else root / "SegmentationClass"
     if not label_dir.is_dir():
         raise DeeplabError(f"{label_dir}: label directory not found")
     samples = []
-    for lineno, line in enumerate(split_file.read_text().splitlines(), 1):
+    first_line_of: dict[str, int] = {}
+    for lineno, line in enumerate(_read_split(split_file).splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -93,11 +94,39 @@ def voc_samples(root: str | Path, split: str = "val", *, labels: str | Path | No
                 label = label_dir / label.name
         else:
             raise DeeplabError(f"{split_file}:{lineno}: expected a name or 'image label' paths")
+        # A name listed twice would count its pixels twice, and its saved prediction
+        # (and cache entry) would be written twice under one name.
+        if name in first_line_of:
+            raise DeeplabError(f"{split_file}:{lineno}: {name} is listed twice "
+                               f"(also on line {first_line_of[name]})")
+        first_line_of[name] = lineno
         samples.append(Sample(name, label, image if images else None))
     if not samples:
         raise DeeplabError(f"{split_file}: the split file lists no images")
     _check_exist(samples)
     return samples
+
+
+def split_path(root: str | Path, split: str) -> Path:
+    """The split file `voc_samples` reads: `split` itself when it names a .txt file, else
+    `root/ImageSets/Segmentation/<split>.txt`."""
+    if split.endswith(".txt") and Path(split).is_file():
+        return Path(split)
+    return Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
+
+
+def _read_split(path: Path) -> str:
+    """The text of a split file: UTF-8, a byte-order mark (Windows editors write one)
+    dropped, CRLF line ends welcome; one-line errors for unreadable or binary files."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DeeplabError(f"{path}: cannot read the split file ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DeeplabError(f"{path}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at "
+                           f"offset {exc.start}); expected one name per line") from None
 
 
 def paired_samples(images: str | Path, labels: str | Path) -> list[Sample]:
@@ -125,9 +154,14 @@ def with_predictions(samples: Iterable[Sample], pred_dir: str | Path) -> list[Sa
     samples = list(samples)
     missing = [s.name for s in samples if s.name not in pred_map]
     if missing:
+        # A JPEG of the same name is the likely cause: its compression changes the indices.
+        others = sorted(p.name for p in Path(pred_dir).glob(f"{glob_escape(missing[0])}.*")
+                        if p.suffix.lower() not in LABEL_SUFFIXES)
         raise DeeplabError(
             f"{pred_dir}: no prediction {missing[0]}.png"
             + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            + (f"; {others[0]} is not a PNG: predictions must be lossless PNGs of class indices"
+               if others else "")
         )
     return [dataclasses.replace(s, pred=pred_map[s.name]) for s in samples]
 
@@ -188,7 +222,7 @@ def read_label(path: str | Path, *, n_classes: int | None = None, kind: str = "l
             else:
                 raise DeeplabError(
                     f"{path}: {kind} PNG has mode {mode}; expected class indices "
-                    f"(a palette or grayscale PNG), not colours"
+                    f"(a palette or grayscale PNG), not colours" + _colour_hint(im)
                 )
     except DeeplabError:
         raise
@@ -215,6 +249,28 @@ def read_label(path: str | Path, *, n_classes: int | None = None, kind: str = "l
     return labels
 
 
+def _colour_hint(im) -> str:
+    """Why a colour label was likely saved so (only a hint; '' when unsure): the VOC-style
+    palette colours written as RGB (the commonest mistake), or gray saved as RGB."""
+    from deeplab_cli.labels import palette_for
+
+    if im.mode not in ("RGB", "RGBA"):
+        return ""
+    try:
+        rgb = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    except Exception:
+        return ""
+    colours = np.unique(rgb[:, 0].astype(np.uint32) << 16 | rgb[:, 1].astype(np.uint32) << 8 | rgb[:, 2])
+    if colours.size > 256:
+        return ""
+    palette = {r << 16 | g << 8 | b for r, g, b in palette_for(256)}
+    if all(int(c) in palette for c in colours):
+        return "; its colours are the VOC palette's: map them back to indices or save a palette PNG"
+    if all((int(c) >> 16) == (int(c) >> 8 & 255) == (int(c) & 255) for c in colours):
+        return "; it is gray (R = G = B): save the indices as a grayscale PNG"
+    return ""
+
+
 def load_sample(sample: Sample, *, n_classes: int | None = None,
                 max_pixels: int | None = None) -> LoadedSample:
     """Read a sample's files and check that their sizes agree (one-line DeeplabError if not)."""
@@ -228,6 +284,7 @@ def load_sample(sample: Sample, *, n_classes: int | None = None,
         if rgb.shape[:2] != label.shape:
             raise DeeplabError(
                 f"{sample.label}: label is {_wh(label.shape)} but image {sample.image.name} is {_wh(rgb.shape)}"
+                + _exif_hint(sample.image, label.shape, rgb.shape[:2])
             )
     if sample.pred is not None:
         pred = read_label(sample.pred, n_classes=n_classes, kind="prediction", max_pixels=max_pixels)
@@ -236,6 +293,24 @@ def load_sample(sample: Sample, *, n_classes: int | None = None,
                 f"{sample.pred}: prediction is {_wh(pred.shape)} but label {sample.label.name} is {_wh(label.shape)}"
             )
     return LoadedSample(sample, label, rgb, pred)
+
+
+def _exif_hint(image: Path, label_shape: tuple[int, ...], upright: tuple[int, ...]) -> str:
+    """The likely cause of a label/image size mismatch when the label fits the image as
+    stored but its EXIF orientation turns it (images are read upright), else ''."""
+    if tuple(label_shape) != tuple(upright[::-1]):
+        return ""
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            stored = im.size[::-1]  # PIL's size is (width, height)
+    except Exception:  # only a hint: an unreadable header gives none
+        return ""
+    if tuple(stored) != tuple(label_shape):
+        return ""
+    return ("; the label fits the image as stored, but its EXIF orientation turns it upright "
+            "(images are read upright): turn the label to match")
 
 
 def _wh(shape: tuple[int, ...]) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.fsutil import atomic_open
+from deeplab_cli.labels import IGNORE_INDEX
 from deeplab_cli.metrics import ConfusionMatrix, json_float, percent
 
 # The paper searched w1 in 3..6, sigma_alpha in 30..100 (step 10) and sigma_beta in 3..6;
@@ -30,6 +31,10 @@ from deeplab_cli.metrics import ConfusionMatrix, json_float, percent
 DEFAULT_GRID = {"bi_w": "3:6:1", "bi_xy_std": "40:100:20", "bi_rgb_std": "3:6:1"}
 GRID_FIELDS = ("bi_w", "bi_xy_std", "bi_rgb_std")
 METRIC = "miou"
+# Each setting costs one CRF run per image: 1,000 settings on the paper's 100 images are
+# about 100,000 CRF runs, hours even on a GPU. Larger grids are refused, not started;
+# one range may not list more values than a grid may hold (checked before listing them).
+MAX_SETTINGS = 1000
 
 
 def parse_values(spec: str, *, option: str = "grid") -> list[float]:
@@ -49,9 +54,14 @@ def parse_values(spec: str, *, option: str = "grid") -> list[float]:
                 if len(parts) != 3:
                     raise ValueError
                 start, stop, step = parts
+                if not all(math.isfinite(p) for p in parts):
+                    raise DeeplabError(f"{option} {spec}: values must be finite")
                 if step <= 0 or stop < start:
                     raise DeeplabError(f"{option} {spec}: range {item} needs start <= stop and step > 0")
                 count = math.floor((stop - start) / step + 1e-9) + 1
+                if count > MAX_SETTINGS:
+                    raise DeeplabError(f"{option} {spec}: range {item} has {count} values, more than "
+                                       f"a grid may hold ({MAX_SETTINGS}); use a larger step")
                 # Rounding keeps 0.1-steps from drifting to 0.30000000000000004.
                 values.extend(round(start + i * step, 10) for i in range(count))
             else:
@@ -70,7 +80,12 @@ def build_grid(base: CRFParams, *, bi_w: Sequence[float], bi_xy_std: Sequence[fl
                bi_rgb_std: Sequence[float]) -> list[CRFParams]:
     """Every combination of the three searched parameters over `base` (which fixes w2,
     sigma_gamma, the iteration count and the normalization). Invalid values (e.g. a
-    non-positive std) raise DeeplabError."""
+    non-positive std) and grids of more than `MAX_SETTINGS` settings raise DeeplabError."""
+    size = len(bi_w) * len(bi_xy_std) * len(bi_rgb_std)
+    if size > MAX_SETTINGS:
+        raise DeeplabError(f"tune-crf: the grid has {size} settings ({len(bi_w)} x {len(bi_xy_std)} "
+                           f"x {len(bi_rgb_std)} values), more than {MAX_SETTINGS}; search "
+                           "fewer values (each setting is one CRF run per image)")
     return [base.replace(bi_w=w, bi_xy_std=xy, bi_rgb_std=rgb)
             for w, xy, rgb in itertools.product(bi_w, bi_xy_std, bi_rgb_std)]
 
@@ -104,16 +119,21 @@ class ProbsCache:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.npy"
 
-    def load(self, key: str):
+    def load(self, key: str, shape: tuple[int, ...] | None = None):
         """The cached probabilities (C, H, W) float32, on `device` as a torch tensor when
-        one was given (else NumPy), or None when absent or unreadable."""
+        one was given (else NumPy), or None when absent, unreadable or not what this cache
+        writes: a float16 probability map (finite, summing to 1 over C), of `shape` when
+        given. A None entry is recomputed and overwritten, so a damaged or foreign file
+        never reaches the scores."""
         path = self._path(key)
         if not path.is_file():
             return None
         try:
             array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            return None  # a damaged entry is recomputed and overwritten
+        except (OSError, ValueError, EOFError):  # EOFError: an empty file
+            return None
+        if not _is_probability_map(array, shape):
+            return None
         return self._to_device(array)
 
     def save(self, key: str, probs) -> Any:
@@ -131,6 +151,19 @@ class ProbsCache:
         import torch
 
         return torch.from_numpy(array).to(self.device).float()
+
+
+def _is_probability_map(array: np.ndarray, shape: tuple[int, ...] | None) -> bool:
+    """Whether `array` is a float16 (C, H, W) map of probabilities, of `shape` if given."""
+    if array.dtype != np.float16 or array.ndim != 3 or array.size == 0:
+        return False
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        return False
+    probs = array.astype(np.float32)
+    if not np.isfinite(probs).all() or probs.min() < 0:
+        return False
+    # float16 rounding of C terms: well under 1e-2 for the class counts in use.
+    return bool(np.abs(probs.sum(axis=0) - 1).max() < 1e-2)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -178,7 +211,7 @@ class TuneResult:
 
     def preset(self, *, source: str = "") -> dict[str, Any]:
         """The best setting as a preset that `CRFParams.from_json_file` reads."""
-        return {"crf": self.best.to_dict(), "score": self.best_score, "metric": METRIC,
+        return {"crf": self.best.to_dict(), "score": json_float(self.best_score), "metric": METRIC,
                 "no_crf_score": json_float(self.baseline.mean_iou()), "images": self.images,
                 "source": source}
 
@@ -244,7 +277,7 @@ def tune_crf(
     result = TuneResult(grid, [ConfusionMatrix(n_classes) for _ in grid], ConfusionMatrix(n_classes))
     for item in items:
         key = item.key if cache is not None else None
-        probs = cache.load(key) if key is not None else None
+        probs = cache.load(key, (n_classes, *item.label.shape)) if key is not None else None
         if probs is None:
             probs = probs_fn(item.rgb)  # (C, H, W)
             if key is not None:
@@ -263,6 +296,10 @@ def tune_crf(
             on_image(item, result)
     if result.images == 0:
         raise DeeplabError("tune-crf: no images to tune on")
+    if result.baseline.total == 0:
+        # Every score would be NaN: no setting is better than another.
+        raise DeeplabError(f"tune-crf: nothing to score: every label pixel of the {result.images} "
+                           f"images is {IGNORE_INDEX} (ignore)")
     return result
 
 

@@ -8,6 +8,7 @@ pipeline as `deeplab segment`; the work lives in `deeplab_cli.datasets`, `.metri
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 
 import click
 
-from deeplab_cli.cli.options import crf_options, device_option, load_segmenter
+from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option, load_segmenter
 
 VOC_HELP = "PASCAL VOC root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)."
 
@@ -106,11 +107,17 @@ def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weight
         else:
             raise DeeplabError("--pred needs the ground truth: --labels DIR or --root DIR --split NAME")
         samples = datasets.with_predictions(samples[:limit], pred_dir)
+        _check_outputs(samples, json_path=json_path, save_dir=save_pred,
+                       inputs=(weights, crf_flags.get("crf_params"), _split_file(root, split)))
         meta, segmenter = _meta_for_pred(weights, n_classes), None
     else:
         samples = _samples(root, split, images_dir, labels_dir)[:limit]
         if n_classes is not None:
             raise DeeplabError("--n-classes only applies to --pred; the weights fix the classes")
+        _check_outputs(samples, json_path=json_path, save_dir=save_pred,
+                       inputs=(weights, crf_flags.get("crf_params"), _split_file(root, split)))
+        if not no_crf:  # a bad CRF flag or preset shows before the weights load
+            crf_params_from_options(dict(crf_flags))
         segmenter = load_segmenter(weights, device, no_crf=no_crf, crf_flags=crf_flags,
                                    msc=not no_msc, max_size=max_size, precision=precision)
         meta, crf = segmenter.meta, segmenter.crf
@@ -206,12 +213,19 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
               for field, (option, spec) in grid_specs.items()}
     samples = _samples(root, split, images_dir, labels_dir)[:limit]
     preset = CRFParams.from_json_file(crf_params) if crf_params else None  # before the slow load
+    # Every mistake a user can make shows before the weights load (or download): the grid's
+    # values and size, the fixed parameters, and the outputs.
+    fixed = dict(pos_w=pos_w, pos_xy_std=pos_xy_std, iterations=iters, normalization=crf_norm)
+    tune.build_grid((preset or CRFParams()).replace(**fixed), **values)
+    _check_outputs(samples, json_path=json_path, output=output,
+                   inputs=(weights, crf_params, _split_file(root, split)), reread=(crf_params,))
+    if cache_dir:
+        _check_writable(Path(cache_dir), f"--cache-dir {cache_dir}")
 
     segmenter = load_segmenter(weights, device, msc=not no_msc, max_size=max_size,
                                precision=precision)
     meta = segmenter.meta
-    base = (preset or meta.crf).replace(pos_w=pos_w, pos_xy_std=pos_xy_std, iterations=iters,
-                                        normalization=crf_norm)
+    base = (preset or meta.crf).replace(**fixed)
     grid = tune.build_grid(base, **values)
     n_classes = len(meta.classes)
 
@@ -270,13 +284,86 @@ def _samples(root, split, images_dir, labels_dir):
     return datasets.paired_samples(images_dir, labels_dir)
 
 
+def _check_outputs(samples, *, json_path=None, save_dir=None, output=None, inputs=(),
+                   reread=()) -> None:
+    """Refuse, before any slow work, outputs that would overwrite an input (a label, an
+    image, a prediction, the weights...) or each other, and outputs that cannot be
+    written (a file where a folder should be, no permission). `reread` are inputs read
+    in full before the run that `-o` may replace (a --crf-params preset refined in place)."""
+    from deeplab_cli.errors import DeeplabError
+
+    taken: dict[str, str] = {}  # real path -> what it is
+    for sample in samples:
+        for kind in ("label", "image", "pred"):
+            path = getattr(sample, kind)
+            if path is not None:
+                taken.setdefault(os.path.realpath(path), f"the {kind} {path}")
+    for path in inputs:
+        if path and Path(path).is_file():
+            taken.setdefault(os.path.realpath(path), f"the input {path}")
+    rereadable = {os.path.realpath(p) for p in reread if p}
+
+    files = [(f"-o {output}", output), (f"--json {json_path}", json_path)]
+    for option, path in files:
+        if path is None:
+            continue
+        if not path:
+            raise DeeplabError(f"{option.split()[0]}: empty file name")
+        if path.endswith(("/", os.sep)):
+            raise DeeplabError(f"{option}: names a folder; name the output file (*.json)")
+        real = os.path.realpath(path)
+        if real in taken and real not in rereadable:
+            raise DeeplabError(f"{option}: is {taken[real]}; refusing to overwrite it")
+        taken[real] = f"the {option.split()[0]} output"
+        _check_writable(Path(path).parent, option)
+    if save_dir is not None:
+        option = f"--save-pred {save_dir}"
+        for sample in samples:
+            real = os.path.realpath(Path(save_dir) / f"{sample.name}.png")
+            if real in taken:
+                raise DeeplabError(f"{option}: {sample.name}.png would overwrite {taken[real]}; "
+                                   "save predictions to a folder of their own")
+        _check_writable(Path(save_dir), option)
+
+
+def _split_file(root, split) -> Path | None:
+    """The split file a --root dataset was listed from (an input outputs must spare)."""
+    from deeplab_cli import datasets
+
+    return datasets.split_path(root, split) if root is not None else None
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """One-line error unless a file can be created in `folder` (or in the nearest folder
+    that exists above it, where the missing ones will be made). Creates nothing lasting."""
+    import tempfile
+
+    from deeplab_cli.errors import DeeplabError
+
+    existing = folder if str(folder) else Path(".")
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise DeeplabError(f"{option}: cannot write ({existing} is a broken link)")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DeeplabError(f"{option}: cannot write ({existing} is a file, not a folder)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise DeeplabError(f"{option}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
 def _weights_choice(model, weights):
     from deeplab_cli.errors import DeeplabError
 
     if model and weights:
         raise DeeplabError("give either --model NAME or --weights FILE, not both")
     if weights and not Path(weights).is_file():
-        raise DeeplabError(f"--weights {weights}: no such file")
+        from deeplab_cli.weights import REGISTRY
+
+        hint = f" (registered weights are named with --model {weights})" if weights in REGISTRY else ""
+        raise DeeplabError(f"--weights {weights}: no such file{hint}")
     return weights or model
 
 
