@@ -111,7 +111,7 @@ def test_unreadable_image_and_bad_sigma(files):
     assert result.exit_code != 0 and "broken.png" in result.output and not out.exists()
     result = run("crf", tmp / "img.png", tmp / "probs.npy", "-o", out, "--bi-xy-std", "-3",
                  "--device", "cpu")
-    assert result.exit_code != 0 and "bi_xy_std must be a positive number" in result.output
+    assert result.exit_code != 0 and "--bi-xy-std must be a positive number" in result.output
     assert not out.exists()
 
 

@@ -161,6 +161,25 @@ def test_user_errors_are_one_line_through_the_group(tmp_path):
     assert result.output == "Error: a\\nb\\x1b[2J\\xff.png: not an image\n"
 
 
+def test_ctrl_c_exits_with_status_130():
+    import click
+
+    from deeplab_cli.cli import LazyGroup
+
+    @click.group(cls=LazyGroup)
+    def group():
+        pass
+
+    @click.command()
+    def slow():
+        raise KeyboardInterrupt
+
+    group.get_command = lambda ctx, name: slow if name == "slow" else None
+    result = CliRunner().invoke(group, ["slow"])
+    assert result.exit_code == 130
+    assert result.output.strip() == "deeplab: interrupted"
+
+
 def test_closed_standard_streams_get_dev_null(tmp_path):
     # `2>&-`: notes for stderr (here the CPU fallback's) must not land in the PNG on stdout.
     import numpy as np

@@ -142,7 +142,7 @@ def test_evaluate_checks_outputs_and_crf_flags_before_the_network(voc, fake_weig
     result = run("evaluate", "--root", voc, "--weights", fake_weights, "--json", fake_weights)
     assert_one_line_error(result, "--json", "is the input", "refusing to overwrite it")
     result = run("evaluate", "--root", voc, "--weights", fake_weights, "--bi-rgb-std", 0)
-    assert_one_line_error(result, "bi_rgb_std must be a positive number")
+    assert_one_line_error(result, "--bi-rgb-std must be a positive number")
 
 
 def test_tune_crf_checks_outputs_and_grid_before_the_network(voc, tmp_path, fake_weights, no_network):
@@ -155,8 +155,9 @@ def test_tune_crf_checks_outputs_and_grid_before_the_network(voc, tmp_path, fake
     assert_one_line_error(run(*base, "-o", label), "-o", "is the label")
     same = tmp_path / "same.json"
     assert_one_line_error(run(*base, "-o", same, "--json", same), "--json", "is the -o output")
-    assert_one_line_error(run(*base, "--bi-rgb-std", "0,3"), "bi_rgb_std must be a positive number")
-    assert_one_line_error(run(*base, "--pos-xy-std", -1), "pos_xy_std must be a positive number")
+    # Values the user typed are called by their flags.
+    assert_one_line_error(run(*base, "--bi-rgb-std", "0,3"), "--bi-rgb-std must be a positive number")
+    assert_one_line_error(run(*base, "--pos-xy-std", -1), "--pos-xy-std must be a positive number")
     assert_one_line_error(run(*base, "--bi-w", "0:10:0.1", "--bi-xy-std", "10:100:10"),
                           "the grid has 4040 settings (101 x 10 x 4 values)")
     assert_one_line_error(run(*base, "--cache-dir", a_file / "cache"), "--cache-dir", "is a file")

@@ -72,6 +72,9 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except DeeplabError as exc:
             raise click.ClickException(one_line(str(exc))) from None
+        except KeyboardInterrupt:  # Ctrl-C: the shells' status for SIGINT, not click's 1
+            click.echo("deeplab: interrupted", err=True)
+            ctx.exit(130)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Listing the commands must not import them: use the static one-liners.

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import click
 
-from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option, load_segmenter
+from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option, flag_names, load_segmenter
 
 VOC_HELP = "PASCAL VOC root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)."
 
@@ -202,6 +202,7 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
     """
     from deeplab_cli import datasets, tune
     from deeplab_cli.crf.params import CRFParams
+    from deeplab_cli.errors import DeeplabError
 
     started = time.perf_counter()
     weights = _weights_choice(model, weights)
@@ -216,7 +217,11 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
     # Every mistake a user can make shows before the weights load (or download): the grid's
     # values and size, the fixed parameters, and the outputs.
     fixed = dict(pos_w=pos_w, pos_xy_std=pos_xy_std, iterations=iters, normalization=crf_norm)
-    tune.build_grid((preset or CRFParams()).replace(**fixed), **values)
+    try:
+        tune.build_grid((preset or CRFParams()).replace(**fixed), **values)
+    except DeeplabError as exc:  # name what the user typed: --bi-rgb-std, not bi_rgb_std
+        typed = [*values, *(field for field, value in fixed.items() if value is not None)]
+        raise DeeplabError(flag_names(str(exc), typed)) from None
     _check_outputs(samples, json_path=json_path, output=output,
                    inputs=(weights, crf_params, _split_file(root, split)), reread=(crf_params,))
     if cache_dir:

@@ -49,6 +49,7 @@ def crf_params_from_options(options: dict[str, Any], defaults=None):
     Removes the CRF flags from `options` so the rest can be passed on.
     """
     from deeplab_cli.crf.params import CRFParams
+    from deeplab_cli.errors import DeeplabError
 
     preset = options.pop("crf_params", None)
     flags = {field: options.pop(name, None) for name, field in _FLAG_FIELDS.items()}
@@ -56,7 +57,21 @@ def crf_params_from_options(options: dict[str, Any], defaults=None):
         params = CRFParams.from_json_file(preset)
     else:
         params = defaults if defaults is not None else CRFParams()
-    return params.replace(**flags)
+    try:
+        return params.replace(**flags)
+    except DeeplabError as exc:
+        raise DeeplabError(flag_names(str(exc), [f for f, v in flags.items() if v is not None])) from None
+
+
+def flag_names(message: str, fields) -> str:
+    """A CRFParams message with the given fields called by their flags ('CRF parameter
+    bi_rgb_std' -> '--bi-rgb-std'), for values the user typed as flags."""
+    import re
+
+    flags = {field: "--" + name.replace("_", "-") for name, field in _FLAG_FIELDS.items()}
+    for field in fields:
+        message = re.sub(rf"\bCRF (?:parameter )?{field}\b", flags[field], message)
+    return message
 
 
 def device_option(func: Callable) -> Callable:
