@@ -163,8 +163,13 @@ class MSC(nn.Module):
         size = logits.shape[2:]
         fused = logits
         for scale in self.scales:
-            # scale_factor (not a size) so the sampling grid matches the published models.
-            small = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+            if any(int(side * scale) < 1 for side in x.shape[2:]):
+                # A side shorter than 1 / scale pixels would vanish; that copy gets 1 pixel.
+                small = F.interpolate(x, size=tuple(max(1, int(side * scale)) for side in x.shape[2:]),
+                                      mode="bilinear", align_corners=False)
+            else:
+                # scale_factor (not a size) so the sampling grid matches the published models.
+                small = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
             scaled = F.interpolate(self.base(small), size=size, mode="bilinear",
                                    align_corners=False)
             fused = torch.maximum(fused, scaled)
@@ -244,6 +249,9 @@ def predict_probs(model: MSC, x: torch.Tensor, *, size: tuple[int, int] | None =
     """
     param = next(model.parameters())
     size = tuple(size) if size is not None else tuple(x.shape[2:])
+    if x.ndim != 4 or min(x.shape[2:]) < 1 or len(size) != 2 or min(size) < 1:
+        raise ValueError(f"predict_probs: expected a non-empty batch (N, 3, H, W) and a size (H, W) "
+                         f"of at least 1x1, got {tuple(x.shape)} and {size}")
     logits = model(x.to(device=param.device, dtype=param.dtype), msc=msc)  # (N, C, h, w)
     logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
     return torch.softmax(logits, dim=1)  # (N, C, H, W)

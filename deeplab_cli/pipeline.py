@@ -23,11 +23,13 @@ import collections
 import contextlib
 import dataclasses
 import math
+import operator
 import os
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -93,6 +95,20 @@ def network_size(height: int, width: int, max_size: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def _as_rgb(rgb, where: str = "image") -> np.ndarray:
+    """`rgb` as a NumPy RGB uint8 (H, W, 3) array (any strides), or a one-line ValueError
+    naming `where` and what is wrong: another dtype (float, uint16, bool), a grayscale,
+    RGBA or single-channel shape, or no pixels. Nothing is converted implicitly: the
+    network's mean subtraction assumes 0..255 RGB."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"{where}: expected RGB uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}; "
+                         "convert it first (e.g. PIL's Image.convert('RGB'))")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"{where}: empty image ({rgb.shape[1]}x{rgb.shape[0]})")
+    return rgb
+
+
 def crf_memory_bytes(height: int, width: int, n_labels: int) -> int:
     """Estimated peak memory of the dense CRF on an image of this size (either device)."""
     return height * width * (CRF_BYTES_PER_PIXEL_LABEL * n_labels + CRF_BYTES_PER_PIXEL)
@@ -120,27 +136,45 @@ def _host_available_bytes() -> int:
         return 8 << 30
 
 
+_tf32_lock = threading.Lock()
+_tf32_state: dict[str, Any] = {"users": 0, "before": None}
+
+
 @contextlib.contextmanager
-def _cudnn_tf32(allowed: bool):
-    """Set cuDNN's TF32 switch for the block, then restore it."""
+def _cudnn_tf32_off():
+    """Turn cuDNN's TF32 switch off for the block, then restore the caller's setting.
+
+    The switch is process-wide, so blocks that overlap (one segmenter used from several
+    threads) share one reference count: it goes off when the first enters and is restored
+    when the last leaves. A plain save/restore would let an early leaver turn TF32 back on
+    under a thread still inside, and the last leaver restore "off" for good.
+    """
     import torch
 
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allowed
+    with _tf32_lock:
+        if _tf32_state["users"] == 0:
+            _tf32_state["before"] = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = False
+        _tf32_state["users"] += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        with _tf32_lock:
+            _tf32_state["users"] -= 1
+            if _tf32_state["users"] == 0:
+                torch.backends.cudnn.allow_tf32 = _tf32_state["before"]
 
 
 class Segmenter:
     """DeepLab v2 + dense CRF on one device, for single images or streams of them.
 
     Args:
-        model: an `MSC` network (see `deeplab_cli.model`), already on `device`.
+        model: an `MSC` network (see `deeplab_cli.model`), best already on `device`.
         meta: the weights' `WeightsMeta` (class names, palette, CRF defaults).
-        device: torch.device or string ('cpu', 'cuda', 'cuda:1').
-        crf: CRF parameters tuned for the network's resolution, or None for no CRF.
+        device: torch.device, or a string as `deeplab_cli.device.resolve_device` takes
+            ('auto', 'cpu', 'cuda', 'cuda:1'). The segmenter's copy of `model` is moved there.
+        crf: CRF parameters tuned for the network's resolution (a CRFParams or a dict of
+            its fields), or None for no CRF.
         msc: fuse the 1, 0.75 and 0.5 input scales (the released models' setting).
         max_size: longest side the network sees (0 = native resolution).
         precision: 'fp32', 'bf16' or 'fp16' (autocast). On the CPU fp16 falls back to fp32.
@@ -153,6 +187,10 @@ class Segmenter:
     The segmenter runs a copy of `model` with its batch norms folded in; `model` itself is
     left as it was. (`from_weights` passes the internal `_owns_model=True`: the model it has
     just loaded is folded in place, as a copy would briefly double the weights' memory.)
+
+    One segmenter may serve several threads at once, with the results one thread would get.
+    Each call sizes its CRF from the memory free when it starts, so on a GPU concurrent calls
+    can together need more than that; give each thread its own `memory_budget` share there.
     """
 
     def __init__(self, model, meta, *, device, crf: CRFParams | None = CRFParams(),
@@ -161,23 +199,41 @@ class Segmenter:
                  notify: Callable[[str], None] | None = None, _owns_model: bool = False) -> None:
         import torch
 
+        from deeplab_cli.device import resolve_device
         from deeplab_cli.model import fold_batchnorms_, inference_copy
 
         if precision not in PRECISIONS:
             raise DeeplabError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-        if max_size < 0:
+        try:
+            if isinstance(max_size, bool):
+                raise TypeError
+            size = operator.index(max_size)
+        except TypeError:
+            raise DeeplabError(f"--max-size {max_size!r}: expected a whole number of pixels") from None
+        if size < 0:
             raise DeeplabError(f"--max-size {max_size}: expected 0 (native) or a positive size")
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
+                memory_budget, (int, float)) or not memory_budget >= 1):
+            raise DeeplabError(f"memory budget {memory_budget!r}: expected a positive number of bytes "
+                               "or None (automatic)")
+        if isinstance(crf, Mapping):
+            crf = CRFParams.from_dict(crf, source="crf")
+        elif crf is not None and not isinstance(crf, CRFParams):
+            raise DeeplabError(f"crf: expected CRFParams, a dict of its fields or None, "
+                               f"got {type(crf).__name__}")
         if memory_format not in MEMORY_FORMATS:
             raise DeeplabError(f"memory format {memory_format!r}: expected one of {', '.join(MEMORY_FORMATS)}")
         self.meta = meta
-        self.device = torch.device(device)
+        # Strings get resolve_device's one-line errors ('cuda' without a GPU, 'cuda:x').
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.memory_format = memory_format
         # The network in inference form: batch norms folded into the convolutions.
         prepare = fold_batchnorms_ if _owns_model else inference_copy
-        self.model = prepare(model, channels_last=memory_format == "channels_last")
+        # .to(): the copy goes where the inputs will be (a no-op when it is there already).
+        self.model = prepare(model, channels_last=memory_format == "channels_last").to(self.device)
         self.crf = crf
         self.msc = msc
-        self.max_size = int(max_size)
+        self.max_size = size
         self.precision = precision
         self.memory_budget = memory_budget
         self._notify = notify or (lambda line: print(f"deeplab: {line}", file=sys.stderr))
@@ -238,16 +294,14 @@ class Segmenter:
         if self._autocast_dtype is None:
             # fp32 means fp32: cuDNN would otherwise run the convolutions in TF32 on
             # Ampere and newer GPUs, which moves logits by ~1e-3 relative.
-            return _cudnn_tf32(False) if self.device.type == "cuda" else contextlib.nullcontext()
+            return _cudnn_tf32_off() if self.device.type == "cuda" else contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
     def _upload(self, rgb: np.ndarray):
-        """RGB uint8 (H, W, 3) or (N, H, W, 3) -> a uint8 tensor on the device (one copy)."""
+        """RGB uint8 (H, W, 3) or (N, H, W, 3), checked by `_as_rgb`, -> a uint8 tensor on
+        the device (one copy)."""
         import torch
 
-        rgb = np.asarray(rgb)
-        if rgb.dtype != np.uint8 or rgb.shape[-1] != 3 or rgb.ndim not in (3, 4):
-            raise ValueError(f"expected RGB uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
         if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays
             rgb = rgb.copy()
         return torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
@@ -372,7 +426,8 @@ class Segmenter:
 
         if fits(height, width):
             return height, width
-        scale = math.sqrt(budget / crf_memory_bytes(height, width, n_labels))
+        # Never above 1: when only the lattice limit failed, memory alone would allow more.
+        scale = min(1.0, math.sqrt(budget / crf_memory_bytes(height, width, n_labels)))
         while scale > 0:
             size = (max(net[0], math.floor(height * scale)), max(net[1], math.floor(width * scale)))
             if fits(*size):
@@ -381,6 +436,9 @@ class Segmenter:
                 break
             scale *= 0.9
         need = crf_memory_bytes(*net, n_labels) / 1e9
+        if crf_memory_bytes(*net, n_labels) <= budget:
+            # Memory was not the problem: the lattice cannot index the image; say why.
+            check_size(*net, n_labels, self._crf_params_at(net, net))
         raise DeeplabError(
             f"{width}x{height}: not enough memory for the CRF even at the network's "
             f"{net[1]}x{net[0]} ({need:.1f} GB needed, {budget / 1e9:.1f} GB available); "
@@ -391,10 +449,15 @@ class Segmenter:
 
     def probs(self, rgb: np.ndarray):
         """Class probabilities (C, H, W) float32 on `self.device` at `rgb`'s own size:
-        network, bilinear upsampling of the logits, softmax. No CRF."""
+        network, bilinear upsampling of the logits, softmax. No CRF.
+
+        Raises:
+            ValueError: `rgb` is not RGB uint8 (H, W, 3) with at least one pixel (a float,
+                uint16 or bool array, grayscale, RGBA, ...); nothing is converted for you.
+        """
         import torch
 
-        x = self._upload(rgb)  # (H, W, 3) uint8
+        x = self._upload(_as_rgb(rgb))  # (H, W, 3) uint8
         logits = self._logits(x[None])[0]  # (C, h, w)
         with torch.no_grad():
             return self._upsampled_softmax(logits, tuple(x.shape[:2]))
@@ -404,29 +467,37 @@ class Segmenter:
         returns (C, H, W) on the same device/type as `probs` (identity when crf is None)."""
         if self.crf is None:
             return probs
+        import torch
+
         from deeplab_cli import crf as crf_module
 
-        image = self._upload(rgb) if hasattr(probs, "device") and probs.device.type == "cuda" else rgb
+        # A CUDA tensor's image goes up once here; NumPy (whose .device is the string
+        # 'cpu'), CPU tensors and CuPy arrays are handed on as they are.
+        image = self._upload(_as_rgb(rgb)) if isinstance(probs, torch.Tensor) and probs.is_cuda else rgb
         return crf_module.dense_crf(image, probs, self.crf_params_for(rgb))
 
     def segment(self, rgb: np.ndarray, *, keep_probs: bool = False) -> SegmentResult:
-        """Labels (H, W) for one RGB uint8 image (H, W, 3); probabilities too if asked."""
+        """Labels (H, W) for one RGB uint8 image (H, W, 3); probabilities too if asked.
+        A bad image raises ValueError, as in `probs`."""
         return self.segment_batch([rgb], keep_probs=keep_probs)[0]
 
     def segment_batch(self, images: list[np.ndarray], *, keep_probs: bool = False) -> list[SegmentResult]:
         """Segment same-size images: one network call for all; on CUDA the CRF also runs
-        on as many of them at once as the memory budget allows."""
+        on as many of them at once as the memory budget allows. An empty list gives [];
+        a bad image (see `probs`) or images of different sizes raise ValueError."""
         import torch
 
+        images = list(images)
         if not images:
             return []
-        shape = np.shape(images[0])
-        if any(np.shape(im) != shape for im in images):
+        images = [_as_rgb(im, f"image {i}" if len(images) > 1 else "image") for i, im in enumerate(images)]
+        shape = images[0].shape
+        if any(im.shape != shape for im in images):
             raise ValueError("segment_batch needs images of one size; use segment_many")
         height, width = shape[:2]
         n = len(images)
         t0 = time.perf_counter()
-        x = self._upload(np.stack(images) if n > 1 else np.asarray(images[0])[None])  # (N, H, W, 3)
+        x = self._upload(np.stack(images) if n > 1 else images[0][None])  # (N, H, W, 3)
         logits = self._logits(x)  # (N, C, h, w)
         _sync(self.device)
         net_time = (time.perf_counter() - t0) / n
