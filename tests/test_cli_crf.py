@@ -112,6 +112,8 @@ def test_unreadable_image_and_bad_sigma(files):
     result = run("crf", tmp / "img.png", tmp / "probs.npy", "-o", out, "--bi-xy-std", "-3",
                  "--device", "cpu")
     assert result.exit_code != 0 and "--bi-xy-std must be a positive number" in result.output
+    result = run("crf", tmp / "img.png", tmp / "probs.npy", "-o", out, "--bi-w", "3e38", "--device", "cpu")
+    assert result.exit_code != 0 and "--bi-w 3e+38 is too large" in result.output
     assert not out.exists()
 
 

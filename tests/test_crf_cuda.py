@@ -596,3 +596,20 @@ def test_12_mp_fits_in_80_gb(photos_and_probs):
     cp.cuda.Device().synchronize()
     assert pool.total_bytes() < 80 * 2**30
     assert bool(cp.isfinite(out).all())
+
+
+def test_emulated_gaussian_grid_is_skipped_for_strips(emulated):
+    # A long strip lies diagonally across the Gaussian lattice's cells: its box of cells would
+    # grow as the square of its length (1x18913: 1.4 GB of table for 19k pixels), so the
+    # grid is not used there, and the result is the sparse path's.
+    image = np.ascontiguousarray(np.tile(crop("rocket.jpg", 100, 0, 3, 400), (1, 5, 1)))  # 3 x 2000
+    probs = network_like_probs(3, 2000, seed=6)
+    params = DEEPLAB.replace(iterations=2)
+    crf = cuda.CudaCRF([image], [probs], params, backend=emulated, gauss_grid=True)
+    out = crf.run()[0]
+    assert crf.lattices.gauss_grid is None
+    assert "gauss_blur_tiles" not in [args[0] for _, args in crf._launches]
+    assert np.array_equal(out, cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0])
+    photo = cuda.CudaCRF([crop("chelsea.jpg", 0, 0, 150, 200)], [network_like_probs(150, 200)], params,
+                         backend=emulated, gauss_grid=True)
+    assert photo._gridded  # a photo's box: about 3 slots per pixel

@@ -29,7 +29,7 @@ def test_check_size_bounds():
     check_size(3000, 4000, 21)  # 12 MP with the DeepLab parameters fits int16 keys
     check_size(3000, 4000, 182)
     with pytest.raises(DeeplabError, match="int32"):
-        check_size(20000, 20000, 21, CRFParams(pos_xy_std=3, bi_xy_std=80))  # 400 MP: 6N corners overflow int32
+        check_size(20000, 20000, 21, CRFParams(pos_xy_std=3, bi_xy_std=80))  # 400 MP: 9N corners (both lattices) overflow int32
     with pytest.raises(DeeplabError, match="int16.*pos_xy_std"):
         check_size(3000, 4000, 21, CRFParams(pos_xy_std=0.2))
     with pytest.raises(DeeplabError, match="int16.*bi_xy_std and bi_rgb_std"):

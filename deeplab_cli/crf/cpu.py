@@ -85,7 +85,7 @@ import numba.core.cgutils
 import numba.extending
 import numpy as np
 
-from deeplab_cli.crf.geometry import alpha, scale_factors
+from deeplab_cli.crf.geometry import alpha, check_size, float32, scale_factors
 
 if TYPE_CHECKING:  # pragma: no cover
     from deeplab_cli.crf.params import CRFParams
@@ -183,7 +183,7 @@ def kernel_features(image: np.ndarray, params: "CRFParams") -> tuple[np.ndarray,
     ys = np.arange(height, dtype=np.float32)
 
     def positions(std: float) -> np.ndarray:
-        std32 = np.float32(std)
+        std32 = float32(std)
         feats = np.empty((height, width, 2), np.float32)
         feats[..., 0] = (xs / std32)[None, :]
         feats[..., 1] = (ys / std32)[:, None]
@@ -192,7 +192,7 @@ def kernel_features(image: np.ndarray, params: "CRFParams") -> tuple[np.ndarray,
     gauss = positions(params.pos_xy_std)
     bilateral = np.empty((height * width, 5), np.float32)
     bilateral[:, :2] = positions(params.bi_xy_std)
-    bilateral[:, 2:] = image.reshape(-1, 3).astype(np.float32) / np.float32(params.bi_rgb_std)
+    bilateral[:, 2:] = image.reshape(-1, 3).astype(np.float32) / float32(params.bi_rgb_std)
     return gauss, bilateral
 
 
@@ -452,12 +452,17 @@ def dense_crf_cpu(image: np.ndarray, probs: np.ndarray, params: "CRFParams", *,
 
     Returns:
         Refined probabilities, float32 (C, H, W), summing to 1 over C.
+
+    Raises:
+        DeeplabError: a size or parameters the lattice cannot take (`check_size`), before
+            anything is allocated.
     """
     image = np.ascontiguousarray(image, dtype=np.uint8)
     probs = np.asarray(probs, dtype=np.float32)
     _, height, width = probs.shape
     if image.shape != (height, width, 3):
         raise ValueError(f"image {image.shape} does not match probabilities {probs.shape}")
+    check_size(height, width, params)
     previous = numba.get_num_threads()
     if threads is not None:
         numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))

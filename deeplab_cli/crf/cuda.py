@@ -73,6 +73,11 @@ _BLOCK = 256
 _GAUSS_TILE = 16
 _GAUSS_TILE_THREADS = 512
 _GAUSS_TILE_BLOCKS_PER_SM = 3
+# gauss_grid is used only while its cell slots stay within this many per pixel (photos have
+# about 3: 2.9 at 500x375, 2.8 at 4 MP), plus a few for any small batch; else the Gaussian
+# lattice goes the sparse way (the same result).
+_GAUSS_GRID_SLOTS_PER_PIXEL = 8
+_GAUSS_GRID_SLOTS_FREE = 1 << 16
 _CONSTANTS_KEPT = 64  # constant tables a backend keeps on the device
 GRAPH_MODES = ("off", "iteration", "all")  # how CudaCRF.iterate launches the iterations
 
@@ -600,8 +605,14 @@ class CudaCRF:
 
     @property
     def _gridded(self) -> bool:
-        """Whether the Gaussian lattice is there and indexed by its grid of cells."""
-        return self.gauss_grid and bool(self.specs) and self.specs[0].d == 2
+        """Whether the Gaussian lattice is there and indexed by its grid of cells: asked for,
+        and the box of cells not much larger than the batch (a long strip of an image lies
+        diagonally across the lattice's cells, so its box grows as the square of its length)."""
+        if not (self.gauss_grid and self.specs and self.specs[0].d == 2):
+            return False
+        span0, span1 = gauss_cells(self.specs[0], self.max_h, self.max_w)
+        slots = 3 * span0 * span1 * len(self.images)
+        return slots <= _GAUSS_GRID_SLOTS_PER_PIXEL * self.n_pixels + _GAUSS_GRID_SLOTS_FREE
 
     def _blur(self, kernel: str, a: Any, b: Any, extra: tuple,
               lattices: Sequence[int] | None = None) -> tuple[list[tuple], list[Any]]:

@@ -1,5 +1,6 @@
 """Lattice geometry shared by the CPU and CUDA CRF: the two Potts kernels, their elevation
-scale factors, the range of lattice coordinates an image can reach, and the size limits.
+scale factors, the range of lattice coordinates an image can reach, and the limits on sizes
+and parameters.
 
 Both paths build pydensecrf's lattices (REFERENCE §2), so they refuse the same inputs with
 the same message: a user sees one limit whatever the device.
@@ -13,12 +14,14 @@ import math
 
 import numpy as np
 
-from deeplab_cli.crf.params import CRFParams
+from deeplab_cli.crf.params import MAX_WEIGHT, CRFParams
 from deeplab_cli.errors import DeeplabError
 
 KEY_LIMIT = 32767  # pydensecrf stores lattice coordinates as int16
 INDEX_LIMIT = 2**31 - 1  # entry and vertex indices are int32
-MAX_CORNERS = 6  # simplex corners per pixel: d + 1 of the bilateral lattice (d = 5)
+# Simplex corners per pixel: the CUDA build keeps both lattices' corners, 3 + 6, in arrays
+# indexed by int32 (the CPU one lattice's at a time); one limit for both devices.
+MAX_CORNERS = 9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +35,16 @@ class KernelSpec:
     std_options: tuple[str, ...]
 
 
+def float32(value: float) -> np.float32:
+    """`value` rounded to float32 as pydensecrf takes it (beyond float32's range: inf, quietly)."""
+    with np.errstate(over="ignore"):
+        return np.float32(value)
+
+
 def kernel_specs(params: CRFParams) -> list[KernelSpec]:
     """The two kernels in pydensecrf's order: Gaussian (x, y), then bilateral (x, y, r, g, b)."""
-    xy = float(np.float32(params.pos_xy_std))
-    bxy, rgb = float(np.float32(params.bi_xy_std)), float(np.float32(params.bi_rgb_std))
+    xy = float(float32(params.pos_xy_std))
+    bxy, rgb = float(float32(params.bi_xy_std)), float(float32(params.bi_rgb_std))
     return [
         KernelSpec("Gaussian", float(params.pos_w), 2, (xy, xy), ("pos_xy_std",)),
         KernelSpec("bilateral", float(params.bi_w), 5, (bxy, bxy, rgb, rgb, rgb), ("bi_xy_std", "bi_rgb_std")),
@@ -80,9 +89,12 @@ def key_bounds(spec: KernelSpec, height: int, width: int) -> tuple[tuple[int, in
 def check_size(height: int, width: int, params: CRFParams | None = None, *, n_images: int = 1) -> None:
     """Raise DeeplabError when the lattices cannot index `n_images` images of (at most) this
     size: every lattice coordinate must fit int16 (pydensecrf's key type; it depends on
-    width/σ, height/σ and 255/σβ), and all simplex corners, 6 per pixel plus an image's
-    padding origin, must be countable with int32."""
+    width/σ, height/σ and 255/σβ), and all simplex corners, 9 per pixel plus an image's
+    padding origin, must be countable with int32. Also refuses parameters the float32
+    arithmetic cannot carry: a σ that rounds to 0 (features x/σ would be inf or NaN) and a
+    weight above MAX_WEIGHT (the energies would overflow to inf, the result to NaN)."""
     params = params or CRFParams()
+    _check_float32(params)
     n = height * width * n_images
     if height <= 0 or width <= 0:
         raise DeeplabError(f"CRF: empty image ({width}x{height})")
@@ -100,3 +112,17 @@ def check_size(height: int, width: int, params: CRFParams | None = None, *, n_im
                 f"CRF: a {width}x{height} image needs {spec.name} lattice coordinates beyond int16 with "
                 f"these {' and '.join(spec.std_options)}; use larger standard deviations or a smaller image"
             )
+
+
+def _check_float32(params: CRFParams) -> None:
+    """Refuse a σ that rounds to 0 in float32 and a weight beyond ±MAX_WEIGHT (one line each)."""
+    for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
+        value = getattr(params, name)
+        if float32(value) == 0:
+            raise DeeplabError(f"CRF parameter {name} {value!r} rounds to 0 in float32; "
+                               "use a larger standard deviation")
+    for name in ("pos_w", "bi_w"):
+        value = getattr(params, name)
+        if abs(value) > MAX_WEIGHT:
+            raise DeeplabError(f"CRF parameter {name} {value!r} is too large: weights beyond "
+                               f"±{MAX_WEIGHT:g} overflow the float32 energies")

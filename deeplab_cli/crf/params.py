@@ -15,6 +15,15 @@ from deeplab_cli.errors import DeeplabError
 Normalization = Literal["symmetric", "after"]
 
 
+# Largest |pos_w|, |bi_w|. A kernel's normalized message is below 1 with 'after' and below
+# about 4·sqrt(64 N) < 1e6 with 'symmetric', so weighted energies stay far inside float32;
+# near 3e38 they overflow to inf and the softmax gives NaN (pydensecrf's too).
+MAX_WEIGHT = 1e30
+# The largest positive number float32 rounds to 0 (half its smallest subnormal, 2^-149; ties
+# go to even).
+FLOAT32_ZERO = 2.0**-150
+
+
 @dataclasses.dataclass(frozen=True)
 class CRFParams:
     """Mean-field CRF settings, named as in pydensecrf / DeepLab's configs.
@@ -42,10 +51,16 @@ class CRFParams:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise DeeplabError(f"CRF parameter {name} must be a positive number, got {value}")
+            if value <= FLOAT32_ZERO:  # the lattice divides by σ in float32: x / 0
+                raise DeeplabError(f"CRF parameter {name} {value!r} rounds to 0 in float32; "
+                                   "use a larger standard deviation")
         for name in ("pos_w", "bi_w"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise DeeplabError(f"CRF parameter {name} must be finite, got {value}")
+            if abs(value) > MAX_WEIGHT:
+                raise DeeplabError(f"CRF parameter {name} {value!r} is too large: weights beyond "
+                                   f"±{MAX_WEIGHT:g} overflow the float32 energies")
         iterations = self.iterations
         if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
             raise DeeplabError(f"CRF iterations must be a non-negative integer, got {_show(iterations)}")
