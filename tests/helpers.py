@@ -162,3 +162,14 @@ def dead_pid() -> int:
 def temp_name(target: str, pid: int, host: str = HOST, rand: str = "ab_cd123") -> str:
     """A temporary name in the current format, written by hand (independent of fsutil)."""
     return f".{target}.dl-{pid:x}-{host}-{rand}.part"
+
+
+class Evil:
+    """A pickled Evil would, when unpickled, run a shell command creating `flag`: what a
+    malicious checkpoint does. Tests check that `flag` never appears."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.flag}",))

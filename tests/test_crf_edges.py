@@ -4,12 +4,8 @@ colours, extreme parameters, the size limits, and batches mixing all of these.""
 
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
 import types
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +13,7 @@ import pytest
 from deeplab_cli.crf import check_size, cpu, cuda, dense_crf, geometry
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
-from test_crf_cuda import EmulatedBackend
+from emulation import build_emulated
 
 DEEPLAB = CRFParams()
 README = CRFParams(pos_w=3, pos_xy_std=3, bi_w=10, bi_xy_std=80, bi_rgb_std=13)
@@ -25,15 +21,7 @@ README = CRFParams(pos_w=3, pos_xy_std=3, bi_w=10, bi_xy_std=80, bi_rgb_std=13)
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the kernels for the CPU")
-    target = tmp_path_factory.mktemp("edges") / "kernels.so"
-    sources = [str(cuda.kernel_dir() / name) for name in cuda.KERNEL_FILES]
-    header = Path(__file__).parent / "cuda_emulation.h"
-    subprocess.run([cxx, "-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", "-include", str(header),
-                    "-x", "c++", *sources, "-o", str(target)], check=True, capture_output=True)
-    return EmulatedBackend(ctypes.CDLL(str(target)))
+    return build_emulated(tmp_path_factory.mktemp("edges"))
 
 
 def reference(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:

@@ -16,7 +16,7 @@ from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.labels import VOC_CLASSES, palette_for
 from deeplab_cli.model import build_model
-from helpers import Server, random_state
+from helpers import Evil, Server, random_state
 
 VOC_FILE = W.REGISTRY["voc12"].filename
 
@@ -302,14 +302,10 @@ def test_caffemodel_bn_statistics_are_divided_by_the_scale_factor(tmp_path):
 def test_malicious_pickles_are_refused_without_running(tmp_path):
     flag = tmp_path / "pwned"
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {flag}",))
-
     plain = tmp_path / "evil.pth"
-    plain.write_bytes(pickle.dumps(Evil(), protocol=2))
+    plain.write_bytes(pickle.dumps(Evil(flag), protocol=2))
     zipped = tmp_path / "evil_zip.pth"
-    torch.save({"base.layer1.conv1.conv.weight": torch.zeros(1), "x": Evil()}, zipped)
+    torch.save({"base.layer1.conv1.conv.weight": torch.zeros(1), "x": Evil(flag)}, zipped)
     for path in (plain, zipped):
         with pytest.raises(DeeplabError) as exc:
             W.load_state_dict(path)

@@ -5,7 +5,6 @@ reason, and leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from deeplab_cli.cli import cli
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.labels import palette_for
 from deeplab_cli.model import build_model
-from helpers import Server, assert_one_line_error, random_state
+from helpers import Evil, Server, assert_one_line_error, random_state
 
 VOC_FILE = W.REGISTRY["voc12"].filename
 
@@ -130,12 +129,8 @@ def test_torchscript_archive_is_named(tmp_path):
 def test_refusals_name_what_was_refused_and_run_nothing(tmp_path):
     flag = tmp_path / "pwned"
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {flag}",))
-
     legacy = tmp_path / "evil_legacy.pth"
-    torch.save({"a": Evil()}, legacy, _use_new_zipfile_serialization=False)
+    torch.save({"a": Evil(flag)}, legacy, _use_new_zipfile_serialization=False)
     with pytest.raises(DeeplabError) as exc:
         W.load_state_dict(legacy)
     one_line(exc, str(legacy), "refused", "system", "weights_only")

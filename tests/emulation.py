@@ -1,0 +1,109 @@
+"""The CUDA kernels built for the CPU with g++ against tests/cuda_emulation.h, and a CudaCRF
+backend that runs them on NumPy arrays: how the tests check the GPU code without a GPU."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deeplab_cli.crf import cuda
+
+
+def build_emulated(directory: Path) -> "EmulatedBackend":
+    """Compile every kernel file into `directory`/kernels.so and wrap it (skips the test
+    when there is no C++ compiler)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the kernels for the CPU")
+    target = Path(directory) / "kernels.so"
+    sources = [str(cuda.kernel_dir() / name) for name in cuda.KERNEL_FILES]
+    header = Path(__file__).parent / "cuda_emulation.h"
+    subprocess.run([cxx, "-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", "-include", str(header),
+                    "-x", "c++", *sources, "-o", str(target)], check=True, capture_output=True)
+    return EmulatedBackend(ctypes.CDLL(str(target)))
+
+
+class EmulatedBackend:
+    """CudaCRF's backend interface over NumPy arrays and the kernels compiled for the host.
+
+    With `lanes`, a launch of `width` lanes per row runs as min(width, 32) host threads, one per
+    lane, whose warp shuffles meet at a barrier (tests/cuda_emulation.h); else one lane walks all.
+    """
+
+    xp = np
+
+    def __init__(self, library: ctypes.CDLL, free: int = 1 << 40, lanes: bool = False) -> None:
+        self.library = library
+        self.free = free
+        self.lanes = lanes
+        self.captures, self.replays = [], 0  # launches per captured graph, graphs replayed
+        self.recording = None  # the launches being captured, if any
+
+    def launch(self, name, n, args, width=1):
+        if self.recording is not None:
+            self.recording.append((name, n, args, width))
+            return
+        if n <= 0:
+            return
+        converted = []
+        for a in args:
+            if a is None:
+                converted.append(ctypes.c_void_p(None))
+            elif isinstance(a, np.ndarray):
+                assert a.flags.c_contiguous, name
+                converted.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                kind = {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float,
+                        np.uint64: ctypes.c_uint64}[type(a)]
+                converted.append(kind(a))
+        kernel = getattr(self.library, name)
+        lanes = min(width, 32) if self.lanes else 1
+        self.library.emu_set_lanes(lanes)
+        if lanes == 1:
+            self.library.emu_enter_lane(0)
+            kernel(*converted)
+            return
+
+        def lane(i):
+            self.library.emu_enter_lane(i)
+            kernel(*converted)  # ctypes lets go of the GIL: the lanes run at once
+
+        threads = [threading.Thread(target=lane, args=(i,)) for i in range(lanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not self.library.emu_shuffle_failed(), f"{name}: a shuffle that not every lane reached"
+
+    def launch_blocks(self, name, blocks, threads, args):
+        # Block-wide kernels are built with one thread per block (GAUSS_TILE_THREADS 1 in
+        # tests/cuda_emulation.h), and one block strides over all of them.
+        self.launch(name, blocks, args)
+
+    def capture(self, work):
+        """Like stream capture: the launches `work()` makes are recorded, not run."""
+        self.recording = []
+        try:
+            work()
+            recorded = self.recording
+        finally:
+            self.recording = None
+        self.captures.append(len(recorded))
+        return recorded
+
+    def replay(self, recorded):
+        self.replays += 1
+        for launch in recorded:
+            self.launch(*launch)
+
+    def to_host(self, array):
+        return np.asarray(array)
+
+    def free_bytes(self):
+        return self.free
