@@ -46,3 +46,14 @@ def weights_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "random3.pth"
     torch.save(build_model(n_classes=helpers.N_CLASSES).state_dict(), path)
     return path
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A loopback HTTP server that weights downloads are pointed at (DEEPLAB_WEIGHTS_URL)."""
+    from deeplab_cli.weights import URL_ENV
+
+    srv = helpers.Server()
+    monkeypatch.setenv(URL_ENV, srv.url)
+    yield srv
+    srv.close()

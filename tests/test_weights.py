@@ -16,7 +16,7 @@ from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.labels import VOC_CLASSES, palette_for
 from deeplab_cli.model import build_model
-from helpers import Evil, Server, random_state
+from helpers import Evil, random_state
 
 VOC_FILE = W.REGISTRY["voc12"].filename
 
@@ -425,14 +425,6 @@ def test_registry_entries():
             state = build_model(entry.n_classes).state_dict()
         float_bytes = sum(v.numel() * 4 for k, v in state.items() if v.is_floating_point())
         assert entry.approx_size == float_bytes
-
-
-@pytest.fixture
-def server(monkeypatch):
-    srv = Server()
-    monkeypatch.setenv(W.URL_ENV, srv.url)
-    yield srv
-    srv.close()
 
 
 def test_download_success_with_progress(server, files, deeplab_home, capsys):

@@ -18,7 +18,7 @@ from deeplab_cli.cli import cli
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.labels import palette_for
 from deeplab_cli.model import build_model
-from helpers import Evil, Server, assert_one_line_error, random_state
+from helpers import Evil, assert_one_line_error, random_state
 
 VOC_FILE = W.REGISTRY["voc12"].filename
 
@@ -183,14 +183,6 @@ def test_training_checkpoint_with_prefix_loads(tmp_path, state3):
 
 
 # ------------------------------------------------------------------ downloads and cache
-
-
-@pytest.fixture
-def server(monkeypatch):
-    srv = Server()
-    monkeypatch.setenv(W.URL_ENV, srv.url)
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")
