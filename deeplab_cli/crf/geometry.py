@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from deeplab_cli.crf.params import MAX_WEIGHT, CRFParams
+from deeplab_cli.crf.params import CRFParams, check_float32
 from deeplab_cli.errors import DeeplabError
 
 KEY_LIMIT = 32767  # pydensecrf stores lattice coordinates as int16
@@ -92,9 +92,9 @@ def check_size(height: int, width: int, params: CRFParams | None = None, *, n_im
     width/σ, height/σ and 255/σβ), and all simplex corners, 9 per pixel plus an image's
     padding origin, must be countable with int32. Also refuses parameters the float32
     arithmetic cannot carry: a σ that rounds to 0 (features x/σ would be inf or NaN) and a
-    weight above MAX_WEIGHT (the energies would overflow to inf, the result to NaN)."""
+    weight above params.MAX_WEIGHT (the energies would overflow to inf, the result to NaN)."""
     params = params or CRFParams()
-    _check_float32(params)
+    check_float32(params)
     n = height * width * n_images
     if height <= 0 or width <= 0:
         raise DeeplabError(f"CRF: empty image ({width}x{height})")
@@ -112,17 +112,3 @@ def check_size(height: int, width: int, params: CRFParams | None = None, *, n_im
                 f"CRF: a {width}x{height} image needs {spec.name} lattice coordinates beyond int16 with "
                 f"these {' and '.join(spec.std_options)}; use larger standard deviations or a smaller image"
             )
-
-
-def _check_float32(params: CRFParams) -> None:
-    """Refuse a σ that rounds to 0 in float32 and a weight beyond ±MAX_WEIGHT (one line each)."""
-    for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
-        value = getattr(params, name)
-        if float32(value) == 0:
-            raise DeeplabError(f"CRF parameter {name} {value!r} rounds to 0 in float32; "
-                               "use a larger standard deviation")
-    for name in ("pos_w", "bi_w"):
-        value = getattr(params, name)
-        if abs(value) > MAX_WEIGHT:
-            raise DeeplabError(f"CRF parameter {name} {value!r} is too large: weights beyond "
-                               f"±{MAX_WEIGHT:g} overflow the float32 energies")

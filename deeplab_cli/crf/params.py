@@ -51,16 +51,11 @@ class CRFParams:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise DeeplabError(f"CRF parameter {name} must be a positive number, got {value}")
-            if value <= FLOAT32_ZERO:  # the lattice divides by σ in float32: x / 0
-                raise DeeplabError(f"CRF parameter {name} {value!r} rounds to 0 in float32; "
-                                   "use a larger standard deviation")
         for name in ("pos_w", "bi_w"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise DeeplabError(f"CRF parameter {name} must be finite, got {value}")
-            if abs(value) > MAX_WEIGHT:
-                raise DeeplabError(f"CRF parameter {name} {value!r} is too large: weights beyond "
-                                   f"±{MAX_WEIGHT:g} overflow the float32 energies")
+        check_float32(self)
         iterations = self.iterations
         if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
             raise DeeplabError(f"CRF iterations must be a non-negative integer, got {_show(iterations)}")
@@ -146,3 +141,19 @@ def _show(value: Any, limit: int = 60) -> str:
     """repr(value) cut to `limit` characters, for one-line messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_float32(params: Any) -> None:
+    """Refuse, in one line, what float32 arithmetic cannot carry: a σ that rounds to 0 (the
+    lattice divides by σ: x / 0) and a weight beyond ±MAX_WEIGHT (the energies would
+    overflow to inf, the result to NaN). `params`: a CRFParams or any object with its fields."""
+    for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
+        value = getattr(params, name)
+        if value <= FLOAT32_ZERO:
+            raise DeeplabError(f"CRF parameter {name} {value!r} rounds to 0 in float32; "
+                               "use a larger standard deviation")
+    for name in ("pos_w", "bi_w"):
+        value = getattr(params, name)
+        if abs(value) > MAX_WEIGHT:
+            raise DeeplabError(f"CRF parameter {name} {value!r} is too large: weights beyond "
+                               f"±{MAX_WEIGHT:g} overflow the float32 energies")
