@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option
+from deeplab_cli.cli.options import check_output_file, crf_options, crf_params_from_options, device_option
 from deeplab_cli.errors import DeeplabError, first_line
 from deeplab_cli.fsutil import read_input
 
@@ -108,12 +108,9 @@ def _check_output(output: str, fmt: str, *inputs: str) -> None:
         if sys.stdout is None:  # started with stdout closed (`>&-`)
             raise DeeplabError("-o -: stdout is closed")
         return
-    if not output:
-        raise DeeplabError("-o: empty file name")
-    path = Path(output)
     suffix = SUFFIXES[fmt]
-    if path.is_dir() or output.endswith(("/", os.sep)):
-        raise DeeplabError(f"-o {output}: names a folder; name the output file (*{suffix})")
+    check_output_file(f"-o {output}", output, suffix)
+    path = Path(output)
     for source in inputs:
         if _same_file(path, Path(source)):
             raise DeeplabError(f"-o {output}: is the input {source}; refusing to overwrite it")

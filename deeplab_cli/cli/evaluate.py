@@ -16,7 +16,8 @@ from typing import Any, Iterator
 
 import click
 
-from deeplab_cli.cli.options import crf_options, crf_params_from_options, device_option, flag_names, load_segmenter
+from deeplab_cli.cli.options import (check_output_file, crf_options, crf_params_from_options, device_option,
+                                     flag_names, load_segmenter)
 
 VOC_HELP = "PASCAL VOC root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)."
 
@@ -312,10 +313,7 @@ def _check_outputs(samples, *, json_path=None, save_dir=None, output=None, input
     for option, path in files:
         if path is None:
             continue
-        if not path:
-            raise DeeplabError(f"{option.split()[0]}: empty file name")
-        if path.endswith(("/", os.sep)):
-            raise DeeplabError(f"{option}: names a folder; name the output file (*.json)")
+        check_output_file(option, path, ".json")
         real = os.path.realpath(path)
         if real in taken and real not in rereadable:
             raise DeeplabError(f"{option}: is {taken[real]}; refusing to overwrite it")

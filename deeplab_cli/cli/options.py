@@ -3,6 +3,8 @@ the one way those commands turn them into a pipeline."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -72,6 +74,17 @@ def flag_names(message: str, fields) -> str:
     for field in fields:
         message = re.sub(rf"\bCRF (?:parameter )?{field}\b", flags[field], message)
     return message
+
+
+def check_output_file(option: str, path: str, suffix: str) -> None:
+    """One-line DeeplabError for an output file name that is empty or names a folder
+    (`option`: how the message names it, e.g. '-o out.png'; `suffix`: what to name instead)."""
+    from deeplab_cli.errors import DeeplabError
+
+    if not path:
+        raise DeeplabError(f"{option.split()[0]}: empty file name")
+    if Path(path).is_dir() or path.endswith(("/", os.sep)):
+        raise DeeplabError(f"{option}: names a folder; name the output file (*{suffix})")
 
 
 def device_option(func: Callable) -> Callable:
