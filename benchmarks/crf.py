@@ -319,6 +319,9 @@ VARIANTS = {  # CudaCRF options for --ab
     "default": {},
     # the Gaussian lattice by its cell grid: neighbours by indexing, blur passes in shared-memory tiles
     "grid": {"gauss_grid": True},
+    # vertices numbered image by image and (bilateral) by spatial tile: nearby ids, nearby pixels
+    "spatial": {"spatial_order": True},
+    "both": {"gauss_grid": True, "spatial_order": True},
     "run8": {"run_min": 8},
     "run64": {"run_min": 64},
 }

@@ -12,11 +12,13 @@
 //   entries  e in [0, E0) are lattice 0's, e = slot * (d0+1) + corner; e in [E0, E) lattice 1's,
 //            e = E0 + slot * (d1+1) + corner. A slot is a pixel of the batch, or past the N
 //            pixels an image's padding origin (see lattice_elevate).
-//   key      up to two 64-bit words packing (lattice, remainder, image, q_0 .. q_{d-1}), where
-//            the lattice coordinate k_i = q_i * (d+1) + remainder (all coords of a vertex share
-//            their remainder mod d+1); a table per lattice holds, per field, (word, shift, bits,
-//            lo). The lattice field is the most significant, so after sorting lattice 0's
-//            entries and vertices come first: vertices [0, M0) are lattice 0's, [M0, M) lattice 1's.
+//   key      up to two 64-bit words packing (lattice, remainder, image, q_0 .. q_{d-1}, and on
+//            the bilateral lattice two spatial tile fields, see pack_tiles), where the lattice
+//            coordinate k_i = q_i * (d+1) + remainder (all coords of a vertex share their
+//            remainder mod d+1); a table per lattice holds, per field, (word, shift, bits, lo), so
+//            the host chooses the fields' order (cuda.py pack_layout). The lattice field is the
+//            most significant, so after sorting lattice 0's entries and vertices come first:
+//            vertices [0, M0) are lattice 0's, [M0, M) lattice 1's.
 //   values   (M, C) floats, label-contiguous, so the lanes of one vertex read one row.
 // Launch shape: blocks of (lanes, rows); threadIdx.x walks the labels of one row (a vertex,
 // run or pixel), threadIdx.y and blockIdx.x walk rows in a grid-stride loop, so any grid
@@ -24,16 +26,17 @@
 // with no index division. A kernel never depends on another thread of the same launch (no
 // atomics, no shared memory): results are deterministic.
 
-#define PACK_FIELDS_MAX 8
 // The constant table (int32) the host uploads once per geometry: each lattice's key packing
-// (4 ints per field: lattice, remainder, image, d coordinates), then as float32 bits the
+// (4 ints per field: lattice, remainder, image, d coordinates, and on the bilateral lattice its
+// spatial tile x and y), the bilateral tiles' (lo, step) in x and y, then as float32 bits the
 // features' standard deviations and elevation scales. Offsets must match cuda.py.
 #define CONST_PACK_G 0
 #define CONST_PACK_B 20
-#define CONST_STD_G 52
-#define CONST_SCALE_G 54
-#define CONST_STD_B 56
-#define CONST_SCALE_B 61
+#define CONST_TILE_B 60
+#define CONST_STD_G 64
+#define CONST_SCALE_G 66
+#define CONST_STD_B 68
+#define CONST_SCALE_B 73
 // info[] the build writes for the host: a key fell outside its packing (a bug), vertex count M,
 // first vertex of each lattice.
 #define INFO_ERROR 0
@@ -75,6 +78,24 @@ static __device__ __forceinline__ long long pack_get(const u64* words, const int
     return (long long)((words[word] >> shift) & mask) + pack[4 * f + 3];
 }
 
+// The bilateral key's spatial tile fields (D + 3, D + 4) of the point with stored coordinates
+// k: tile x of X = k_0 - k_1, tile y of Y = k_0 + k_1 - 2 k_2 (proportional to the point's
+// position in the image), (X - lo) / step. A field without bits is left out (the tiles are off,
+// or the image has one tile that way); none on the Gaussian lattice (tile null). False when a
+// tile does not fit its field.
+template <int D>
+static __device__ __forceinline__ bool pack_tiles(u64* words, const int* pack, const int* tile, const int* k) {
+    if (!tile) return true;
+    const long long pos[2] = {(long long)k[0] - k[1], (long long)k[0] + k[1] - 2LL * k[2]};
+    bool ok = true;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+        if (pack[4 * (3 + D + t) + 2] == 0) continue;
+        ok = ok && pos[t] >= tile[2 * t] && pack_put(words, pack, 3 + D + t, (pos[t] - tile[2 * t]) / tile[2 * t + 1]);
+    }
+    return ok;
+}
+
 // The lattice (field 0, laid out alike in both tables) of the key at entry e.
 static __device__ __forceinline__ int key_lattice(const u64* key_lo, const u64* key_hi, long long e,
                                                   const int* pack) {
@@ -90,11 +111,13 @@ static __device__ __forceinline__ bool same_key(const u64* key_lo, const u64* ke
 // by step: features f = coord / std; running-sum elevation; round to the nearest multiple of
 // d+1 (half to even); rank by remainder (ties to the later index); the +-(d+1) correction;
 // barycentric weights with b[0] += 1 + b[d+1]; then the d+1 simplex corners, written at
-// entries e0 .. e0 + D. `origin`: all-zero features (a padding origin).
+// entries e0 .. e0 + D. `origin`: all-zero features (a padding origin). `tile`: the bilateral
+// tiles' constants (pack_tiles), null on the Gaussian lattice.
 template <int D>
 static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, bool origin, int image_index,
                                      int lattice, const float* stds, const float* scale, const int* pack,
-                                     long long e0, u64* key_lo, u64* key_hi, float* weight, int* info) {
+                                     const int* tile, long long e0, u64* key_lo, u64* key_hi, float* weight,
+                                     int* info) {
     float f[D];
     if (origin) {
 #pragma unroll
@@ -171,12 +194,14 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
         ok &= pack_put(words, pack, 0, lattice);
         ok &= pack_put(words, pack, 1, r);
         ok &= pack_put(words, pack, 2, image_index);
+        int key[D];
 #pragma unroll
         for (int k = 0; k < D; ++k) {
             // canonical simplex: corner r adds r to coords ranked <= D - r, r - (D+1) to the rest
-            const int key = (int)rem0[k] + (rank[k] <= D - r ? r : r - (D + 1));
-            ok &= pack_put(words, pack, 3 + k, (key - r) / (D + 1));  // exact: key = r mod D+1
+            key[k] = (int)rem0[k] + (rank[k] <= D - r ? r : r - (D + 1));
+            ok &= pack_put(words, pack, 3 + k, (key[k] - r) / (D + 1));  // exact: key = r mod D+1
         }
+        ok &= pack_tiles<D>(words, pack, tile, key);
         key_lo[e0 + r] = words[0];
         if (key_hi) key_hi[e0 + r] = words[1];
         weight[e0 + r] = bary[r];
@@ -205,11 +230,11 @@ extern "C" __global__ void lattice_elevate(const unsigned char* image, int heigh
         const unsigned char* rgb = origin ? nullptr : image + i * 3;
         if (e_g >= 0)
             elevate_pixel<2>(x, y, rgb, origin, image_index, 0, fconsts + CONST_STD_G, fconsts + CONST_SCALE_G,
-                             consts + CONST_PACK_G, e_g + slot * 3, key_lo, key_hi, weight, info);
+                             consts + CONST_PACK_G, nullptr, e_g + slot * 3, key_lo, key_hi, weight, info);
         if (e_b >= 0)
             elevate_pixel<5>(x, y, rgb, origin, image_index, e_g >= 0 ? 1 : 0, fconsts + CONST_STD_B,
-                             fconsts + CONST_SCALE_B, consts + CONST_PACK_B, e_b + slot * 6, key_lo, key_hi,
-                             weight, info);
+                             fconsts + CONST_SCALE_B, consts + CONST_PACK_B, consts + CONST_TILE_B, e_b + slot * 6,
+                             key_lo, key_hi, weight, info);
     }
 }
 
@@ -281,23 +306,24 @@ static __device__ __forceinline__ int find_key(const u64* unique_lo, const u64* 
 }
 
 // Key of the point `coords` (d explicit coordinates, remainder r) of lattice `lattice` in image
-// b; false when it lies outside the packed range (then it is no vertex of this lattice).
+// b (`tile` as elevate_pixel's); false when it lies outside the packed range (then it is no
+// vertex of this lattice).
 template <int D>
 static __device__ __forceinline__ bool pack_point(const int* coords, int r, int lattice, long long b,
-                                                  const int* pack, u64* words) {
+                                                  const int* pack, const int* tile, u64* words) {
     words[0] = 0ULL;
     words[1] = 0ULL;
     bool ok = pack_put(words, pack, 0, lattice) && pack_put(words, pack, 1, r) && pack_put(words, pack, 2, b);
 #pragma unroll
     for (int k = 0; k < D; ++k) ok = ok && pack_put(words, pack, 3 + k, (coords[k] - r) / (D + 1));
-    return ok;
+    return ok && pack_tiles<D>(words, pack, tile, coords);
 }
 
 // Vertex v's two neighbours along each of its lattice's D+1 axes, written to
 // nbr[((axis * n) + v) * 2 + 0..1] (-1 = missing).
 template <int D>
 static __device__ void neighbours_of(long long v, const u64* unique_lo, const u64* unique_hi, long long n,
-                                     const int* pack, int* nbr) {
+                                     const int* pack, const int* tile, int* nbr) {
     u64 own[2] = {unique_lo[v], unique_hi ? unique_hi[v] : 0ULL};
     const int lattice = (int)pack_get(own, pack, 0);
     const int r = (int)pack_get(own, pack, 1);
@@ -320,9 +346,11 @@ static __device__ void neighbours_of(long long v, const u64* unique_lo, const u6
         }
         u64 w1[2], w2[2];
         const long long out = ((long long)j * n + v) * 2;
-        nbr[out] = pack_point<D>(c1, r1, lattice, b, pack, w1) ? find_key(unique_lo, unique_hi, n, w1[0], w1[1]) : -1;
-        nbr[out + 1] = pack_point<D>(c2, r2, lattice, b, pack, w2) ? find_key(unique_lo, unique_hi, n, w2[0], w2[1])
-                                                                    : -1;
+        nbr[out] = pack_point<D>(c1, r1, lattice, b, pack, tile, w1) ? find_key(unique_lo, unique_hi, n, w1[0], w1[1])
+                                                                       : -1;
+        nbr[out + 1] = pack_point<D>(c2, r2, lattice, b, pack, tile, w2)
+                           ? find_key(unique_lo, unique_hi, n, w2[0], w2[1])
+                           : -1;
     }
 }
 
@@ -334,8 +362,10 @@ extern "C" __global__ void lattice_neighbours(const u64* unique_lo, const u64* u
                                               long long v_begin, long long first_1, int has_g, const int* consts,
                                               int* nbr) {
     for (long long v = v_begin + grid_start(); v < n_vertices; v += grid_step()) {
-        if (has_g && v < first_1) neighbours_of<2>(v, unique_lo, unique_hi, n_vertices, consts + CONST_PACK_G, nbr);
-        else neighbours_of<5>(v, unique_lo, unique_hi, n_vertices, consts + CONST_PACK_B, nbr);
+        if (has_g && v < first_1)
+            neighbours_of<2>(v, unique_lo, unique_hi, n_vertices, consts + CONST_PACK_G, nullptr, nbr);
+        else
+            neighbours_of<5>(v, unique_lo, unique_hi, n_vertices, consts + CONST_PACK_B, consts + CONST_TILE_B, nbr);
     }
 }
 

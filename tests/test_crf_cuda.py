@@ -77,7 +77,7 @@ def test_keys_pack_in_one_word_for_a_12_mp_photo():
         assert tuple(fields[0]) == (0, 63, 1, 0)  # the lattice bit, most significant
         assert fields[:, 2].sum() <= 64
     table, words = cuda.constant_table(specs, 3000, 4000, 8, spread=True)
-    assert words == 2 and table.shape == (66,)
+    assert words == 2 and table.shape == (cuda._CONST_SIZE,)
 
 
 def test_host_constants_match_the_kernel_sources():
@@ -87,6 +87,8 @@ def test_host_constants_match_the_kernel_sources():
         assert int(defines[f"CONST_PACK_{name}"]) == cuda._CONST_PACK[d]
         assert int(defines[f"CONST_STD_{name}"]) == cuda._CONST_STD[d]
         assert int(defines[f"CONST_SCALE_{name}"]) == cuda._CONST_SCALE[d]
+    assert int(defines["CONST_TILE_B"]) == cuda._CONST_TILE
+    assert cuda._CONST_PACK[5] + 4 * (3 + 5 + 2) == cuda._CONST_TILE  # 10 bilateral fields, then the tiles
     assert int(defines["CONST_SCALE_B"]) + 5 == cuda._CONST_SIZE
     assert int(defines["GAUSS_TILE"]) == cuda._GAUSS_TILE
     assert int(defines["GAUSS_TILE_THREADS"]) == cuda._GAUSS_TILE_THREADS
@@ -104,6 +106,65 @@ def test_gauss_cells_cover_the_packed_gaussian_keys():
         assert span0 <= 2**bits0 and span1 <= 2**bits1
         bounds = geometry.key_bounds(spec, h, w)
         assert span0 * 3 >= bounds[0][1] - bounds[0][0] and span1 * 3 >= bounds[1][1] - bounds[1][0]
+
+
+@pytest.mark.parametrize("size,n_images", [((375, 500), 1), ((1732, 2309), 8), ((13, 17), 2), ((3000, 4000), 1)])
+def test_spatial_packing_puts_image_then_tiles_on_top(size, n_images):
+    # spatial_order: per lattice, fields from the bottom are remainder, q_0 .. q_{d-1}, the
+    # bilateral tiles, the image, the lattice; without it, image sits above the remainder and
+    # the tile fields are empty. Fields never overlap and all keys still fit one word.
+    specs = geometry.kernel_specs(DEEPLAB)
+    for spatial in (False, True):
+        tables, words = cuda.pack_layouts(specs, *size, n_images, spatial=spatial)
+        assert words == 1
+        for spec, table in zip(specs, tables):
+            fields = table.reshape(-1, 4)
+            used = [(shift, bits, i) for i, (_, shift, bits, _) in enumerate(fields) if bits]
+            used.sort()
+            for (s0, b0, _), (s1, _, _) in zip(used, used[1:]):
+                assert s0 + b0 <= s1
+            order = [i for _, _, i in used]
+            coords = list(range(3, 3 + spec.d))
+            tiles = [i for i in (3 + spec.d, 4 + spec.d) if i < len(fields) and fields[i, 2]]
+            image = [2] if n_images > 1 else []
+            if spatial:
+                assert order == [1, *coords, *tiles, *image, 0]
+                counts = [c for _, _, c in cuda.tile_layout(spec, *size)] if spec.d == 5 else []
+                assert len(tiles) == sum(c > 1 for c in counts)
+            else:
+                assert order == [1, *image, *coords, 0] and not tiles
+
+
+def test_tile_layout_bounds_the_image_positions():
+    # Tiles are 4 lattice spacings wide and 8 tall in lattice units (about 3.5 and 4 sigma_xy
+    # pixels), count only the image's positions (not its colours), and stay within 256 a side.
+    spec = geometry.kernel_specs(DEEPLAB)[1]
+    (x_lo, x_step, x_count), (y_lo, y_step, y_count) = cuda.tile_layout(spec, 1732, 2309)
+    assert (x_step, y_step) == (24, 48)
+    # X = 2 cf_x, Y = 6 cf_y, plus a margin of 3 (d+1) per coordinate on either side
+    assert 2309 / 67 * 3.46 * 2 / 24 < x_count <= (2309 / 67 * 3.47 * 2 + 72) / 24 + 1
+    assert 1732 / 67 * 2.0 * 6 / 48 < y_count <= (1732 / 67 * 2.01 * 6 + 144) / 48 + 1
+    assert [count for _, _, count in cuda.tile_layout(spec, 7, 9)] == [4, 4]  # the margins alone
+    tiny = geometry.kernel_specs(DEEPLAB.replace(bi_xy_std=0.01))[1]
+    (_, x_step, x_count), (_, y_step, y_count) = cuda.tile_layout(tiny, 3000, 4000)
+    assert x_count <= cuda.TILE_COUNT_MAX and y_count <= cuda.TILE_COUNT_MAX and x_step > 24
+
+
+def test_emulated_tiles_hold_every_corner_of_extreme_pixels(emulated):
+    # Pixels at the image's edges with RGB-cube-corner colours: every simplex corner's tiles
+    # must fit (the build flags any key outside its packing as a bug), and the result is the
+    # default order's.
+    h, w = 24, 300
+    cube = np.array(list(np.ndindex(2, 2, 2)), dtype=np.uint8) * 255  # (8, 3)
+    yy, xx = np.mgrid[:h, :w]
+    image = np.ascontiguousarray(cube[(yy + xx) % 8])
+    image[1::3] = np.random.default_rng(3).integers(0, 256, size=(len(range(1, h, 3)), w, 3), dtype=np.uint8)
+    probs = network_like_probs(h, w, seed=5)
+    params = DEEPLAB.replace(bi_xy_std=9, iterations=1)
+    tiled = cuda.CudaCRF([image], [probs], params, backend=emulated, spatial_order=True)
+    assert cuda.tile_layout(tiled.specs[1], h, w)[0][2] > 4  # several tiles across
+    out = tiled.run()[0]
+    assert np.array_equal(out, cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0])
 
 
 def test_torch_stream_wraps_with_from_external_else_external_stream():
@@ -229,6 +290,57 @@ def test_emulated_gaussian_grid_is_bit_identical(emulated, case):
     if case == "chunk groups":
         assert crf._chunk_step(4) < crf.n_vec
     assert not np.allclose(tiled[0], probs[0], atol=1e-3)
+
+
+SPATIAL_CASES = {
+    # small spatial stds: many tiles on a small crop
+    "tiles": ([("rocket.jpg", 100, 200, 48, 61)], DEEPLAB.replace(bi_xy_std=2, iterations=3), 21),
+    "batch": ([("astronaut.jpg", 0, 0, 21, 19), ("coffee.jpg", 0, 0, 8, 10), ("chelsea.jpg", 40, 80, 30, 35)],
+              DEEPLAB.replace(bi_xy_std=3, iterations=3), 21),
+    "readme": ([("chelsea.jpg", 60, 120, 41, 57)], README.replace(bi_xy_std=2, iterations=3), 5),
+}
+
+
+@pytest.mark.parametrize("gauss_grid", [False, True])
+@pytest.mark.parametrize("case", sorted(SPATIAL_CASES))
+def test_emulated_spatial_order_is_bit_identical_and_local(emulated, case, gauss_grid):
+    # spatial_order only renumbers vertices (image by image, bilateral ones by spatial tile):
+    # every output bit stays, the vertex count too, and bilateral vertices with nearby ids
+    # gather nearby pixels, which the key order (colour coordinates on top) does not give.
+    crops, params, n_labels = SPATIAL_CASES[case]
+    images = [crop(*c) for c in crops]
+    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=i + 9) for i, im in enumerate(images)]
+    runs = {}
+    for spatial in (False, True):
+        crf = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_grid=gauss_grid, spatial_order=spatial)
+        runs[spatial] = crf, crf.run()
+    (key, out_key), (tiled, out_tiled) = runs[False], runs[True]
+    for a, b in zip(out_key, out_tiled):
+        assert np.array_equal(a, b)
+    assert key.lattices.first == tiled.lattices.first
+    assert not np.array_equal(key.lattices.entry_vertex, tiled.lattices.entry_vertex)  # renumbered
+
+    def spread(crf, window=32):
+        # mean bounding-box area (pixels) of the mean positions of `window` consecutive
+        # bilateral vertices: what one wave of splat threads reads
+        lat = crf.lattices
+        lo, hi = lat.entry_first[1], lat.entry_first[2]
+        starts = lat.run_bounds[lat.run_offset]  # (M+1,) each vertex's first sorted entry
+        pixel, vertex = lat.sorted_pixel[lo:hi], np.repeat(np.arange(lat.n_vertices), np.diff(starts))[lo:hi]
+        keep = pixel >= 0
+        pixel, vertex = pixel[keep], vertex[keep] - lat.first[1]
+        offsets = np.array(crf.offsets)
+        image = np.searchsorted(offsets, pixel, side="right") - 1
+        local = pixel - offsets[image]
+        widths = np.array([w for _, w in crf.sizes])[image]
+        pos = np.stack([image * 1e4 + local // widths, local % widths], 1).astype(np.float64)  # (y, x)
+        count = np.bincount(vertex)
+        mean = np.stack([np.bincount(vertex, pos[:, k]) for k in range(2)], 1)[count > 0] / count[count > 0, None]
+        n = len(mean) // window * window
+        boxes = mean[:n].reshape(-1, window, 2)
+        return float((boxes.max(1) - boxes.min(1) + 1).prod(1).mean())
+
+    assert spread(tiled) < 0.4 * spread(key)
 
 
 @pytest.mark.parametrize("n_labels,group", [(3, 1), (21, 8), (182, 32)])
@@ -431,14 +543,17 @@ def test_gpu_is_deterministic_and_batch_equals_singles(photos_on_gpu):
 
 
 @pytest.mark.cuda
-def test_gpu_gaussian_grid_equals_sparse(photos_on_gpu):
-    # Shared-memory tiles, barriers and the chunk split only run for real on a GPU.
+def test_gpu_gaussian_grid_and_spatial_order_equal_the_default(photos_on_gpu):
+    # Shared-memory tiles, barriers and the chunk split only run for real on a GPU; the spatial
+    # vertex order renumbers vertices only.
     images, probs = photos_on_gpu
     for params in (DEEPLAB, README.replace(normalization="after")):
         passes = [o.get() for o in cuda.CudaCRF(images, probs, params).run()]
         tiled = [o.get() for o in cuda.CudaCRF(images, probs, params, gauss_grid=True).run(graph=True)]
-        for a, b in zip(passes, tiled):
-            assert np.array_equal(a, b)
+        spatial = [o.get() for o in cuda.CudaCRF(images, probs, params, spatial_order=True).run()]
+        both = [o.get() for o in cuda.CudaCRF(images, probs, params, gauss_grid=True, spatial_order=True).run()]
+        for a, b, c, d in zip(passes, tiled, spatial, both):
+            assert np.array_equal(a, b) and np.array_equal(a, c) and np.array_equal(a, d)
     small, p = [images[0][:20, :30]], [probs[0][:, :20, :30].copy()]  # few tiles: the chunks split
     tiled = cuda.CudaCRF(small, p, DEEPLAB, gauss_grid=True).run()[0].get()
     assert np.array_equal(tiled, cuda.CudaCRF(small, p, DEEPLAB).run()[0].get())

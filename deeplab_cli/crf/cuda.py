@@ -26,8 +26,12 @@ so every pass moves them as float4; each label's arithmetic is pydensecrf's.
 With `gauss_grid=True` the Gaussian lattice, whose vertices depend on pixel positions only, is
 also indexed by its regular grid of cells: its neighbours come from the grid instead of a binary
 search, and each iteration blurs it along all three axes in one launch of shared-memory tiles
-instead of three launches through memory. The result is bit-identical; it stays off by default
-until `benchmarks/crf.py --ab default,grid` has timed it on a GPU.
+instead of three launches through memory. With `spatial_order=True` the sort numbers the
+vertices image by image and the bilateral ones by spatial tile (its key's colour coordinates
+otherwise top the order), so the pixels a wave of splat threads gathers, and the neighbours a
+blur pass reads, lie close together and stay in L2 at large sizes. Both results are
+bit-identical; both stay off by default until `benchmarks/crf.py --ab default,grid,spatial,both`
+has timed them on a GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib.resources
+import math
 import shutil
 import subprocess
 import tempfile
@@ -171,28 +176,70 @@ def q_ranges(spec: KernelSpec, height: int, width: int) -> list[tuple[int, int]]
 
 
 def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int,
-                *, spread: bool = False) -> tuple[list[tuple[int, int, int, int]], int, int]:
+                *, spread: bool = False, spatial: bool = False) -> tuple[list[tuple[int, int, int, int]], int, int]:
     """How one lattice's keys pack into 64-bit words, the lattice field left out: (word, shift,
     bits, lo) per field (remainder, image, q_0 .. q_{d-1}, with coordinate = q * (d+1) +
-    remainder), the word count (1 or 2) and the bits used in the last word.
+    remainder; for the bilateral lattice then its spatial tile x and y, see tile_layout), the
+    word count (1 or 2) and the bits used in the last word.
 
+    Fields are placed from the least significant bit up: remainder, image, q_0 .. q_{d-1} (the
+    tile fields empty). With `spatial`, remainder, q_0 .. q_{d-1}, tile x, tile y, image: the
+    sort then numbers vertices image by image and, on the bilateral lattice, tile by tile, so
+    vertices near each other in the image get nearby ids (the result is the same either way).
     `spread` puts the last field in a second word even when one would do (tests use it).
     """
-    fields = [(spec.d.bit_length(), 0), (max(n_images - 1, 0).bit_length(), 0)]
-    for q_lo, q_hi in q_ranges(spec, height, width):
-        fields.append(((q_hi - q_lo).bit_length(), q_lo))
-    table, word, shift = [], 0, 0
-    for index, (bits, lo) in enumerate(fields):
+    fields = {1: (spec.d.bit_length(), 0), 2: (max(n_images - 1, 0).bit_length(), 0)}
+    for k, (q_lo, q_hi) in enumerate(q_ranges(spec, height, width)):
+        fields[3 + k] = ((q_hi - q_lo).bit_length(), q_lo)
+    if spec.d == 5:
+        tiles = tile_layout(spec, height, width) if spatial else ((0, 1, 0), (0, 1, 0))
+        for k, (_, _, count) in enumerate(tiles):
+            fields[3 + spec.d + k] = (max(count - 1, 0).bit_length(), 0)
+    coords, tiles = list(range(3, 3 + spec.d)), [i for i in (3 + spec.d, 4 + spec.d) if i in fields]
+    order = [1, *coords, *tiles, 2] if spatial else [1, 2, *coords, *tiles]
+    table, word, shift = [None] * len(fields), 0, 0
+    for position, index in enumerate(order):
+        bits, lo = fields[index]
         if bits == 0:
-            table.append((0, 0, 0, lo))  # never shift by 64: empty fields sit at bit 0
+            table[index - 1] = (0, 0, 0, lo)  # never shift by 64: empty fields sit at bit 0
             continue
-        if shift + bits > 64 or (spread and index == len(fields) - 1 and word == 0):
+        if shift + bits > 64 or (spread and position == len(order) - 1 and word == 0):
             word, shift = word + 1, 0
         if word > 1:
             raise DeeplabError(f"CRF: {spec.name} lattice keys do not fit 128 bits")
-        table.append((word, shift, bits, lo))
+        table[index - 1] = (word, shift, bits, lo)
         shift += bits
     return table, word + 1, shift
+
+
+# Spatial tiles of the bilateral lattice (pack_layout's `spatial`), in lattice units: a lattice
+# point k (k_5 = -(k_0 + ... + k_4)) lies at X = k_0 - k_1 = 2 cf_x and Y = k_0 + k_1 - 2 k_2 =
+# 6 cf_y, cf the scaled position features, so a tile is TILE_STEPS lattice spacings (d+1 units)
+# across in x and in y whatever the standard deviations: about 3.5 sigma_xy pixels wide, 4 tall.
+# At most TILE_COUNT_MAX tiles a side keep the fields short for tiny sigmas.
+TILE_STEPS = (4, 8)
+TILE_COUNT_MAX = 256
+
+
+def tile_layout(spec: KernelSpec, height: int, width: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(lo, step, count) of the bilateral lattice's tile x and y: tile = (X - lo) // step.
+
+    Every simplex corner of a pixel lies within 3 (d+1) of the pixel's elevated point in each
+    coordinate (the margin key_bounds allows), and that point has X = 2 cf_x in [0, 2 cf_x max],
+    Y = 6 cf_y in [0, 6 cf_y max]; so X and Y of any vertex fall in those ranges widened by
+    2 and 4 margins. A point outside them is no vertex, so a neighbour lookup there finds none,
+    as it should."""
+    d = spec.d
+    margin = 3 * (d + 1)
+    scale = scale_factors(d)
+    cf_x = (width - 1) / spec.stds[0] * float(scale[0]) * (1 + 1e-5) + 1e-3
+    cf_y = (height - 1) / spec.stds[1] * float(scale[1]) * (1 + 1e-5) + 1e-3
+    spans = ((-2 * margin, math.ceil(2 * cf_x) + 2 * margin), (-4 * margin, math.ceil(6 * cf_y) + 4 * margin))
+    out = []
+    for (lo, hi), steps in zip(spans, TILE_STEPS):
+        step = max(steps * (d + 1), -(-(hi - lo + 1) // TILE_COUNT_MAX))
+        out.append((lo, step, (hi - lo) // step + 1))
+    return out[0], out[1]
 
 
 def gauss_cells(spec: KernelSpec, height: int, width: int) -> tuple[int, int]:
@@ -204,12 +251,13 @@ def gauss_cells(spec: KernelSpec, height: int, width: int) -> tuple[int, int]:
 
 
 def pack_layouts(specs: Sequence[KernelSpec], height: int, width: int, n_images: int,
-                 *, spread: bool = False) -> tuple[list[np.ndarray], int]:
+                 *, spread: bool = False, spatial: bool = False) -> tuple[list[np.ndarray], int]:
     """Key packing of every lattice of a batch sharing one sort: per lattice int32 (word, shift,
-    bits, lo) per field (lattice, remainder, image, q_0 .. q_{d-1}), and the shared word count.
+    bits, lo) per field (lattice, remainder, image, q_0 .. q_{d-1}, and on the bilateral lattice
+    tile x, tile y), and the shared word count (`spread`, `spatial`: as pack_layout's).
     The lattice index is the most significant field (the top bits of the last word, laid out
     alike in every table), so sorted keys group by lattice, lattice 0 first."""
-    layouts = [pack_layout(s, height, width, n_images, spread=spread) for s in specs]
+    layouts = [pack_layout(s, height, width, n_images, spread=spread, spatial=spatial) for s in specs]
     lattice_bits = max(len(specs) - 1, 0).bit_length()
     words = max((w for _, w, _ in layouts), default=1)
     if any(w == words and used + lattice_bits > 64 for _, w, used in layouts):
@@ -221,21 +269,26 @@ def pack_layouts(specs: Sequence[KernelSpec], height: int, width: int, n_images:
 
 
 # The constant table lattice_elevate and friends read (int32; offsets as CONST_* in
-# permutohedral.cu): Gaussian and bilateral key packing, then float32 stds and scales.
+# permutohedral.cu): Gaussian and bilateral key packing, the bilateral tiles' (lo, step) in x
+# and y, then float32 stds and scales.
 _CONST_PACK = {2: 0, 5: 20}
-_CONST_STD = {2: 52, 5: 56}
-_CONST_SCALE = {2: 54, 5: 61}
-_CONST_SIZE = 66
+_CONST_TILE = 60
+_CONST_STD = {2: 64, 5: 68}
+_CONST_SCALE = {2: 66, 5: 73}
+_CONST_SIZE = 78
 
 
 def constant_table(specs: Sequence[KernelSpec], height: int, width: int, n_images: int,
-                   *, spread: bool = False) -> tuple[np.ndarray, int]:
-    """The (66,) int32 constant table of a batch's lattices and their key word count."""
-    tables, words = pack_layouts(specs, height, width, n_images, spread=spread)
+                   *, spread: bool = False, spatial: bool = False) -> tuple[np.ndarray, int]:
+    """The (78,) int32 constant table of a batch's lattices and their key word count."""
+    tables, words = pack_layouts(specs, height, width, n_images, spread=spread, spatial=spatial)
     table = np.zeros(_CONST_SIZE, dtype=np.int32)
     floats = table.view(np.float32)
     for spec, pack in zip(specs, tables):
         table[_CONST_PACK[spec.d]:_CONST_PACK[spec.d] + len(pack)] = pack
+        if spec.d == 5:
+            (x_lo, x_step, _), (y_lo, y_step, _) = tile_layout(spec, height, width)
+            table[_CONST_TILE:_CONST_TILE + 4] = (x_lo, x_step, y_lo, y_step)
         floats[_CONST_STD[spec.d]:_CONST_STD[spec.d] + spec.d] = np.array(spec.stds, dtype=np.float32)
         floats[_CONST_SCALE[spec.d]:_CONST_SCALE[spec.d] + spec.d] = scale_factors(spec.d)
     for d in (2, 5):  # the lattice field reads alike through either table
@@ -428,12 +481,15 @@ class CudaCRF:
 
     def __init__(self, images: Sequence[Any], probs: Sequence[Any], params: CRFParams = CRFParams(),
                  backend: Any = None, *, spread_keys: bool = False, run_min: int = RUN_MIN,
-                 gauss_grid: bool = False) -> None:
+                 gauss_grid: bool = False, spatial_order: bool = False) -> None:
         """`gauss_grid`: index the Gaussian lattice's vertices by their regular grid of cells,
         so the build finds their neighbours by indexing instead of binary search and each
         iteration runs its three blur passes in one launch of shared-memory tiles (one read and
-        one write of the values instead of three). Bit-identical either way; off by default
-        until it is timed on a GPU (benchmarks/crf.py --ab default,grid). `spread_keys` and
+        one write of the values instead of three). `spatial_order`: number the vertices image
+        by image and the bilateral ones by spatial tile (pack_layout's `spatial`), so the
+        vertices a splat, blur or slice touches at once lie near each other in memory and the
+        pixels they read stay in L2. Both are bit-identical either way and off by default until
+        timed on a GPU (benchmarks/crf.py --ab default,grid,spatial). `spread_keys` and
         `run_min` exist for tests and benchmarks."""
         self.bk = backend if backend is not None else cupy_backend()
         xp = self.bk.xp
@@ -471,6 +527,7 @@ class CudaCRF:
         self.group = min(32, 1 << max(self.n_vec - 1, 0).bit_length())
         self.run_min = run_min
         self.gauss_grid = bool(gauss_grid)
+        self.spatial_order = bool(spatial_order)
         self.lattices: Lattices | None = None
         self.q = self.neg_unary = None
         self._launches: list[tuple[Any, tuple]] = []  # (backend method, its arguments)
@@ -521,9 +578,9 @@ class CudaCRF:
         """The lattices' constant table on the device (uploaded once per geometry) and the key
         word count; worked out once per batch."""
         if self._consts is None:
-            key = (tuple(self.specs), self.max_h, self.max_w, len(self.images), self.spread_keys)
+            key = (tuple(self.specs), self.max_h, self.max_w, len(self.images), self.spread_keys, self.spatial_order)
             table, words = constant_table(self.specs, self.max_h, self.max_w, len(self.images),
-                                          spread=self.spread_keys)
+                                          spread=self.spread_keys, spatial=self.spatial_order)
             upload = getattr(self.bk, "constant", None)
             self._consts = (upload(key, table) if upload else self.bk.xp.asarray(table)), words
         return self._consts
