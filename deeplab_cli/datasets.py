@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from deeplab_cli.errors import DeeplabError
+from deeplab_cli.fsutil import read_input, text_lines
 from deeplab_cli.labels import IGNORE_INDEX
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -77,7 +78,7 @@ def voc_samples(root: str | Path, split: str = "val", *, labels: str | Path | No
         raise DeeplabError(f"{label_dir}: label directory not found")
     samples = []
     first_line_of: dict[str, int] = {}
-    for lineno, line in enumerate(_read_split(split_file).splitlines(), 1):
+    for lineno, line in enumerate(_read_split(split_file), 1):
         fields = line.split()
         if not fields:
             continue
@@ -115,18 +116,12 @@ def split_path(root: str | Path, split: str) -> Path:
     return Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
 
 
-def _read_split(path: Path) -> str:
-    """The text of a split file: UTF-8, a byte-order mark (Windows editors write one)
-    dropped, CRLF line ends welcome; one-line errors for unreadable or binary files."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DeeplabError(f"{path}: cannot read the split file ({exc.strerror or exc})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DeeplabError(f"{path}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at "
-                           f"offset {exc.start}); expected one name per line") from None
+def _read_split(path: Path) -> list[str]:
+    """The lines of a split file (`fsutil.text_lines`: UTF-8, a byte-order mark dropped,
+    any line ends, blank lines kept for the line numbers); one-line errors for unreadable
+    or binary files."""
+    data = read_input(path, expected="a split file")
+    return text_lines(data, label=str(path), expected="one name per line")
 
 
 def paired_samples(images: str | Path, labels: str | Path) -> list[Sample]:

@@ -238,3 +238,36 @@ def read_input(path: str | os.PathLike, *, label: str | None = None, expected: s
         raise DeeplabError(f"{label}: permission denied") from None
     except OSError as exc:
         raise DeeplabError(f"{label}: cannot read ({exc.strerror or exc})") from None
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def text_lines(data: bytes, *, label: str, expected: str, null: bool = False,
+               file_names: bool = False) -> list[str]:
+    """The lines of a text file's content, without their line ends: every line, blank ones
+    included, so that callers can number them.
+
+    - A UTF-8 byte-order mark at the start (Windows Notepad writes one) is dropped.
+    - Lines end at '\\n', '\\r\\n' or a lone '\\r' (lists made on Unix, Windows, old Macs).
+      With `null`, entries end at NUL instead (`find -print0`) and may hold anything else.
+    - The text is UTF-8. With `file_names`, bytes that are not UTF-8 are kept as
+      `os.fsdecode` keeps them, so any path the system allows comes back unchanged;
+      otherwise they raise a one-line DeeplabError: "{label}: not a UTF-8 text file
+      (byte 0x.. at offset N); expected {expected}".
+    """
+    from deeplab_cli.errors import DeeplabError
+
+    start = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    body = data[start:]
+    if file_names:
+        text = os.fsdecode(body)
+    else:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DeeplabError(f"{label}: not a UTF-8 text file (byte 0x{body[exc.start]:02x} at "
+                               f"offset {start + exc.start}); expected {expected}") from None
+    if null:
+        return text.split("\0")
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")

@@ -171,8 +171,9 @@ class Segmenter:
     Args:
         model: an `MSC` network (see `deeplab_cli.model`), best already on `device`.
         meta: the weights' `WeightsMeta` (class names, palette, CRF defaults).
-        device: torch.device, or a string as `deeplab_cli.device.resolve_device` takes
-            ('auto', 'cpu', 'cuda', 'cuda:1'). The segmenter's copy of `model` is moved there.
+        device: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device of type cpu or cuda
+            (`deeplab_cli.device.resolve_device`: anything else is a one-line DeeplabError).
+            The segmenter's copy of `model` is moved there.
         crf: CRF parameters tuned for the network's resolution (a CRFParams or a dict of
             its fields), or None for no CRF.
         msc: fuse the 1, 0.75 and 0.5 input scales (the released models' setting).
@@ -224,8 +225,8 @@ class Segmenter:
         if memory_format not in MEMORY_FORMATS:
             raise DeeplabError(f"memory format {memory_format!r}: expected one of {', '.join(MEMORY_FORMATS)}")
         self.meta = meta
-        # Strings get resolve_device's one-line errors ('cuda' without a GPU, 'cuda:x').
-        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        # One-line errors for what cannot run here ('cuda' without a GPU, 'mps', 'cuda:x').
+        self.device = resolve_device(device)
         self.memory_format = memory_format
         # The network in inference form: batch norms folded into the convolutions.
         prepare = fold_batchnorms_ if _owns_model else inference_copy
@@ -251,13 +252,11 @@ class Segmenter:
     def from_weights(cls, weights: str | os.PathLike | None = None, *, device="auto",
                      crf: CRFParams | None = _KEEP_META_CRF, **kw) -> "Segmenter":
         """Load weights (a registry name, a file, or None for the default) onto `device`
-        ('auto', 'cpu', 'cuda', 'cuda:N'); the CRF defaults to the weights' own parameters."""
-        import torch
-
+        (as `Segmenter` takes it); the CRF defaults to the weights' own parameters."""
         from deeplab_cli.device import resolve_device
         from deeplab_cli.weights import load_model
 
-        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        dev = resolve_device(device)
         model, meta = load_model(weights, device=dev)
         if crf is _KEEP_META_CRF:
             crf = meta.crf

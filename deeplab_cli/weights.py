@@ -142,6 +142,7 @@ class RegistryEntry:
     license: str
     aspp: str = "L"
     crf: CRFParams = CRFParams()
+    sha256: str | None = None  # hex digest of the published file, where one is known
 
     @property
     def url(self) -> str:
@@ -264,6 +265,8 @@ def fetch(name: str, *, progress: bool | None = None) -> Path:
     try:
         with atomic_path(target) as tmp:
             _download(url, tmp, progress=progress)
+            if entry.sha256 is not None and sha256sum(tmp) != entry.sha256.lower():
+                raise _DownloadError(f"sha256 mismatch (expected {entry.sha256.lower()})")
             try:
                 state, _ = _read(tmp, fmt_hint=Path(entry.filename).suffix)
                 n_classes = check_state_dict(state, source=str(tmp))
@@ -635,24 +638,6 @@ def _checked_meta(path: Path, state: dict[str, "torch.Tensor"],
     return meta
 
 
-def _torch_device(spec) -> "torch.device":
-    """`spec` as a torch.device; 'auto', 'cpu', 'cuda' and 'cuda:N' are checked (one-line
-    DeeplabError when unusable), any other torch device string is passed to torch."""
-    import torch
-
-    from deeplab_cli.device import resolve_device
-
-    if isinstance(spec, torch.device):
-        return spec
-    text = str(spec).strip().lower()
-    if text in ("auto", "cpu", "cuda") or text.startswith("cuda:"):
-        return resolve_device(text)
-    try:
-        return torch.device(spec)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise DeeplabError(f"device {spec!r}: {first_line(exc)}") from None
-
-
 @contextlib.contextmanager
 def _cache_hint(path: Path):
     """Add how to recover to errors about a registry file in the cache."""
@@ -669,17 +654,18 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device="cpu",
     """The network with weights loaded, in eval mode on `device`, and its metadata.
 
     `name_or_path` is a registry name (downloaded on first use), a file, or None for the
-    default weights. `device`: a torch.device or 'auto', 'cpu', 'cuda', 'cuda:N' (checked
-    first: a one-line DeeplabError when unusable) or another torch device string. `dtype`
-    defaults to float32.
+    default weights. `device`: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device of type
+    cpu or cuda (`deeplab_cli.device.resolve_device`; checked first: a one-line
+    DeeplabError when unusable). `dtype` defaults to float32.
     """
     import torch
 
+    from deeplab_cli.device import resolve_device
     from deeplab_cli.model import build_model
 
     # Checked before anything is read or downloaded: a bad device string or a missing GPU
     # is a one-line error, not torch's exception after loading 170 MB.
-    device = _torch_device(device)
+    device = resolve_device(device)
     dtype = torch.float32 if dtype is None else dtype
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise DeeplabError(f"dtype {dtype!r}: expected a floating-point torch dtype "
@@ -748,11 +734,36 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, **changes: Any) -> P
 
 
 def sha256sum(path: Path) -> str:
+    """The file's sha256 as hex, read in 1 MiB pieces (weights are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def verify_cached(name: str) -> str:
+    """Check the cached file of registry weights `name`: 'ok' (its sha256 is the registry's),
+    'loads' (the registry knows no hash, as for the published files today, but the file
+    reads as weights with the expected class count), 'corrupt (<reason>)', 'missing' (not
+    cached) or 'unreadable (<reason>)'. Reads the whole file either way."""
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise DeeplabError(f"unknown weights {name!r} (known: {', '.join(REGISTRY)})")
+    if not entry.path.is_file():
+        return "missing"
+    try:
+        if entry.sha256 is not None:
+            return "ok" if sha256sum(entry.path) == entry.sha256.lower() else "corrupt (sha256 mismatch)"
+        state, _ = _read(entry.path, fmt_hint=Path(entry.filename).suffix)
+        n_classes = check_state_dict(state, source=str(entry.path))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except DeeplabError as exc:
+        return f"corrupt ({str(exc).split(': ', 1)[-1]})"
+    if n_classes != entry.n_classes:
+        return f"corrupt ({n_classes} classes, expected {entry.n_classes})"
+    return "loads"
 
 
 def info(name_or_path: str | os.PathLike) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -53,6 +54,76 @@ def test_list_table_and_json(deeplab_home):
     assert voc["miou"] == {"no_crf": 76.65, "crf": 77.93}
     assert rows[1]["cached"] is False and rows[1]["classes"] == 182
     assert "2 MB" in run("weights", "list").output
+
+
+def test_list_verify_hashes_the_cached_files(monkeypatch, deeplab_home):
+    import dataclasses
+
+    good, bad = b"tiny fake checkpoint", b"tiny fake checkpoint, damaged"
+    (deeplab_home / VOC_FILE).write_bytes(good)
+    coco = W.REGISTRY["cocostuff164k"]
+    (deeplab_home / coco.filename).write_bytes(bad)
+    digest = hashlib.sha256(good).hexdigest()
+    monkeypatch.setitem(W.REGISTRY, "voc12", dataclasses.replace(W.REGISTRY["voc12"], sha256=digest))
+    monkeypatch.setitem(W.REGISTRY, "cocostuff164k", dataclasses.replace(coco, sha256=digest.upper()))
+    # Without --verify nothing is read and nothing changes: a damaged file is "cached".
+    plain = run("weights", "list")
+    assert plain.exit_code == 0 and "VERIFY" not in plain.output and "corrupt" not in plain.output
+
+    result = run("weights", "list", "--verify")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[-2:] == ["CACHED", "VERIFY"]
+    cells = {line.split()[0]: re.split(r"\s{2,}", line)[-2:] for line in lines[1:4]}
+    assert cells["voc12"] == ["yes", "ok (sha256)"]
+    assert cells["cocostuff164k"] == ["yes", "corrupt (sha256 mismatch)"]
+    assert cells["cocostuff10k"] == ["no", "-"]
+    assert result.stderr == (f"deeplab: cocostuff164k: {deeplab_home / coco.filename} is corrupt "
+                             "(sha256 mismatch); delete it and run `deeplab weights download "
+                             "cocostuff164k`\n")
+    rows = {r["name"]: r for r in json.loads(run("weights", "list", "--json", "--verify").stdout)}
+    assert [rows[n]["verify"] for n in ("voc12", "cocostuff164k", "cocostuff10k")] == [
+        "ok", "corrupt (sha256 mismatch)", None]
+    assert W.verify_cached("cocostuff10k") == "missing"
+
+
+def test_list_verify_loads_files_whose_hash_is_unknown(monkeypatch, checkpoint, deeplab_home):
+    # The registry knows no hash for the published files: --verify then reads each cached
+    # file as weights, so a truncated download or a 21-class file under a 182-class name is
+    # "corrupt" while a good one is "ok (loads; no hash known)".
+    import shutil
+
+    shutil.copy(checkpoint, deeplab_home / VOC_FILE)  # 21 classes, as voc12 has
+    coco = W.REGISTRY["cocostuff164k"]
+    shutil.copy(checkpoint, deeplab_home / coco.filename)  # 21 classes where 182 are expected
+    ten = W.REGISTRY["cocostuff10k"]
+    (deeplab_home / ten.filename).write_bytes(checkpoint.read_bytes()[:100_000])  # truncated
+    assert all(W.REGISTRY[n].sha256 is None for n in ("voc12", "cocostuff164k", "cocostuff10k"))
+    result = run("weights", "list", "--verify")
+    assert result.exit_code == 1
+    cells = {line.split()[0]: re.split(r"\s{2,}", line)[-1] for line in result.stdout.splitlines()[1:4]}
+    assert cells["voc12"] == "ok (loads; no hash known)"
+    assert cells["cocostuff164k"] == "corrupt (21 classes, expected 182)"
+    assert cells["cocostuff10k"].startswith("corrupt (")
+    errors = result.stderr.splitlines()
+    assert len(errors) == 2 and all("delete it and run `deeplab weights download" in e for e in errors)
+    assert W.verify_cached("voc12") == "loads"
+
+
+def test_a_download_with_a_known_hash_must_match_it(monkeypatch, checkpoint, deeplab_home, server):
+    import dataclasses
+
+    server.files[VOC_FILE] = checkpoint
+    entry = W.REGISTRY["voc12"]
+    monkeypatch.setitem(W.REGISTRY, "voc12", dataclasses.replace(entry, sha256="0" * 64))
+    result = run("weights", "download", "voc12", "--no-progress")
+    assert result.exit_code == 1
+    assert "sha256 mismatch (expected " + "0" * 64 + ")" in result.stderr
+    assert list(deeplab_home.iterdir()) == []
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    monkeypatch.setitem(W.REGISTRY, "voc12", dataclasses.replace(entry, sha256=digest))
+    assert run("weights", "download", "voc12", "--no-progress").exit_code == 0
+    assert W.verify_cached("voc12") == "ok"
 
 
 def test_download_prints_the_path_and_errors_are_one_line(monkeypatch, checkpoint, deeplab_home):
@@ -134,7 +205,7 @@ def test_convert_errors_leave_nothing(tmp_path, checkpoint):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt"]
 
 
-@pytest.mark.parametrize("content, reason", [(None, "no such file"), (b"\xff\xfeclass\n", "not UTF-8")])
+@pytest.mark.parametrize("content, reason", [(None, "no such file"), (b"\xff\xfeclass\n", "not a UTF-8 text file (byte 0xff at offset 0)")])
 def test_convert_unreadable_labels_is_one_line(tmp_path, checkpoint, content, reason):
     labels = tmp_path / "labels.txt"
     if content is not None:

@@ -117,3 +117,92 @@ def test_cuda_tensors_without_cupy_get_the_cpu_crf(monkeypatch, capsys):
         assert isinstance(out, torch.Tensor) and out.device.type == "cpu"
         np.testing.assert_array_equal(out.numpy(), dense_crf_cpu(image, probs, PARAMS))
     assert capsys.readouterr().err.count("the CRF runs on the CPU") == 1
+
+
+def _cupy_error(module: str, name: str, message: str) -> Exception:
+    """An exception of a class named as CuPy names its own (CuPy is not installed here)."""
+    cls = type(name, (Exception,), {"__module__": module})
+    return cls(message)
+
+
+@pytest.fixture
+def cuda_stand_in(monkeypatch):
+    """CPU tensors taken for CUDA ones, a CuPy that imports and sees a GPU, and a GPU run
+    that raises `fail["error"]` (None: returns the CPU result, marked) and counts its calls."""
+    import deeplab_cli.crf as crf_module
+
+    real_kind = crf_module._kind
+    monkeypatch.setattr(crf_module, "_kind",
+                        lambda a: "torch-cuda" if real_kind(a) == "torch" else real_kind(a))
+    monkeypatch.setattr(crf_module, "_cupy_state", {"usable": True})
+    fail = {"error": None, "calls": 0}
+
+    def run_cuda(images, probs, params):
+        fail["calls"] += 1
+        if fail["error"] is not None:
+            raise fail["error"]
+        return [torch.full_like(p, 7.0) for p in probs]  # a result the CPU CRF never gives
+
+    monkeypatch.setattr(crf_module, "_run_cuda", run_cuda)
+    return fail
+
+
+@pytest.mark.parametrize("error,shown", [
+    (_cupy_error("cupy.cuda.compiler", "CompileException",
+                 "nvrtc: error: invalid value for --gpu-architecture (-arch)\nmore log"),
+     "CompileException: nvrtc: error: invalid value for --gpu-architecture (-arch)"),
+    (_cupy_error("cupy_backends.cuda.api.driver", "CUDADriverError",
+                 "CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled with an "
+                 "unsupported toolchain."),
+     "CUDADriverError: CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled with "
+     "an unsupported toolchain"),
+    (_cupy_error("cupy_backends.cuda.api.runtime", "CUDARuntimeError",
+                 "cudaErrorInsufficientDriver: CUDA driver version is insufficient"),
+     "CUDARuntimeError: cudaErrorInsufficientDriver: CUDA driver version is insufficient"),
+    (ImportError("libnvrtc.so.12: cannot open shared object file",
+                 name="cupy_backends.cuda.libs.nvrtc"),
+     "ImportError: libnvrtc.so.12: cannot open shared object file"),
+], ids=["compile", "driver", "runtime", "import"])
+def test_a_cupy_that_cannot_build_the_kernels_falls_back_to_the_cpu_once(cuda_stand_in, capsys,
+                                                                          error, shown):
+    # A CuPy for another CUDA major version imports and sees the GPU, then fails to compile
+    # or launch the kernels: a traceback before, now the CPU CRF with one note per process.
+    cuda_stand_in["error"] = error
+    image, probs = inputs()
+    for _ in range(3):
+        out = dense_crf(torch.from_numpy(image), torch.from_numpy(probs), PARAMS)
+        assert isinstance(out, torch.Tensor)
+        np.testing.assert_array_equal(out.numpy(), dense_crf_cpu(image, probs, PARAMS))
+    assert cuda_stand_in["calls"] == 1  # remembered: later calls go straight to the CPU
+    assert capsys.readouterr().err == (
+        f"deeplab: CuPy could not compile/launch the CRF kernels ({shown}), so the CRF runs on "
+        "the CPU (a CuPy built for torch's CUDA version gives the GPU CRF)\n")
+
+
+@pytest.mark.parametrize("error", [
+    DeeplabError("CRF: not enough GPU memory"),
+    RuntimeError("an index out of range in the dispatcher"),  # a bug: no fallback hides it
+    ImportError("no module", name="numpy"),
+    _cupy_error("mylib.cupy", "CompileException", "not CuPy's class"),
+])
+def test_other_errors_of_the_first_gpu_run_propagate(cuda_stand_in, capsys, error):
+    cuda_stand_in["error"] = error
+    image, probs = inputs()
+    for calls in (1, 2):  # nothing remembered: the next call tries the GPU again
+        with pytest.raises(type(error)):
+            dense_crf(torch.from_numpy(image), torch.from_numpy(probs), PARAMS)
+        assert cuda_stand_in["calls"] == calls
+    assert capsys.readouterr().err == ""
+
+
+def test_after_a_good_first_run_cupy_errors_propagate(cuda_stand_in, capsys):
+    # Only the first load can say "this CuPy cannot build the kernels"; later a CuPy error
+    # is a real failure of that run.
+    image, probs = inputs()
+    out = dense_crf(torch.from_numpy(image), torch.from_numpy(probs), PARAMS)
+    assert float(out.max()) == 7.0  # the (stand-in) GPU path ran
+    cuda_stand_in["error"] = _cupy_error("cupy_backends.cuda.api.runtime", "CUDARuntimeError",
+                                         "cudaErrorIllegalAddress: an illegal memory access")
+    with pytest.raises(Exception, match="cudaErrorIllegalAddress"):
+        dense_crf(torch.from_numpy(image), torch.from_numpy(probs), PARAMS)
+    assert capsys.readouterr().err == ""

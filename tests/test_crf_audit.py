@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import load_photo
 from deeplab_cli.cli import cli
 from deeplab_cli.crf import CRFParams, dense_crf, dense_crf_batch
+from deeplab_cli.crf.params import MAX_ITERATIONS
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.image_io import read_image
 
@@ -87,9 +88,7 @@ def test_output_suffix_in_any_case_or_none_is_written(files):
 
 
 def test_stdout_that_is_a_terminal_is_refused(files, monkeypatch):
-    import deeplab_cli.cli.crf as crf_cli
-
-    monkeypatch.setattr(crf_cli, "_stdout_is_tty", lambda: True)
+    monkeypatch.setattr("deeplab_cli.cli.options.stdout_is_tty", lambda: True)
     tmp, _, _ = files
     result = CliRunner().invoke(cli, ["crf", str(tmp / "img.png"), str(tmp / "probs.npy"),
                                       "-o", "-", *FAST])
@@ -269,9 +268,52 @@ def test_bad_presets_are_one_line_naming_the_file(files, content, message):
 
 def test_preset_numbers_are_exact():
     assert CRFParams.from_dict({"iterations": 3.0, "bi_w": "5"}) == CRFParams(iterations=3, bi_w=5)
-    assert CRFParams.from_dict({"iterations": 2**62}).iterations == 2**62  # no float round trip
+    assert CRFParams.from_dict({"iterations": MAX_ITERATIONS}).iterations == MAX_ITERATIONS
+    # No float round trip: 2**62 + 1 as a float is 2**62, which would pass as "whole".
+    with pytest.raises(DeeplabError, match=rf"at most {MAX_ITERATIONS} .*, got {2**62 + 1}$"):
+        CRFParams.from_dict({"iterations": 2**62 + 1})
     with pytest.raises(DeeplabError, match="expected a mapping"):
         CRFParams.from_dict([("bi_w", 5)])
+
+
+@pytest.mark.parametrize("count", [MAX_ITERATIONS + 1, 10**20, np.int64(2**40)])
+def test_iterations_beyond_the_bound_are_refused(count):
+    # 10**20 iterations used to be accepted and ran for ever.
+    with pytest.raises(DeeplabError) as info:
+        CRFParams(iterations=count)
+    message = str(info.value)
+    assert message == (f"CRF iterations must be at most {MAX_ITERATIONS} (5-10 is usual), "
+                       f"got {int(count)}")
+    assert CRFParams(iterations=MAX_ITERATIONS).iterations == MAX_ITERATIONS
+
+
+def test_huge_iters_flag_and_preset_are_one_line_naming_them(files):
+    tmp, _, _ = files
+    base = ["crf", tmp / "img.png", tmp / "probs.npy", "-o", tmp / "o.png", "--device", "cpu"]
+    line = one_error(run(*base, "--iters", 10**20))
+    assert line == f"Error: --iters must be at most {MAX_ITERATIONS} (5-10 is usual), got {10**20}"
+    preset = tmp / "preset.json"
+    preset.write_text('{"iterations": 1e20}')
+    line = one_error(run(*base, "--crf-params", preset))
+    assert line.startswith(f"Error: {preset}: CRF iterations must be at most {MAX_ITERATIONS}")
+    # The flag overrides the preset's count, and the bound is inclusive.
+    preset.write_text(json.dumps({"iterations": MAX_ITERATIONS + 1}))
+    assert one_error(run(*base, "--crf-params", preset, "--iters", 1)).startswith(f"Error: {preset}")
+    assert run(*base, "--iters", 0).exit_code == 0
+    assert not (tmp / ".o.png.part").exists() and no_temporaries(tmp)
+
+
+def test_tune_crf_names_the_iters_flag(tmp_path):
+    from helpers import write_voc
+
+    voc = write_voc(tmp_path / "voc", {"a": np.zeros((5, 7), np.uint8)})
+    weights = tmp_path / "never-read.pth"  # the check comes before the weights load
+    weights.write_bytes(b"")
+    result = CliRunner().invoke(cli, ["tune-crf", "--root", str(voc), "--weights", str(weights),
+                                      "--iters", str(MAX_ITERATIONS + 1)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: --iters must be at most {MAX_ITERATIONS} (5-10 is usual), got {MAX_ITERATIONS + 1}")
 
 
 def test_params_take_numpy_scalars_and_refuse_the_rest():

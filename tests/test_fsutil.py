@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from deeplab_cli import fsutil
+from deeplab_cli.errors import DeeplabError
 from deeplab_cli.fsutil import TEMP_NAME_RE, atomic_open, atomic_path, parse_temp_name
 from helpers import HOST, OTHER_HOST, dead_pid, host_tag_for, temp_name
 
@@ -310,3 +311,33 @@ def test_a_process_in_a_new_pid_namespace_writes_another_tag():
     assert other.stdout.strip() != HOST
 
 # --- through the command -------------------------------------------------------------------
+
+
+# --- text_lines (split files, --from-list, --labels) -------------------------------------------
+
+
+@pytest.mark.parametrize("data", [
+    b"a\nb c\n\nd\n",
+    b"\xef\xbb\xbfa\r\nb c\r\n\r\nd\r\n",  # Windows Notepad: byte-order mark, CRLF
+    b"a\rb c\r\rd",  # old Mac line ends, no final one
+])
+def test_text_lines_any_line_ends_and_a_byte_order_mark(data):
+    lines = fsutil.text_lines(data, label="x.txt", expected="names")
+    assert [line for line in lines if line] == ["a", "b c", "d"]
+    assert lines[2] == ""  # blank lines stay, so callers can number lines
+
+
+def test_text_lines_nul_separated_keep_everything_else():
+    data = b"\xef\xbb\xbfa\nb\0 c\r\0\0"
+    assert fsutil.text_lines(data, label="-", expected="paths", null=True) == ["a\nb", " c\r", "", ""]
+
+
+def test_text_lines_not_utf8():
+    data = b"\xef\xbb\xbfok\n\xffname\n"
+    with pytest.raises(DeeplabError) as info:
+        fsutil.text_lines(data, label="--labels l.txt", expected="one class name per line")
+    assert str(info.value) == ("--labels l.txt: not a UTF-8 text file (byte 0xff at offset 6); "
+                               "expected one class name per line")
+    # File names may hold any bytes: they come back as os.fsdecode gives them.
+    lines = fsutil.text_lines(data, label="-", expected="paths", file_names=True)
+    assert lines == ["ok", os.fsdecode(b"\xffname"), ""]

@@ -158,10 +158,60 @@ def test_device_strings_give_one_line_errors(model, meta):
     assert Segmenter(model, meta, device=" CPU", crf=None).device == torch.device("cpu")
 
 
-def test_the_segmenters_copy_of_the_model_goes_to_its_device(model, meta):
+BAD_DEVICES = [
+    ("mps", "--device mps: expected auto, cpu, cuda or cuda:N (the CRF runs only on the CPU or CUDA)"),
+    (torch.device("xpu"), "--device xpu: expected auto, cpu, cuda or cuda:N (the CRF runs only on "
+                          "the CPU or CUDA)"),
+    ("meta", "--device meta: expected auto, cpu, cuda or cuda:N"),
+    ("gpu 0\n", "--device 'gpu 0': expected auto, cpu, cuda or cuda:N"),
+    (0, "--device 0: expected auto, cpu, cuda or cuda:N or a torch.device"),
+    ("cuda:-1", "--device cuda:-1: expected cuda:N with N a number from 0"),
+    ("CUDA:1", "--device cuda:1: no such GPU; found 1: cuda:0 Fake GPU"),
+    (torch.device("cuda", 2), "--device cuda:2: no such GPU; found 1: cuda:0 Fake GPU"),
+]
+
+
+@pytest.mark.parametrize("spec,message", BAD_DEVICES, ids=[str(s) for s, _ in BAD_DEVICES])
+def test_every_entry_point_refuses_a_device_alike(model, meta, tmp_path, monkeypatch, spec, message):
+    """weights.load_model used to hand 'mps', 'xpu' and any torch device string to torch, and
+    Segmenter any torch.device: the CRF has no path for those. Now load_model, Segmenter and
+    Segmenter.from_weights take devices through resolve_device, with the same messages."""
+    from deeplab_cli.device import resolve_device
+    from deeplab_cli.weights import load_model
+
+    # One GPU, as torch would report it (the checks come before any CUDA call is made).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Fake GPU")
+    never_read = tmp_path / "never-read.pth"  # the device is checked before any file is read
+    calls = [lambda: resolve_device(spec), lambda: load_model(never_read, device=spec),
+             lambda: Segmenter(model, meta, device=spec, crf=None),
+             lambda: Segmenter.from_weights(never_read, device=spec)]
+    for call in calls:
+        with pytest.raises(DeeplabError) as info:
+            call()
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_segmenter_takes_cpu_devices_and_refuses_cuda_without_a_gpu(model, meta, tmp_path):
+    from deeplab_cli.weights import load_model
+
+    for spec in ("cpu", " CPU", torch.device("cpu")):  # (load_model: test_weights_audit)
+        assert Segmenter(model, meta, device=spec, crf=None).device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        for spec in ("cuda", torch.device("cuda"), "cuda:0"):
+            for call in (lambda: Segmenter(model, meta, device=spec, crf=None),
+                         lambda: load_model(tmp_path / "never-read.pth", device=spec)):
+                with pytest.raises(DeeplabError, match=r"^--device cuda(:0)?: CUDA is not available"):
+                    call()
+
+
+def test_the_segmenters_copy_of_the_model_goes_to_its_device(model, meta, monkeypatch):
     """A model on another device than `device` is moved with the copy (the meta device
-    stands in for a GPU here); the caller's model stays where it was."""
-    seg = Segmenter(model, meta, device=torch.device("meta"), crf=None)
+    stands in for a GPU here, past the device check, which refuses it); the caller's model
+    stays where it was."""
+    monkeypatch.setattr("deeplab_cli.device.resolve_device", lambda spec, **kw: torch.device("meta"))
+    seg = Segmenter(model, meta, device="cuda", crf=None)
     assert {p.device.type for p in seg.model.parameters()} == {"meta"}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 

@@ -537,7 +537,7 @@ def test_usage_errors(tmp_path, fast_load, weights_file, monkeypatch):
     assert "not both" in result.stderr
     result = invoke([a, "-o", "-", "--json", "--weights", weights_file], expect=1)
     assert "--json" in result.stderr
-    monkeypatch.setattr("deeplab_cli.cli.segment._stdout_is_tty", lambda: True)
+    monkeypatch.setattr("deeplab_cli.cli.options.stdout_is_tty", lambda: True)
     result = invoke([a, "--weights", weights_file], expect=1)
     assert "stdout is a terminal" in result.stderr
     result = invoke([tmp_path / "empty_dir_missing", "-o", tmp_path / "o", "--weights", weights_file,
@@ -855,6 +855,25 @@ def test_a_dash_in_a_list_is_a_file_named_dash(tmp_path, fast_load, weights_file
                      "--no-crf", *FAST], input=b"not an image on stdin")
     assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == ["-", "b.jpg"]
     assert sorted(os.listdir(tmp_path / "out")) == ["-.png", "b.png"]
+
+
+@pytest.mark.parametrize("where", ["file", "stdin"])
+def test_a_list_saved_by_windows_notepad(tmp_path, fast_load, weights_file, monkeypatch, where):
+    # Notepad writes a byte-order mark and CRLF line ends; the first path used to be read
+    # as "\ufeffa.jpg" (no such file).
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path / "a.jpg", photo())
+    save(tmp_path / "b c.jpg", photo("coffee.jpg"))
+    listing = "\ufeffa.jpg\r\n\r\nb c.jpg\r\n".encode("utf-8")
+    if where == "file":
+        (tmp_path / "list.txt").write_bytes(listing)
+        args, stdin = ["--from-list", "list.txt"], None
+    else:
+        args, stdin = ["--from-list", "-"], listing
+    result = invoke([*args, "-o", "out", "--json", "--weights", weights_file, "--no-crf", *FAST],
+                    input=stdin)
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == ["a.jpg", "b c.jpg"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "b c.png"]
 
 
 def test_a_folder_that_cannot_be_listed_is_a_failure(tmp_path, fast_load, weights_file, monkeypatch):

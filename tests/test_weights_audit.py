@@ -309,7 +309,7 @@ def test_load_model_checks_device_and_dtype_before_reading(tmp_path):
     missing = tmp_path / "never-read.pth"  # a read would fail with "no such file"
     with pytest.raises(DeeplabError) as exc:
         W.load_model(missing, device="gpu")
-    one_line(exc, "'gpu'")
+    one_line(exc, "--device gpu: expected auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         with pytest.raises(DeeplabError) as exc:
             W.load_model(missing, device="cuda")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from deeplab_cli.cli import options as shared
 from deeplab_cli.cli.options import check_output_file, crf_options, crf_params_from_options, device_option
 from deeplab_cli.errors import DeeplabError, first_line
 from deeplab_cli.fsutil import read_input
@@ -21,10 +22,6 @@ from deeplab_cli.fsutil import read_input
 
 # What each --format writes; `-o` must carry that suffix (or none), as with `segment`.
 SUFFIXES = {"palette": ".png", "probs": ".npy"}
-
-
-def _stdout_is_tty() -> bool:
-    return sys.stdout is not None and sys.stdout.isatty()
 
 
 @click.command()
@@ -103,7 +100,7 @@ def _check_output(output: str, fmt: str, *inputs: str) -> None:
     a terminal, a folder, an input file (it would be lost), a suffix other than the
     format's."""
     if output == "-":
-        if _stdout_is_tty():
+        if shared.stdout_is_tty():
             raise DeeplabError("-o -: refusing to write binary data to a terminal; redirect stdout")
         if sys.stdout is None:  # started with stdout closed (`>&-`)
             raise DeeplabError("-o -: stdout is closed")

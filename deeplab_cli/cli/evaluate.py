@@ -18,6 +18,7 @@ import click
 
 from deeplab_cli.cli.options import (check_output_file, crf_options, crf_params_from_options, device_option,
                                      flag_names, load_segmenter)
+from deeplab_cli.crf.params import MAX_ITERATIONS
 
 VOC_HELP = "PASCAL VOC root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)."
 
@@ -174,7 +175,7 @@ def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weight
 @click.option("--pos-xy-std", type=float, default=None,
               help="Fixed sigma_gamma [default: from the weights' CRF settings].")
 @click.option("--iters", type=click.IntRange(min=0), default=None,
-              help="Mean-field iterations [default: 10].")
+              help=f"Mean-field iterations, at most {MAX_ITERATIONS} [default: 10].")
 @click.option("--crf-norm", type=click.Choice(["symmetric", "after"]), default=None,
               help="Kernel normalization [default: symmetric].")
 @click.option("--crf-params", type=click.Path(dir_okay=False), default=None,

@@ -4,10 +4,13 @@ the one way those commands turn them into a pipeline."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
+
+from deeplab_cli.crf.params import MAX_ITERATIONS  # light: no NumPy or torch
 
 # The CRF flags' parameter names and the CRFParams fields they set; --crf-params is a preset.
 _FLAG_FIELDS = {
@@ -21,7 +24,7 @@ def crf_options(func: Callable) -> Callable:
     """Add the CRF flags. Unset flags stay None, so defaults can come from the weights."""
     options = [
         click.option("--iters", type=click.IntRange(min=0), default=None,
-                     help="Mean-field iterations [default: 10]."),
+                     help=f"Mean-field iterations, at most {MAX_ITERATIONS} [default: 10]."),
         click.option("--pos-w", type=float, default=None,
                      help="Weight of the Gaussian (smoothness) kernel, w2."),
         click.option("--pos-xy-std", type=float, default=None,
@@ -74,6 +77,12 @@ def flag_names(message: str, fields) -> str:
     for field in fields:
         message = re.sub(rf"\bCRF (?:parameter )?{field}\b", flags[field], message)
     return message
+
+
+def stdout_is_tty() -> bool:
+    """Whether stdout is an open terminal (where `-o -` must not write binary data).
+    Commands look it up through this module when they run, so a test patches this one."""
+    return sys.stdout is not None and sys.stdout.isatty()
 
 
 def check_output_file(option: str, path: str, suffix: str) -> None:

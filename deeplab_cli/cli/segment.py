@@ -31,9 +31,10 @@ from pathlib import Path, PurePath
 
 import click
 
+from deeplab_cli.cli import options as shared
 from deeplab_cli.cli.options import crf_options, device_option, load_segmenter
 from deeplab_cli.errors import DeeplabError, one_line
-from deeplab_cli.fsutil import read_input
+from deeplab_cli.fsutil import read_input, text_lines
 
 # image_io.FORMATS, repeated so that `deeplab segment --help` does not import NumPy.
 FORMAT_CHOICES = ("palette", "gray", "overlay", "probs")
@@ -54,10 +55,6 @@ def _binary_stream(name: str):
     """sys.stdin / sys.stdout as bytes (also under click's CliRunner); None when closed."""
     stream = getattr(sys, name)
     return getattr(stream, "buffer", stream)
-
-
-def _stdout_is_tty() -> bool:
-    return sys.stdout is not None and sys.stdout.isatty()
 
 
 def _stderr_is_tty() -> bool:
@@ -97,15 +94,16 @@ def _abandon_stdout() -> None:
 def read_list(spec: str, *, null: bool) -> list[str]:
     """Paths from a list file (or '-' for stdin): one per line, or NUL-separated with -0.
 
-    Empty entries are skipped; with lines, a trailing '\\r' is dropped (lists made on Windows).
-    An entry '-' is a file of that name, not stdin.
+    Read as `fsutil.text_lines` reads file names: a byte-order mark (Windows Notepad)
+    dropped, '\\n', '\\r\\n' or '\\r' line ends, non-UTF-8 bytes kept. Empty entries are
+    skipped. An entry '-' is a file of that name, not stdin.
     """
     if spec == "-":
         data = _read_stdin("--from-list -")
     else:
         data = read_input(spec, label=f"--from-list {spec}", expected="a list of paths")
-    text = os.fsdecode(data)
-    entries = text.split("\0") if null else [line.rstrip("\r") for line in text.split("\n")]
+    entries = text_lines(data, label=f"--from-list {spec}", expected="a list of paths",
+                         null=null, file_names=True)
     return [entry for entry in entries if entry]
 
 
@@ -206,14 +204,14 @@ def choose_mode(output: str | None, inputs: tuple[str, ...], from_list: str | No
     from deeplab_cli.image_io import IMAGE_EXTENSIONS
 
     if output is None:
-        if _stdout_is_tty():
+        if shared.stdout_is_tty():
             raise DeeplabError("no -o given and stdout is a terminal: give -o FILE or -o DIR, "
                                "or pipe the output")
         if sys.stdout is None:
             raise DeeplabError("no -o given and stdout is closed: give -o FILE or -o DIR")
         output = "-"
     if output == "-":
-        if _stdout_is_tty():
+        if shared.stdout_is_tty():
             raise DeeplabError("-o -: refusing to write an image to a terminal; redirect stdout")
         if sys.stdout is None:
             raise DeeplabError("-o -: stdout is closed")

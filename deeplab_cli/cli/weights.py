@@ -21,11 +21,21 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:.0f} MB"
 
 
+# What `list --verify` shows for `deeplab_cli.weights.verify_cached`'s plain results (the
+# others, 'corrupt (...)' and 'unreadable (...)', as they are).
+VERIFY_SHOWN = {"ok": "ok (sha256)", "loads": "ok (loads; no hash known)", "missing": "-"}
+
+
 @weights.command("list", short_help="Show the known weights and whether they are cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def list_cmd(as_json: bool) -> None:
+@click.option("--verify", is_flag=True,
+              help="Read each cached file whole: check its sha256 where the registry knows one, "
+                   "else that it loads as weights with the right class count; exit status 1 if "
+                   "any is corrupt.")
+@click.pass_context
+def list_cmd(ctx: click.Context, as_json: bool, verify: bool) -> None:
     """Show the known pretrained weights and whether they are cached."""
-    from deeplab_cli.weights import DEFAULT_WEIGHTS, REGISTRY
+    from deeplab_cli.weights import DEFAULT_WEIGHTS, REGISTRY, verify_cached
 
     rows = []
     for entry in REGISTRY.values():
@@ -44,23 +54,34 @@ def list_cmd(as_json: bool) -> None:
             "description": entry.description,
             "license": entry.license,
         })
+        if verify:  # "ok", "loads", "corrupt (...)", "unreadable (...)"; None when not cached
+            state = verify_cached(entry.name)
+            rows[-1]["verify"] = None if state == "missing" else state
+    bad = [row for row in rows if verify and row["verify"] not in (None, "ok", "loads")]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    table = [("NAME", "DATASET", "CLASSES", "SIZE", "mIoU / +CRF", "CACHED")]
-    for row in rows:
-        table.append((
-            row["name"] + (" *" if row["default"] else ""),
-            row["dataset"],
-            str(row["classes"]),
-            _size(row["size_bytes"]) if row["cached"] else "~" + _size(row["size_bytes"]),
-            f"{row['miou']['no_crf']:.2f} / {row['miou']['crf']:.2f}",
-            "yes" if row["cached"] else "no",
-        ))
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    click.echo(f"\n* default. Cache: {Path(rows[0]['path']).parent}")
+    else:
+        table = [("NAME", "DATASET", "CLASSES", "SIZE", "mIoU / +CRF", "CACHED")
+                 + (("VERIFY",) if verify else ())]
+        for row in rows:
+            table.append((
+                row["name"] + (" *" if row["default"] else ""),
+                row["dataset"],
+                str(row["classes"]),
+                _size(row["size_bytes"]) if row["cached"] else "~" + _size(row["size_bytes"]),
+                f"{row['miou']['no_crf']:.2f} / {row['miou']['crf']:.2f}",
+                "yes" if row["cached"] else "no",
+            ) + ((VERIFY_SHOWN.get(row["verify"] or "missing", row["verify"]),) if verify else ()))
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        for r in table:
+            click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        click.echo(f"\n* default. Cache: {Path(rows[0]['path']).parent}")
+    for row in bad:
+        hint = f"; delete it and run `deeplab weights download {row['name']}`" if row["verify"].startswith(
+            "corrupt") else ""
+        click.echo(f"deeplab: {row['name']}: {row['path']} is {row['verify']}{hint}", err=True)
+    if bad:
+        ctx.exit(1)
 
 
 @weights.command(short_help="Download registry weights and print their paths.")
@@ -129,18 +150,15 @@ def convert(src: str, dst: str, name: str | None, dataset: str | None,
     same class count, unless given here.
     """
     from deeplab_cli.errors import DeeplabError
-    from deeplab_cli.fsutil import read_input
+    from deeplab_cli.fsutil import read_input, text_lines
     from deeplab_cli.weights import ClassCountError
     from deeplab_cli.weights import convert as convert_weights
 
     classes = None
     if labels_file:
         data = read_input(labels_file, label=f"--labels {labels_file}", expected="a text file")
-        try:
-            text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not a name
-        except UnicodeDecodeError:
-            raise DeeplabError(f"--labels {labels_file}: not UTF-8 text") from None
-        classes = [line.strip() for line in text.splitlines() if line.strip()]
+        lines = text_lines(data, label=f"--labels {labels_file}", expected="one class name per line")
+        classes = [line.strip() for line in lines if line.strip()]
     try:
         out = convert_weights(src, dst, name=name, dataset=dataset, classes=classes, aspp=aspp)
     except ClassCountError as exc:

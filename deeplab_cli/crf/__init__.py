@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from deeplab_cli.crf.params import CRFParams
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, first_line
 
 __all__ = ["CRFParams", "dense_crf", "dense_crf_batch", "check_size"]
 
@@ -69,20 +69,35 @@ def dense_crf_batch(images: Iterable[Any], probs_list: Iterable[Any],
         else:
             results[i] = _run_cpu(image, probs, params)
     for (kind, _, _), group in gpu_groups.items():
+        outs = None
         if kind == "torch-cuda" and not _cupy_usable():
             # A CUDA build of torch without a working CuPy (the `cuda` extra not installed):
             # the CRF runs on the CPU rather than failing, and the result goes back to the GPU.
             _note_cpu_fallback()
-            for i in group:
-                results[i] = _run_cpu(images[i], probs_list[i], params)
-            continue
-        outs = _run_cuda([images[i] for i in group], [probs_list[i] for i in group], params)
+        elif kind == "torch-cuda" and "kernels" not in _cupy_state:
+            outs = _first_cuda_run([images[i] for i in group], [probs_list[i] for i in group], params)
+        else:
+            outs = _run_cuda([images[i] for i in group], [probs_list[i] for i in group], params)
+        if outs is None:  # the CPU CRF; the result goes back where the probabilities were
+            outs = [_run_cpu(images[i], probs_list[i], params) for i in group]
         for i, out in zip(group, outs):
             results[i] = out
     return results
 
 
+# Per process: "usable" (CuPy imports and sees a GPU), "noted" (the fallback was said),
+# "kernels" (whether the first GPU CRF run compiled and launched the kernels).
 _cupy_state: dict[str, bool] = {}
+
+# The errors of a CuPy that imports but cannot build or run the kernels here (a wheel for
+# another CUDA major version, a missing NVRTC), as (module, class name): matched by name,
+# since CuPy need not be importable where this module is.
+CUPY_SETUP_ERRORS = {
+    ("cupy.cuda.compiler", "CompileException"),
+    ("cupy_backends.cuda.api.driver", "CUDADriverError"),
+    ("cupy_backends.cuda.api.runtime", "CUDARuntimeError"),
+    ("cupy_backends.cuda.libs.nvrtc", "NVRTCError"),
+}
 
 
 def _cupy_usable() -> bool:
@@ -102,6 +117,41 @@ def _note_cpu_fallback() -> None:
         print("deeplab: CuPy is not installed or sees no GPU, so the CRF runs on the CPU "
               "(pip install 'deeplab-cli[cuda]' for the GPU CRF)", file=sys.stderr)
         _cupy_state["noted"] = True
+
+
+def _first_cuda_run(images: list[Any], probs: list[Any], params: CRFParams) -> list[Any] | None:
+    """The process's first GPU CRF run for torch inputs: its results, or None when CuPy
+    could not compile or launch the kernels (`_cupy_setup_error`), said once on stderr and
+    remembered, so that this and every later CUDA tensor gets the CPU CRF. Any other
+    exception (a DeeplabError, a bug) propagates."""
+    import sys
+
+    try:
+        outs = _run_cuda(images, probs, params)
+    except Exception as exc:
+        if not _cupy_setup_error(exc):
+            raise
+        _cupy_state["kernels"] = False
+        _cupy_state["usable"] = False  # later calls go straight to the CPU, without a note
+        _cupy_state["noted"] = True
+        print(f"deeplab: CuPy could not compile/launch the CRF kernels ({type(exc).__name__}: "
+              f"{first_line(exc)}), so the CRF runs on the CPU (a CuPy built for torch's CUDA "
+              "version gives the GPU CRF)", file=sys.stderr)
+        return None
+    _cupy_state["kernels"] = True
+    return outs
+
+
+def _cupy_setup_error(exc: BaseException) -> bool:
+    """Whether `exc` says CuPy is unusable here rather than that a run went wrong: one of
+    CUPY_SETUP_ERRORS, an ImportError of a CuPy module (a wheel whose compiled parts do
+    not load), or CuPy's "CuPy failed to load <library>" RuntimeError."""
+    cls = type(exc)
+    if (cls.__module__, cls.__name__) in CUPY_SETUP_ERRORS:
+        return True
+    if isinstance(exc, ImportError):
+        return (exc.name or "").split(".")[0] in ("cupy", "cupy_backends")
+    return type(exc) is RuntimeError and str(exc).startswith("CuPy failed to load")
 
 
 # -- validation ----------------------------------------------------------------------------

@@ -19,6 +19,9 @@ Normalization = Literal["symmetric", "after"]
 # about 4·sqrt(64 N) < 1e6 with 'symmetric', so weighted energies stay far inside float32;
 # near 3e38 they overflow to inf and the softmax gives NaN (pydensecrf's too).
 MAX_WEIGHT = 1e30
+# Most mean-field iterations a CRFParams takes. pydensecrf users run 5-10 and the mean field
+# has converged long before 1000; a larger count is a typo (or 1e20) that would run for ever.
+MAX_ITERATIONS = 1000
 # The largest positive number float32 rounds to 0 (half its smallest subnormal, 2^-149; ties
 # go to even).
 FLOAT32_ZERO = 2.0**-150
@@ -29,6 +32,8 @@ class CRFParams:
     """Mean-field CRF settings, named as in pydensecrf / DeepLab's configs.
 
     Defaults are those of the DeepLab v2 ResNet-101 PyTorch configs (REFERENCE §2).
+    `iterations` is a whole number from 0 to MAX_ITERATIONS (1000); values a CRF cannot use
+    raise a one-line DeeplabError.
     """
 
     pos_w: float = 3.0  # w2, weight of the Gaussian (smoothness) kernel
@@ -59,7 +64,11 @@ class CRFParams:
         iterations = self.iterations
         if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
             raise DeeplabError(f"CRF iterations must be a non-negative integer, got {_show(iterations)}")
-        object.__setattr__(self, "iterations", int(iterations))
+        iterations = int(iterations)
+        if iterations > MAX_ITERATIONS:
+            raise DeeplabError(f"CRF iterations must be at most {MAX_ITERATIONS} (5-10 is usual), "
+                               f"got {_show(iterations)}")
+        object.__setattr__(self, "iterations", iterations)
         if self.normalization not in ("symmetric", "after"):
             raise DeeplabError(
                 f"CRF normalization must be 'symmetric' or 'after', got {_show(self.normalization)}"
