@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import base64
 import json
 import math
 import os
@@ -827,10 +828,33 @@ def test_odd_names_fail_on_one_line_and_round_trip_in_json(tmp_path, fast_load, 
     assert f"deeplab: {src}/esc\\x1b[2J.jpg: empty file (0 bytes)" in lines
     if len(names) == 4:
         assert f"deeplab: {src}/bad\\xff.jpg: empty file (0 bytes)" in lines
-    records = [json.loads(line) for line in result.stdout.splitlines()]
+    # Every line is strict JSON (valid UTF-8, no lone-surrogate escapes that strict parsers
+    # refuse); a name that is not UTF-8 shows with U+FFFD and its exact bytes in input_bytes.
+    assert "\\ud" not in result.stdout
+    records = [json.loads(line.encode("utf-8").decode("utf-8", "strict")) for line in result.stdout.splitlines()]
     failed = {Path(r["input"]).name for r in records if r["status"] == "error"}
-    assert failed == set(names)  # the JSON keeps the exact names (escaped by JSON itself)
+    shown = {name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for name in names}
+    assert failed == shown
+    exact = {os.fsdecode(base64.b64decode(r["input_bytes"])) if "input_bytes" in r else r["input"]
+             for r in records if r["status"] == "error"}
+    assert {Path(p).name for p in exact} == set(names)  # the exact names come back
+    assert sum("input_bytes" in r for r in records) == (len(names) == 4)
+    assert all(_strictly_valid(r) for r in records)
     assert [r["status"] for r in records].count("ok") == 1
+
+
+def _strictly_valid(value) -> bool:
+    """No string inside holds a lone surrogate."""
+    if isinstance(value, dict):
+        return all(_strictly_valid(k) and _strictly_valid(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_strictly_valid(v) for v in value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
 
 
 def test_empty_strings_from_unset_variables_are_refused(tmp_path, fast_load, weights_file, monkeypatch):

@@ -411,9 +411,39 @@ class _StdoutError(Exception):
     """Writing a JSON line to stdout failed (other than its reader leaving)."""
 
 
+def _strict_json(record: dict) -> dict:
+    """`record` with every string valid Unicode, so strict JSON parsers take the line. A
+    file name that is not UTF-8 (its bytes kept by os.fsdecode as lone surrogates, which
+    JSON can only write as invalid \\udcXX escapes) shows with U+FFFD in their place, and
+    its exact bytes go base64-encoded under `<key>_bytes` (as ripgrep's --json does)."""
+    import base64
+
+    out = {}
+    for key, value in record.items():
+        raw = None
+        if isinstance(value, str) and not _is_unicode(value):
+            try:
+                raw = value.encode("utf-8", "surrogateescape")  # the name's bytes, as read
+            except UnicodeEncodeError:  # some other lone surrogate: no bytes to give back
+                raw = value.encode("utf-8", "replace")
+            value = raw.decode("utf-8", "replace")
+        out[key] = value
+        if raw is not None and key in ("input", "output"):
+            out[f"{key}_bytes"] = base64.b64encode(raw).decode("ascii")
+    return out
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _emit(record: dict) -> None:
     try:
-        click.echo(json.dumps(record))
+        click.echo(json.dumps(_strict_json(record)))
         sys.stdout.flush()  # one line at a time, so `| jq` sees each image as it finishes
     except BrokenPipeError:
         raise
