@@ -108,7 +108,7 @@ def test_gauss_cells_cover_the_packed_gaussian_keys():
         assert span0 * 3 >= bounds[0][1] - bounds[0][0] and span1 * 3 >= bounds[1][1] - bounds[1][0]
 
 
-@pytest.mark.parametrize("size,n_images", [((375, 500), 1), ((1732, 2309), 8), ((13, 17), 2), ((3000, 4000), 1)])
+@pytest.mark.parametrize("size,n_images", [((375, 500), 1), ((1732, 2309), 8), ((13, 17), 2), ((3000, 4000), 8)])
 def test_spatial_packing_puts_image_then_tiles_on_top(size, n_images):
     # spatial_order: per lattice, fields from the bottom are remainder, q_0 .. q_{d-1}, the
     # bilateral tiles, the image, the lattice; without it, image sits above the remainder and
