@@ -49,7 +49,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from deeplab_cli.crf.geometry import KernelSpec, alpha, check_size, kernel_specs, key_bounds, scale_factors
+from deeplab_cli.crf.geometry import (KernelSpec, alpha, check_size, corner_margin, kernel_specs, key_bounds,
+                                      scale_factors, scaled_feature_bounds)
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 
@@ -224,16 +225,14 @@ TILE_COUNT_MAX = 256
 def tile_layout(spec: KernelSpec, height: int, width: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(lo, step, count) of the bilateral lattice's tile x and y: tile = (X - lo) // step.
 
-    Every simplex corner of a pixel lies within 3 (d+1) of the pixel's elevated point in each
-    coordinate (the margin key_bounds allows), and that point has X = 2 cf_x in [0, 2 cf_x max],
+    Every simplex corner of a pixel lies within corner_margin(d) of the pixel's elevated point
+    in each coordinate (as key_bounds allows), and that point has X = 2 cf_x in [0, 2 cf_x max],
     Y = 6 cf_y in [0, 6 cf_y max]; so X and Y of any vertex fall in those ranges widened by
     2 and 4 margins. A point outside them is no vertex, so a neighbour lookup there finds none,
     as it should."""
     d = spec.d
-    margin = 3 * (d + 1)
-    scale = scale_factors(d)
-    cf_x = (width - 1) / spec.stds[0] * float(scale[0]) * (1 + 1e-5) + 1e-3
-    cf_y = (height - 1) / spec.stds[1] * float(scale[1]) * (1 + 1e-5) + 1e-3
+    margin = corner_margin(d)
+    cf_x, cf_y = scaled_feature_bounds(spec, height, width)[:2]
     spans = ((-2 * margin, math.ceil(2 * cf_x) + 2 * margin), (-4 * margin, math.ceil(6 * cf_y) + 4 * margin))
     out = []
     for (lo, hi), steps in zip(spans, TILE_STEPS):

@@ -68,16 +68,28 @@ def alpha(d: int) -> np.float32:
     return np.float32(1.0) / (np.float32(1.0) + np.float32(2.0**-d))
 
 
+def scaled_feature_bounds(spec: KernelSpec, height: int, width: int) -> list[float]:
+    """Upper bounds of the scaled features cf_i = f_i * scale_i (x, y, then colours 0..255)
+    over any image of this size, with slack for float32 rounding (all are >= 0)."""
+    fmax = [(width - 1) / spec.stds[0], (height - 1) / spec.stds[1]] + [255.0 / s for s in spec.stds[2:]]
+    return [f * s * (1 + 1e-5) + 1e-3 for f, s in zip(fmax, _scale_factors(spec.d))]
+
+
+def corner_margin(d: int) -> int:
+    """How far, per coordinate, a simplex corner or its blur neighbour can lie from the point
+    elevated: rounding to a multiple of d+1, the +-(d+1) fix, the corner offset."""
+    return 3 * (d + 1)
+
+
 @functools.lru_cache(maxsize=256)
 def key_bounds(spec: KernelSpec, height: int, width: int) -> tuple[tuple[int, int], ...]:
     """Inclusive bounds of each of the d stored lattice coordinates (simplex corners and their
     blur neighbours included) over any image of this size, colours 0..255."""
     d = spec.d
-    fmax = [(width - 1) / spec.stds[0], (height - 1) / spec.stds[1]] + [255.0 / s for s in spec.stds[2:]]
-    # Non-negative features f_i <= fmax_i elevate to e_j = sum(cf[j:]) - j * cf[j-1], cf_i = f_i * sf_i,
-    # so e_j lies in [-j * cf[j-1], sum(cf[j:])]; float32 rounding is covered by the slack.
-    cf = [f * s * (1 + 1e-5) + 1e-3 for f, s in zip(fmax, _scale_factors(d))]
-    margin = 3 * (d + 1)  # rounding to a multiple of d+1, the +-(d+1) fix, the simplex corner
+    # Non-negative features elevate to e_j = sum(cf[j:]) - j * cf[j-1], so e_j lies in
+    # [-j * cf[j-1], sum(cf[j:])]; float32 rounding is covered by the slack.
+    cf = scaled_feature_bounds(spec, height, width)
+    margin = corner_margin(d)
     bounds = []
     for j in range(d):
         lo = 0.0 if j == 0 else -j * cf[j - 1]
