@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, short_repr
 
 _warned_fallback = False
 
@@ -79,8 +79,7 @@ def _show(value) -> str:
     else its repr cut to one short line."""
     if isinstance(value, str) and value.isprintable() and " " not in value and len(value) <= 40:
         return value
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return short_repr(value, 40)
 
 
 def _cuda_report() -> str:

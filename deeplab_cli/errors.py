@@ -18,6 +18,12 @@ def first_line(error: BaseException | str) -> str:
     return text.splitlines()[0].split(". ")[0].rstrip(".")[:200]
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, to show a bad value inside a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def one_line(text: str) -> str:
     """`text` as one printable line: control characters (a newline in a file name),
     the undecodable bytes of a name (`\\xff`) and other unprintables escaped."""

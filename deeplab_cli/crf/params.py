@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, short_repr
 
 Normalization = Literal["symmetric", "after"]
 
@@ -50,7 +50,7 @@ class CRFParams:
         for name in ("pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise DeeplabError(f"CRF parameter {name} must be a number, got {_show(value)}")
+                raise DeeplabError(f"CRF parameter {name} must be a number, got {short_repr(value)}")
             object.__setattr__(self, name, float(value))
         for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
             value = getattr(self, name)
@@ -63,15 +63,15 @@ class CRFParams:
         check_float32(self)
         iterations = self.iterations
         if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-            raise DeeplabError(f"CRF iterations must be a non-negative integer, got {_show(iterations)}")
+            raise DeeplabError(f"CRF iterations must be a non-negative integer, got {short_repr(iterations)}")
         iterations = int(iterations)
         if iterations > MAX_ITERATIONS:
             raise DeeplabError(f"CRF iterations must be at most {MAX_ITERATIONS} (5-10 is usual), "
-                               f"got {_show(iterations)}")
+                               f"got {short_repr(iterations)}")
         object.__setattr__(self, "iterations", iterations)
         if self.normalization not in ("symmetric", "after"):
             raise DeeplabError(
-                f"CRF normalization must be 'symmetric' or 'after', got {_show(self.normalization)}"
+                f"CRF normalization must be 'symmetric' or 'after', got {short_repr(self.normalization)}"
             )
 
     def replace(self, **changes: Any) -> "CRFParams":
@@ -132,24 +132,18 @@ def _number(value: Any, name: str, source: str, *, whole: bool) -> float | int:
     """A preset's value as a float (an int when `whole`), or a one-line error naming it.
     Booleans are refused: JSON `true` is no count or weight."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
-        raise DeeplabError(f"{source}: {name}: could not convert {_show(value)} to a number")
+        raise DeeplabError(f"{source}: {name}: could not convert {short_repr(value)} to a number")
     if whole and isinstance(value, numbers.Integral):
         return int(value)
     try:
         number = float(value)
     except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
-        raise DeeplabError(f"{source}: {name}: could not convert {_show(value)} to a number") from None
+        raise DeeplabError(f"{source}: {name}: could not convert {short_repr(value)} to a number") from None
     if not whole:
         return number
     if not (math.isfinite(number) and number.is_integer()):
-        raise DeeplabError(f"{source}: {name} must be a whole number, got {_show(value)}")
+        raise DeeplabError(f"{source}: {name} must be a whole number, got {short_repr(value)}")
     return int(number)
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """repr(value) cut to `limit` characters, for one-line messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_float32(params: Any) -> None:
