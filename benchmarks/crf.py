@@ -113,13 +113,6 @@ class _KernelTimer:
     def launch(self, name, n, args, width=1) -> None:
         self._timed(f"{name}[{n}]", self.inner.launch, name, n, args, width)  # rows tell the two lattices apart
 
-    def launch_blocks(self, name, blocks, threads, args) -> None:
-        self._timed(f"{name}[{blocks} blocks]", self.inner.launch_blocks, name, blocks, threads, args)
-
-    @property
-    def resident_tile_blocks(self) -> int:
-        return self.inner.resident_tile_blocks
-
     def _timed(self, label, method, *args) -> None:
         import cupy as cp
 
@@ -317,11 +310,14 @@ def main() -> None:
 
 VARIANTS = {  # CudaCRF options for --ab
     "default": {},
-    # the Gaussian lattice by its cell grid: neighbours by indexing, blur passes in shared-memory tiles
+    # the Gaussian lattice's neighbours by indexing its cell grid instead of binary search
     "grid": {"gauss_grid": True},
-    # vertices numbered image by image and (bilateral) by spatial tile: nearby ids, nearby pixels
-    "spatial": {"spatial_order": True},
-    "both": {"gauss_grid": True, "spatial_order": True},
+    # one blur pass a launch instead of two
+    "single": {"pair_blur": False},
+    # vertices numbered by the key's colour coordinates first instead of by image and spatial tile
+    "key-order": {"spatial_order": False},
+    # before either: key order, one pass a launch
+    "plain": {"spatial_order": False, "pair_blur": False},
     "run8": {"run_min": 8},
     "run64": {"run_min": 64},
 }

@@ -383,11 +383,14 @@ extern "C" __global__ void lattice_run_counts(const int* starts, long long n_ver
 // One thread: one vertex v. Cuts its entry range [starts[v], starts[v+1]) into runs of
 // run_chunk(len) entries and writes their first entries at run_bounds[run_offset[v] ..], and
 // for each run its vertex when that is the vertex's only run, else -1, at run_vertex[..]; the
-// last vertex also closes the list with run_bounds[run_offset[M]] = E. Splatting then sums
+// last vertex also closes the list with run_bounds[run_offset[M]] = E. A vertex of several
+// runs also writes its id at multi[multi_pos[v] - 1] (multi_pos: the inclusive count of such
+// vertices up to v), so the reductions visit only those, in vertex order. Splatting then sums
 // each run, and each vertex sums its runs, both in a fixed order: a balanced, deterministic
 // segmented sum even when one vertex collects many thousands of pixels.
-extern "C" __global__ void lattice_runs(const int* starts, const int* run_offset, long long n_vertices,
-                                        int min_chunk, int* run_bounds, int* run_vertex) {
+extern "C" __global__ void lattice_runs(const int* starts, const int* run_offset, const int* multi_pos,
+                                        long long n_vertices, int min_chunk, int* run_bounds, int* run_vertex,
+                                        int* multi) {
     for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
         const int first = run_offset[v], count = run_offset[v + 1] - first;
         const int chunk = run_chunk(starts[v + 1] - starts[v], min_chunk);
@@ -395,8 +398,14 @@ extern "C" __global__ void lattice_runs(const int* starts, const int* run_offset
             run_bounds[first + k] = starts[v] + k * chunk;
             run_vertex[first + k] = count == 1 ? (int)v : -1;
         }
+        if (count > 1) multi[multi_pos[v] - 1] = (int)v;
         if (v == n_vertices - 1) run_bounds[run_offset[v + 1]] = starts[v + 1];
     }
+}
+
+// The vertices of several runs a reduction visits: *n_multi of them, at most n_multi_max.
+static __device__ __forceinline__ long long multi_count(const int* n_multi, long long n_multi_max) {
+    return *n_multi < n_multi_max ? *n_multi : n_multi_max;
 }
 
 // ---- the norms: K 1 through each lattice, one value per vertex ---------------------------------
@@ -419,16 +428,16 @@ extern "C" __global__ void norm_splat(const int* run_bounds, const int* n_runs, 
     }
 }
 
-// One thread: one vertex v cut into several runs (one-run vertices were written by the
-// splat). Reads the partial sums of its runs partial[run_offset[v] .. run_offset[v+1]); writes
-// their ordered sum to values[v].
-extern "C" __global__ void norm_splat_reduce(const float* partial, const int* run_offset, long long n_vertices,
-                                             float* values) {
-    for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
-        const int first = run_offset[v], end = run_offset[v + 1];
-        if (end - first == 1) continue;
+// One thread: one vertex v = multi[i] cut into several runs (one-run vertices were written by
+// the splat). Reads the partial sums of its runs partial[run_offset[v] .. run_offset[v+1]);
+// writes their ordered sum to values[v].
+extern "C" __global__ void norm_splat_reduce(const float* partial, const int* run_offset, const int* multi,
+                                             const int* n_multi, long long n_multi_max, float* values) {
+    const long long count = multi_count(n_multi, n_multi_max);
+    for (long long i = grid_start(); i < count; i += grid_step()) {
+        const long long v = multi[i];
         float acc = 0.0f;
-        for (int r = first; r < end; ++r) acc = __fadd_rn(acc, partial[r]);
+        for (int r = run_offset[v]; r < run_offset[v + 1]; ++r) acc = __fadd_rn(acc, partial[r]);
         values[v] = acc;
     }
 }
@@ -547,13 +556,16 @@ extern "C" __global__ void lattice_splat(const float4* __restrict__ in, const fl
     }
 }
 
-// One thread: one float4 c of a vertex v cut into several runs (one-run vertices were written
-// by the splat). Writes values[v * n_vec + c] = the ordered sum of the vertex's partial rows.
-extern "C" __global__ void lattice_splat_reduce(const float4* partial, const int* run_offset, long long n_vertices,
-                                                int n_vec, float4* values) {
-    for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
+// One thread: one float4 c of a vertex v = multi[i] cut into several runs (one-run vertices
+// were written by the splat). Writes values[v * n_vec + c] = the ordered sum of the vertex's
+// partial rows.
+extern "C" __global__ void lattice_splat_reduce(const float4* partial, const int* run_offset, const int* multi,
+                                                const int* n_multi, long long n_multi_max, int n_vec,
+                                                float4* values) {
+    const long long count = multi_count(n_multi, n_multi_max);
+    for (long long i = grid_start(); i < count; i += grid_step()) {
+        const long long v = multi[i];
         const int first = run_offset[v], end = run_offset[v + 1];
-        if (end - first == 1) continue;  // lattice_splat wrote this vertex directly
         for (int c = threadIdx.x; c < n_vec; c += blockDim.x) {
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             for (int r = first; r < end; ++r) acc = f4_add(acc, partial[(long long)r * n_vec + c]);
@@ -562,24 +574,62 @@ extern "C" __global__ void lattice_splat_reduce(const float4* partial, const int
     }
 }
 
+// The blur update of one float4: own + 0.5 * (n1 + n2), per component.
+static __device__ __forceinline__ float4 blur_f4(float4 own, float4 n1, float4 n2, int seq) {
+    return make_float4(blur_one(own.x, __fadd_rn(n1.x, n2.x), seq), blur_one(own.y, __fadd_rn(n1.y, n2.y), seq),
+                       blur_one(own.z, __fadd_rn(n1.z, n2.z), seq), blur_one(own.w, __fadd_rn(n1.w, n2.w), seq));
+}
+
+// One pass of the blur at float4 c of vertex u, from src along the axis whose neighbour ids
+// (n1, n2) are nbr[u]; a missing neighbour counts 0.
+static __device__ __forceinline__ float4 blur_at(const float4* __restrict__ src, const int2* __restrict__ nbr,
+                                                 long long u, int n_vec, int c, int seq) {
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const int2 pair = nbr[u];  // both neighbour ids in one 8-byte load
+    const float4 n1 = pair.x >= 0 ? src[(long long)pair.x * n_vec + c] : zero;
+    const float4 n2 = pair.y >= 0 ? src[(long long)pair.y * n_vec + c] : zero;
+    return blur_f4(src[u * n_vec + c], n1, n2, seq);
+}
+
 // One thread: one float4 c of a vertex v in [v0, v1) (the lattices that have this axis) of one
-// blur pass (Jacobi: src is never written). Reads the vertex's two neighbour ids nbr[v] and the
-// three rows; writes dst = src + 0.5 * (n1 + n2), a missing neighbour counting 0. `seq` selects
-// pydensecrf's scalar path (used for 1 or 2 labels) instead of its SSE path.
+// blur pass (Jacobi: src is never written): dst = src + 0.5 * (n1 + n2) along the axis of nbr.
+// `seq` selects pydensecrf's scalar path (used for 1 or 2 labels) instead of its SSE path.
 extern "C" __global__ void lattice_blur(const float4* __restrict__ src, float4* __restrict__ dst,
                                         const int2* __restrict__ nbr, long long v0, long long v1, int n_vec,
                                         int seq) {
+    for (long long v = v0 + grid_start(); v < v1; v += grid_step())
+        for (int c = threadIdx.x; c < n_vec; c += blockDim.x) dst[v * n_vec + c] = blur_at(src, nbr, v, n_vec, c, seq);
+}
+
+// One thread: one float4 c of a vertex v in [v0, v1) of one launch of blur passes: vertices
+// before vb take one pass along the axis of nbr_s; vertices from vb on take two, along the
+// axis of nbr_a and then that of nbr_b (one when nbr_b is null). For two, pass a's result at v
+// and at v's two axis-b neighbours is worked out from src as lattice_blur does, then combined
+// as the second pass would: bit-identical to two passes through memory, with one write of the
+// values instead of two and the extra rows read mostly from L2. That pays where neighbours are
+// sparse (the bilateral lattice); the dense Gaussian lattice takes its passes one at a time.
+extern "C" __global__ void lattice_blur_pair(const float4* __restrict__ src, float4* __restrict__ dst,
+                                             const int2* __restrict__ nbr_s, const int2* __restrict__ nbr_a,
+                                             const int2* __restrict__ nbr_b, long long v0, long long vb,
+                                             long long v1, int n_vec, int seq) {
     const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (long long v = v0 + grid_start(); v < v1; v += grid_step()) {
-        const int2 pair = nbr[v];  // both neighbour ids in one 8-byte load
-        const int n1 = pair.x, n2 = pair.y;
+        const bool two = v >= vb && nbr_b;
+        int n1 = -1, n2 = -1;
+        if (two) {
+            const int2 pair = nbr_b[v];
+            n1 = pair.x;
+            n2 = pair.y;
+        }
         for (int c = threadIdx.x; c < n_vec; c += blockDim.x) {
-            const long long t = v * n_vec + c;
-            const float4 a = n1 >= 0 ? src[(long long)n1 * n_vec + c] : zero;
-            const float4 b = n2 >= 0 ? src[(long long)n2 * n_vec + c] : zero;
-            const float4 own = src[t];
-            dst[t] = make_float4(blur_one(own.x, __fadd_rn(a.x, b.x), seq), blur_one(own.y, __fadd_rn(a.y, b.y), seq),
-                                 blur_one(own.z, __fadd_rn(a.z, b.z), seq), blur_one(own.w, __fadd_rn(a.w, b.w), seq));
+            const float4 own = blur_at(src, v < vb ? nbr_s : nbr_a, v, n_vec, c, seq);
+            if (!two) {
+                dst[v * n_vec + c] = own;
+                continue;
+            }
+            const float4 a = n1 >= 0 ? blur_at(src, nbr_a, n1, n_vec, c, seq) : zero;
+            const float4 b = n2 >= 0 ? blur_at(src, nbr_a, n2, n_vec, c, seq) : zero;
+            dst[v * n_vec + c] = blur_f4(own, a, b, seq);
         }
     }
 }
@@ -591,7 +641,7 @@ extern "C" __global__ void lattice_blur(const float4* __restrict__ src, float4* 
 // it. `grid` maps each cell of the box an image can reach, per image, to its vertex ids:
 // grid[((image * span1 + q1) * span0 + q0) * 3 + r], -1 where there is no vertex (q relative to
 // the box origin, the key packing's q_lo). With it, neighbours are found by indexing instead of
-// binary search, and the three blur passes run in shared-memory tiles (gauss_blur_tiles).
+// binary search.
 
 // The cell step (dq0, dq1) and remainder r2 of the neighbour, along axis j on side `side` (0: n1,
 // 1: n2), of a remainder-r vertex: as in neighbours_of<2>, n1 moves every stored coordinate by -1
@@ -649,111 +699,6 @@ extern "C" __global__ void gauss_neighbours(const u64* unique_lo, const u64* uni
                 nbr[((long long)j * n_vertices + v) * 2 + side] =
                     inside ? grid[((b * span1 + c1) * span0 + c0) * 3 + r2] : -1;
             }
-        }
-    }
-}
-
-// ---- the Gaussian lattice's three blur passes at once, in shared-memory tiles ---------------
-// A block loads a tile of GAUSS_TILE x GAUSS_TILE cells plus GAUSS_HALO rings of cells around it
-// into shared memory and runs the three passes there: each pass updates one ring fewer, so after
-// three the tile's own cells hold exactly what three passes through memory give. Values move
-// through memory once each way instead of three times; the arithmetic of every value is
-// lattice_blur's (a missing vertex reads 0 and is never written), so the result is bit-identical.
-// The host launches blocks of exactly GAUSS_TILE_THREADS threads (cuda.py _GAUSS_TILE_THREADS).
-// Shared memory: the Jacobi double buffer of one float4 label chunk per slot (cell, r),
-// 2 * 22 * 22 * 3 * 16 = 46,464 bytes, under the 48 KB of static shared memory.
-#ifndef GAUSS_TILE_THREADS
-#define GAUSS_TILE_THREADS 512
-#endif
-#define GAUSS_TILE 16
-#define GAUSS_HALO 3
-#define GAUSS_SPAN (GAUSS_TILE + 2 * GAUSS_HALO)
-#define GAUSS_SLOTS (GAUSS_SPAN * GAUSS_SPAN * 3)
-#define GAUSS_PER_THREAD ((GAUSS_SLOTS + GAUSS_TILE_THREADS - 1) / GAUSS_TILE_THREADS)
-
-// Shared-memory slot of the neighbour, along axis j on side `side`, of the vertex in `slot`
-// (cell * 3 + r, cell = row * GAUSS_SPAN + column).
-static __device__ __forceinline__ int gauss_neighbour_slot(int slot, int j, int side) {
-    int dq0, dq1, r2;
-    gauss_step(slot % 3, j, side, &dq0, &dq1, &r2);
-    const int cell = slot / 3;
-    return ((cell / GAUSS_SPAN + dq1) * GAUSS_SPAN + cell % GAUSS_SPAN + dq0) * 3 + r2;
-}
-
-// Rings of cells between a slot's cell and the tile's outer edge (0 on the outermost ring).
-static __device__ __forceinline__ int gauss_ring(int slot) {
-    const int cell = slot / 3, row = cell / GAUSS_SPAN, col = cell % GAUSS_SPAN;
-    const int a = row < col ? row : col;
-    const int b = (GAUSS_SPAN - 1 - row) < (GAUSS_SPAN - 1 - col) ? GAUSS_SPAN - 1 - row : GAUSS_SPAN - 1 - col;
-    return a < b ? a : b;
-}
-
-// One block: one tile (image, tile row, tile column) and the float4 label chunks
-// [group * chunk_step, (group + 1) * chunk_step) of every vertex in it, one chunk after another;
-// one thread: slots tid, tid + GAUSS_TILE_THREADS, ... of the tile (their vertex ids stay in
-// registers for all chunks). Reads the tile's and halo's vertex ids from grid and their chunks
-// from src; writes the tile's own vertices' chunks, blurred along axes 0, 1, 2, to dst. `seq` as
-// in lattice_blur. Blocks stride over n_images * tiles * groups, groups the fastest, so the
-// blocks reading one tile's rows run together.
-extern "C" __global__ void __launch_bounds__(GAUSS_TILE_THREADS, 3)
-gauss_blur_tiles(const float4* __restrict__ src, float4* __restrict__ dst, const int* __restrict__ grid,
-                 int n_images, int span0, int span1, int n_vec, int chunk_step, int seq) {
-    __shared__ float4 buffer[2][GAUSS_SLOTS];
-    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const int tiles0 = (span0 + GAUSS_TILE - 1) / GAUSS_TILE, tiles1 = (span1 + GAUSS_TILE - 1) / GAUSS_TILE;
-    const int groups = (n_vec + chunk_step - 1) / chunk_step;
-    const long long n_blocks = (long long)n_images * tiles1 * tiles0 * groups;
-    const int tid = threadIdx.x;
-    for (long long block = blockIdx.x; block < n_blocks; block += gridDim.x) {
-        const int group = (int)(block % groups);
-        long long rest = block / groups;
-        const int col0 = (int)(rest % tiles0) * GAUSS_TILE - GAUSS_HALO;
-        rest /= tiles0;
-        const int row0 = (int)(rest % tiles1) * GAUSS_TILE - GAUSS_HALO;
-        const long long image = rest / tiles1;
-        int id[GAUSS_PER_THREAD];
-#pragma unroll
-        for (int k = 0; k < GAUSS_PER_THREAD; ++k) {
-            const int slot = tid + k * GAUSS_TILE_THREADS, cell = slot / 3;
-            const int q0 = col0 + cell % GAUSS_SPAN, q1 = row0 + cell / GAUSS_SPAN;
-            id[k] = slot < GAUSS_SLOTS && q0 >= 0 && q0 < span0 && q1 >= 0 && q1 < span1
-                        ? grid[((image * span1 + q1) * span0 + q0) * 3 + slot % 3]
-                        : -1;
-        }
-        const int chunk_end = (group + 1) * chunk_step < n_vec ? (group + 1) * chunk_step : n_vec;
-        for (int chunk = group * chunk_step; chunk < chunk_end; ++chunk) {
-#pragma unroll
-            for (int k = 0; k < GAUSS_PER_THREAD; ++k) {
-                const int slot = tid + k * GAUSS_TILE_THREADS;
-                if (slot >= GAUSS_SLOTS) continue;
-                buffer[0][slot] = id[k] >= 0 ? src[(long long)id[k] * n_vec + chunk] : zero;
-                if (id[k] < 0) buffer[1][slot] = zero;  // missing vertices read 0 from either buffer
-            }
-            __syncthreads();
-            // Jacobi, buffer 0 -> 1 -> 0 -> 1. Ring > axis: the neighbours read are still exact.
-            for (int axis = 0; axis < 3; ++axis) {
-                const float4* from = buffer[axis & 1];
-                float4* to = buffer[(axis & 1) ^ 1];
-#pragma unroll
-                for (int k = 0; k < GAUSS_PER_THREAD; ++k) {
-                    const int slot = tid + k * GAUSS_TILE_THREADS;
-                    if (id[k] < 0 || gauss_ring(slot) <= axis) continue;
-                    const float4 own = from[slot];
-                    const float4 a = from[gauss_neighbour_slot(slot, axis, 0)];
-                    const float4 b = from[gauss_neighbour_slot(slot, axis, 1)];
-                    to[slot] = make_float4(blur_one(own.x, __fadd_rn(a.x, b.x), seq),
-                                           blur_one(own.y, __fadd_rn(a.y, b.y), seq),
-                                           blur_one(own.z, __fadd_rn(a.z, b.z), seq),
-                                           blur_one(own.w, __fadd_rn(a.w, b.w), seq));
-                }
-                __syncthreads();
-            }
-#pragma unroll
-            for (int k = 0; k < GAUSS_PER_THREAD; ++k) {
-                const int slot = tid + k * GAUSS_TILE_THREADS;
-                if (id[k] >= 0 && gauss_ring(slot) >= GAUSS_HALO) dst[(long long)id[k] * n_vec + chunk] = buffer[1][slot];
-            }
-            __syncthreads();  // the next chunk's loads overwrite what the stores above read
         }
     }
 }

@@ -29,11 +29,6 @@ static const emu_dim3 gridDim = {1, 1, 1};
 #define __forceinline__ inline
 #define __launch_bounds__(threads, blocks)
 #define __restrict__ __restrict
-// Block-wide kernels (gauss_blur_tiles) run as one thread per block: its shared memory is a
-// function-local static array, and the barriers have nobody to wait for.
-#define __shared__ static
-#define GAUSS_TILE_THREADS 1
-static inline void __syncthreads() {}
 
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }

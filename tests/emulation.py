@@ -81,11 +81,6 @@ class EmulatedBackend:
             t.join()
         assert not self.library.emu_shuffle_failed(), f"{name}: a shuffle that not every lane reached"
 
-    def launch_blocks(self, name, blocks, threads, args):
-        # Block-wide kernels are built with one thread per block (GAUSS_TILE_THREADS 1 in
-        # tests/cuda_emulation.h), and one block strides over all of them.
-        self.launch(name, blocks, args)
-
     def capture(self, work):
         """Like stream capture: the launches `work()` makes are recorded, not run."""
         self.recording = []

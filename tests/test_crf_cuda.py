@@ -81,7 +81,7 @@ def test_keys_pack_in_one_word_for_a_12_mp_photo():
 
 
 def test_host_constants_match_the_kernel_sources():
-    # cuda.py and permutohedral.cu agree on the constant table's offsets and the tiled blur's shape.
+    # cuda.py and permutohedral.cu agree on the constant table's offsets.
     defines = dict(re.findall(r"^#define (\w+) (-?\d+)$", cuda.kernel_source("permutohedral.cu"), re.M))
     for d, name in ((2, "G"), (5, "B")):
         assert int(defines[f"CONST_PACK_{name}"]) == cuda._CONST_PACK[d]
@@ -90,14 +90,10 @@ def test_host_constants_match_the_kernel_sources():
     assert int(defines["CONST_TILE_B"]) == cuda._CONST_TILE
     assert cuda._CONST_PACK[5] + 4 * (3 + 5 + 2) == cuda._CONST_TILE  # 10 bilateral fields, then the tiles
     assert int(defines["CONST_SCALE_B"]) + 5 == cuda._CONST_SIZE
-    assert int(defines["GAUSS_TILE"]) == cuda._GAUSS_TILE
-    assert int(defines["GAUSS_TILE_THREADS"]) == cuda._GAUSS_TILE_THREADS
-    span = cuda._GAUSS_TILE + 2 * int(defines["GAUSS_HALO"])
-    assert 2 * span * span * 3 * 16 <= 48 * 1024  # the double buffer fits static shared memory
 
 
 def test_gauss_cells_cover_the_packed_gaussian_keys():
-    # The tiled blur's cell box is the key packing's range of q0 and q1, which holds every vertex.
+    # The Gaussian cell grid's box is the key packing's range of q0 and q1, which holds every vertex.
     spec = geometry.kernel_specs(DEEPLAB)[0]
     for h, w in ((375, 500), (1732, 2309), (13, 17)):
         span0, span1 = cuda.gauss_cells(spec, h, w)
@@ -249,47 +245,70 @@ def test_emulated_two_level_splat_two_word_keys_and_two_labels(emulated):
     assert_close(out2, pydensecrf_reference(image, two, README), atol=1e-5)
 
 
-TILED_CASES = {  # crops (photo, top, left, height, width), parameters, labels
-    # several tiles per image, each block taking all of a row's chunks
-    "tiles": ([("chelsea.jpg", 60, 120, 41, 57)], DEEPLAB, 21),
+GRID_CASES = {  # crops (photo, top, left, height, width), parameters, labels
+    "deeplab": ([("chelsea.jpg", 60, 120, 41, 57)], DEEPLAB, 21),
     # the pydensecrf README's Gaussian (sxy 3), a coarser cell grid
     "readme": ([("chelsea.jpg", 60, 120, 41, 57)], README, 21),
-    # one small padded image: few tiles, so the blocks split the chunks between them
-    "chunk groups": ([("astronaut.jpg", 0, 0, 13, 17)], DEEPLAB.replace(normalization="after"), 21),
-    # a batch of different sizes: one box of cells per image, sized by the largest
+    # a batch of different sizes (one box of cells per image, sized by the largest), one padded
     "batch": ([("astronaut.jpg", 0, 0, 21, 19), ("rocket.jpg", 100, 200, 30, 44), ("coffee.jpg", 0, 0, 8, 10)],
-              DEEPLAB, 21),
-    # two labels: pydensecrf's scalar blur; 182: many chunks
-    "two labels": ([("coffee.jpg", 40, 40, 24, 31)], DEEPLAB, 2),
-    "182 labels": ([("coffee.jpg", 40, 40, 11, 13)], DEEPLAB, 182),
-    # the Gaussian kernel alone: no bilateral passes after the tiles
-    "gaussian only": ([("rocket.jpg", 100, 200, 30, 44)], DEEPLAB.replace(bi_w=0), 21),
+              DEEPLAB.replace(normalization="after"), 21),
+    # the Gaussian kernel alone
+    "gaussian only": ([("rocket.jpg", 100, 200, 30, 44)], DEEPLAB.replace(bi_w=0), 2),
 }
 
 
-@pytest.mark.parametrize("case", sorted(TILED_CASES))
+@pytest.mark.parametrize("case", sorted(GRID_CASES))
 def test_emulated_gaussian_grid_is_bit_identical(emulated, case):
-    # gauss_grid: the Gaussian lattice's neighbours come from its cell grid and each iteration
-    # blurs it in shared-memory tiles; the neighbour table and every output bit stay the same.
-    crops, params, n_labels = TILED_CASES[case]
+    # gauss_grid: the Gaussian lattice's neighbours come from its cell grid instead of binary
+    # search; the neighbour table and every output bit stay the same.
+    crops, params, n_labels = GRID_CASES[case]
     images = [crop(*c) for c in crops]
     probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=i + 4) for i, im in enumerate(images)]
     sparse = cuda.CudaCRF(images, probs, params, backend=emulated)
     passes = sparse.run()
     crf = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_grid=True)
-    tiled = crf.run()
-    planned = [args[0] for _, args in crf._launches]
-    assert planned.count("gauss_blur_tiles") == 1
-    assert planned.count("lattice_blur") == (6 if params.bi_w else 0)  # the bilateral's axes only
+    gridded = crf.run()
+    assert crf._gridded
     g = sparse.lattices.first[1]  # Gaussian vertices: axes 0..2 used
     ours, theirs = crf.lattices.neighbours, sparse.lattices.neighbours
     assert np.array_equal(ours[:3, :g], theirs[:3, :g]) and np.array_equal(ours[:, g:], theirs[:, g:])
     assert (ours[:3, :g] >= 0).mean() > 0.5  # most Gaussian vertices have neighbours: a real check
-    for a, b in zip(passes, tiled):
+    for a, b in zip(passes, gridded):
         assert np.array_equal(a, b)
-    if case == "chunk groups":
-        assert crf._chunk_step(4) < crf.n_vec
-    assert not np.allclose(tiled[0], probs[0], atol=1e-3)
+    assert not np.allclose(gridded[0], probs[0], atol=1e-3)
+
+
+PAIR_CASES = {
+    # both lattices: launch k takes Gaussian axis k alone and bilateral axes 2k, 2k+1 together
+    "deeplab": ([("chelsea.jpg", 60, 120, 33, 47)], DEEPLAB.replace(iterations=3), 21),
+    # the Gaussian alone: its three axes one a launch (no nbr_a, nbr_b)
+    "gaussian only": ([("rocket.jpg", 100, 200, 30, 44)], DEEPLAB.replace(bi_w=0, iterations=3), 21),
+    "bilateral only": ([("coffee.jpg", 40, 40, 26, 29)], DEEPLAB.replace(pos_w=0, iterations=3), 21),
+    # pydensecrf's scalar blur for two labels; a batch of two sizes; the README parameters
+    "two labels": ([("coffee.jpg", 40, 40, 24, 31)], DEEPLAB.replace(iterations=3), 2),
+    "batch": ([("astronaut.jpg", 0, 0, 21, 19), ("chelsea.jpg", 40, 80, 30, 35)],
+              README.replace(iterations=3), 5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PAIR_CASES))
+def test_emulated_pair_blur_is_bit_identical(emulated, case):
+    # Two blur passes a launch work out the first pass at the vertex and at its two neighbours
+    # along the second axis from the same rows: every output bit equals one pass a launch.
+    crops, params, n_labels = PAIR_CASES[case]
+    images = [crop(*c) for c in crops]
+    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=i + 7) for i, im in enumerate(images)]
+    single = cuda.CudaCRF(images, probs, params, backend=emulated, pair_blur=False)
+    passes = single.run()
+    paired = cuda.CudaCRF(images, probs, params, backend=emulated, pair_blur=True)
+    out = paired.run()
+    planned = [args[0] for _, args in paired._launches]
+    assert planned.count("lattice_blur_pair") == 3 and "lattice_blur" not in planned
+    # one pass a launch: the Gaussian's axes 0-2 with the bilateral's, then its 3-5 alone
+    assert [args[0] for _, args in single._launches].count("lattice_blur") == (6 if params.bi_w else 3)
+    for a, b, p in zip(passes, out, probs):
+        assert np.array_equal(a, b)
+        assert not np.allclose(b, p, atol=1e-3)  # the CRF moved the probabilities: a real check
 
 
 SPATIAL_CASES = {
@@ -376,7 +395,8 @@ def test_emulated_graph_replays_equal_direct_launches(emulated, gauss_grid):
         assert np.array_equal(out, direct), mode
         assert backend.replays == replays and len(backend.captures) == 1
         launches.append(backend.captures[0] * replays)
-    per_iteration = 10 if gauss_grid else 9  # splat, reduce, blur passes (or tiles + 6), slice
+    # splat, reduce, 3 blur launches (Gaussian axis k, bilateral axes 2k and 2k+1), slice
+    per_iteration = 6
     assert launches == [4 * per_iteration] * 3
     with pytest.raises(ValueError, match="graph must be one of"):
         cuda.CudaCRF([image], [probs], params, backend=emulated).run(graph="sometimes")
@@ -543,20 +563,17 @@ def test_gpu_is_deterministic_and_batch_equals_singles(photos_on_gpu):
 
 
 @pytest.mark.cuda
-def test_gpu_gaussian_grid_and_spatial_order_equal_the_default(photos_on_gpu):
-    # Shared-memory tiles, barriers and the chunk split only run for real on a GPU; the spatial
-    # vertex order renumbers vertices only.
+def test_gpu_vertex_order_blur_launches_and_grid_equal_each_other(photos_on_gpu):
+    # Each option is bit-identical on the device too: the default (spatial order, two blur
+    # passes a launch), key order, one pass a launch, and the Gaussian cell grid.
     images, probs = photos_on_gpu
-    for params in (DEEPLAB, README.replace(normalization="after")):
-        passes = [o.get() for o in cuda.CudaCRF(images, probs, params).run()]
-        tiled = [o.get() for o in cuda.CudaCRF(images, probs, params, gauss_grid=True).run(graph=True)]
-        spatial = [o.get() for o in cuda.CudaCRF(images, probs, params, spatial_order=True).run()]
-        both = [o.get() for o in cuda.CudaCRF(images, probs, params, gauss_grid=True, spatial_order=True).run()]
-        for a, b, c, d in zip(passes, tiled, spatial, both):
-            assert np.array_equal(a, b) and np.array_equal(a, c) and np.array_equal(a, d)
-    small, p = [images[0][:20, :30]], [probs[0][:, :20, :30].copy()]  # few tiles: the chunks split
-    tiled = cuda.CudaCRF(small, p, DEEPLAB, gauss_grid=True).run()[0].get()
-    assert np.array_equal(tiled, cuda.CudaCRF(small, p, DEEPLAB).run()[0].get())
+    for params in (DEEPLAB, README.replace(normalization="after"), DEEPLAB.replace(bi_w=0)):
+        default = [o.get() for o in cuda.CudaCRF(images, probs, params).run()]
+        for options in ({"spatial_order": False}, {"pair_blur": False}, {"gauss_grid": True},
+                        {"spatial_order": False, "pair_blur": False}):
+            other = [o.get() for o in cuda.CudaCRF(images, probs, params, **options).run(graph=True)]
+            for a, b in zip(default, other):
+                assert np.array_equal(a, b), options
 
 
 @pytest.mark.cuda
@@ -632,8 +649,7 @@ def test_emulated_gaussian_grid_is_skipped_for_strips(emulated):
     params = DEEPLAB.replace(iterations=2)
     crf = cuda.CudaCRF([image], [probs], params, backend=emulated, gauss_grid=True)
     out = crf.run()[0]
-    assert crf.lattices.gauss_grid is None
-    assert "gauss_blur_tiles" not in [args[0] for _, args in crf._launches]
+    assert not crf._gridded
     assert np.array_equal(out, cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0])
     photo = cuda.CudaCRF([crop("chelsea.jpg", 0, 0, 150, 200)], [network_like_probs(150, 200)], params,
                          backend=emulated, gauss_grid=True)

@@ -16,22 +16,25 @@ both lattices share one set of arrays, so each step below is one launch for both
      pydensecrf (its 4-wide build pads the last group with all-zero features). The host waits
      once, for the vertex count; scalars go as kernel arguments, the small constant table is
      uploaded once per geometry;
-  3. each iteration (9 launches, or a CUDA graph of them replayed): splat both lattices (gather over
-     each vertex's entries, no atomics), reduce long vertices, blur along the axes (Jacobi,
-     double buffer; axes 3..5 only on the bilateral vertices); then one kernel slices both,
-     adds the normalized Potts messages to -U and takes the softmax over labels.
+  3. each iteration (6 launches, or a CUDA graph of them replayed): splat both lattices (gather over
+     each vertex's entries, no atomics), reduce the vertices cut into several runs, blur in
+     three launches (Jacobi, double buffer; each takes the Gaussian lattice's next axis and the
+     bilateral lattice's next two); then one kernel slices both, adds the normalized Potts
+     messages to -U and takes the softmax over labels.
 Per-pixel and per-vertex label rows are padded to a multiple of 4 floats (pad columns stay 0)
 so every pass moves them as float4; each label's arithmetic is pydensecrf's.
 
-With `gauss_grid=True` the Gaussian lattice, whose vertices depend on pixel positions only, is
-also indexed by its regular grid of cells: its neighbours come from the grid instead of a binary
-search, and each iteration blurs it along all three axes in one launch of shared-memory tiles
-instead of three launches through memory. With `spatial_order=True` the sort numbers the
-vertices image by image and the bilateral ones by spatial tile (its key's colour coordinates
-otherwise top the order), so the pixels a wave of splat threads gathers, and the neighbours a
-blur pass reads, lie close together and stay in L2 at large sizes. Both results are
-bit-identical; both stay off by default until `benchmarks/crf.py --ab default,grid,spatial,both`
-has timed them on a GPU.
+The sort numbers the vertices image by image and the bilateral ones by spatial tile
+(`spatial_order`; with the key's colour coordinates on top instead, neighbouring ids lie all
+over the image), so the pixels a wave of splat threads gathers, and the neighbours a blur pass
+reads, lie close together and stay in L2 at large sizes. Each blur launch does two of the
+bilateral lattice's passes (`pair_blur`): the first pass's result at a vertex and at its two
+neighbours along the second axis is worked out from the same rows, so its values are written
+once per two passes (pairing the dense Gaussian lattice's passes too measured slower: 14.9
+instead of 13.8 ms of blur at 4 MP on an H200). With
+`gauss_grid=True` the Gaussian lattice, whose vertices depend on pixel positions only, is also
+indexed by its regular grid of cells and its neighbours come from the grid instead of a binary
+search. Each option gives bit-identical results; `benchmarks/crf.py --ab` times them.
 """
 
 from __future__ import annotations
@@ -59,8 +62,7 @@ KERNELS = {
     "permutohedral.cu": (
         "lattice_elevate", "lattice_mark", "lattice_vertices", "lattice_entries", "lattice_neighbours",
         "lattice_run_counts", "lattice_runs", "norm_splat", "norm_splat_reduce", "norm_blur", "lattice_norms",
-        "lattice_splat", "lattice_splat_reduce", "lattice_blur", "gauss_grid", "gauss_neighbours",
-        "gauss_blur_tiles",
+        "lattice_splat", "lattice_splat_reduce", "lattice_blur", "lattice_blur_pair", "gauss_grid", "gauss_neighbours",
     ),
     "meanfield.cu": ("mf_unary_rows", "mf_slice_softmax_v4", "mf_to_planes_rows"),
 }
@@ -74,11 +76,6 @@ UNARY_CLIP = 1e-5  # U = -log(clip(p, 1e-5, 1)), as pydensecrf.utils.unary_from_
 # vertex's runs. Short runs keep the threads of a warp (neighbouring vertices) equally busy.
 RUN_MIN = 16
 _BLOCK = 256
-# The Gaussian lattice's tiled blur (gauss_blur_tiles): cells per tile side and threads per block,
-# as GAUSS_TILE and GAUSS_TILE_THREADS in permutohedral.cu; blocks one multiprocessor runs at once.
-_GAUSS_TILE = 16
-_GAUSS_TILE_THREADS = 512
-_GAUSS_TILE_BLOCKS_PER_SM = 3
 # gauss_grid is used only while its cell slots stay within this many per pixel (photos have
 # about 3: 2.9 at 500x375, 2.8 at 4 MP), plus a few for any small batch; else the Gaussian
 # lattice goes the sparse way (the same result).
@@ -321,19 +318,6 @@ class CupyBackend:
         grid = min((rows + per_block - 1) // per_block, self.max_blocks)
         self.functions[name]((grid,), (lanes, per_block), tuple(self._null if a is None else a for a in args))
 
-    def launch_blocks(self, name: str, blocks: int, threads: int, args: Sequence[Any]) -> None:
-        """Run a block-wide kernel (shared memory, barriers) as `blocks` blocks of `threads`
-        threads, at most max_blocks at once: its block-stride loop covers the rest."""
-        if blocks <= 0:
-            return
-        grid = min(blocks, self.max_blocks)
-        self.functions[name]((grid,), (threads,), tuple(self._null if a is None else a for a in args))
-
-    @property
-    def resident_tile_blocks(self) -> int:
-        """gauss_blur_tiles blocks the whole device runs at once."""
-        return self.max_blocks // 32 * _GAUSS_TILE_BLOCKS_PER_SM
-
     def constant(self, key: Any, host: np.ndarray) -> Any:
         """`host` on the device, uploaded once per `key` while among the last _CONSTANTS_KEPT
         keys used (a folder of photos has a handful of sizes, or a new one per photo)."""
@@ -421,11 +405,12 @@ class Lattices:
     n_runs_max: int  # host bound on R, for launch sizes
     run_offset: Any  # (M+1,) int32 first run of each vertex
     run_vertex: Any  # (R,) int32 vertex of a run that is all of its vertex, else -1
+    multi: Any  # (K,) int32 the vertices of several runs, ascending
+    n_multi: Any  # (1,) int32 on the device: K
+    n_multi_max: int  # host bound on K, for launch sizes
     neighbours: Any  # (d_max+1, M, 2) int32, -1 = missing (axes past a lattice's d unused)
     norms: list[Any] = dataclasses.field(default_factory=list)  # per lattice (N,) float32
     values: tuple[Any, Any] = (None, None)  # two (M, ld) float32 buffers: the splat/blur double buffer
-    gauss_grid: Any = None  # (images, span1, span0, 3) int32 Gaussian vertex of each cell slot, -1 = none
-    gauss_cells: tuple[int, int] = (0, 0)  # (span0, span1) of gauss_grid
 
     @property
     def n_vertices(self) -> int:
@@ -436,16 +421,37 @@ class Lattices:
         lo, hi = self.entry_first[l], self.entry_first[l + 1]
         return self.entry_vertex[lo:hi], self.entry_weight[lo:hi]
 
-    def blur_plan(self, lattices: Sequence[int] | None = None) -> list[tuple[int, int, int, list[int]]]:
-        """Blur passes of `lattices` (default all; consecutive): (axis, v0, v1, lattices whose
-        d+1 passes end here). Lattices are in ascending d, so the vertices having an axis are
-        one range."""
-        lattices = list(range(len(self.specs))) if lattices is None else list(lattices)
+    def blur_plan(self) -> list[tuple[int, int, int, list[int]]]:
+        """Blur passes, one a launch: (axis, v0, v1, lattices whose d+1 passes end here).
+        Lattices are in ascending d, so the vertices having an axis are one range."""
+        lattices = range(len(self.specs))
         plan = []
         for axis in range(max(self.specs[l].d for l in lattices) + 1):
             having = [l for l in lattices if self.specs[l].d >= axis]
             done = [l for l in lattices if self.specs[l].d == axis]
             plan.append((axis, self.first[having[0]], self.first[having[-1] + 1], done))
+        return plan
+
+    def pair_plan(self) -> list[tuple[tuple[int | None, int | None, int | None], int, int, int, list[int]]]:
+        """lattice_blur_pair's launches: ((axis_s, axis_a, axis_b), v0, vb, v1, lattices whose
+        passes end here). Launch k takes the Gaussian lattice's (d = 2, dense) axis k alone on
+        [v0, vb) and the bilateral lattice's axes 2k and 2k+1 together on [vb, v1): three
+        launches for the 3 + 6 passes. None: no such axis in this launch."""
+        gauss = [l for l, spec in enumerate(self.specs) if spec.d == 2]
+        other = [l for l, spec in enumerate(self.specs) if spec.d != 2]
+        assert gauss in ([], [0]) and len(other) <= 1, "the Gaussian lattice, if any, is lattice 0"
+        d_s = self.specs[0].d if gauss else -1
+        d_p = self.specs[other[0]].d if other else -1
+        plan = []
+        for k in range(max(d_s + 1, (d_p + 2) // 2)):
+            axis_s = k if k <= d_s else None
+            axis_a = 2 * k if 2 * k <= d_p else None
+            axis_b = 2 * k + 1 if 2 * k + 1 <= d_p else None
+            v0 = self.first[0] if axis_s is not None else self.first[other[0]]
+            vb = self.first[1] if axis_s is not None else v0
+            v1 = self.first[other[0] + 1] if axis_a is not None else vb
+            done = [0] * (axis_s == d_s) + other * (d_p in (axis_a, axis_b))
+            plan.append(((axis_s, axis_a, axis_b), v0, vb, v1, done))
         return plan
 
 
@@ -480,16 +486,14 @@ class CudaCRF:
 
     def __init__(self, images: Sequence[Any], probs: Sequence[Any], params: CRFParams = CRFParams(),
                  backend: Any = None, *, spread_keys: bool = False, run_min: int = RUN_MIN,
-                 gauss_grid: bool = False, spatial_order: bool = False) -> None:
-        """`gauss_grid`: index the Gaussian lattice's vertices by their regular grid of cells,
-        so the build finds their neighbours by indexing instead of binary search and each
-        iteration runs its three blur passes in one launch of shared-memory tiles (one read and
-        one write of the values instead of three). `spatial_order`: number the vertices image
-        by image and the bilateral ones by spatial tile (pack_layout's `spatial`), so the
-        vertices a splat, blur or slice touches at once lie near each other in memory and the
-        pixels they read stay in L2. Both are bit-identical either way and off by default until
-        timed on a GPU (benchmarks/crf.py --ab default,grid,spatial). `spread_keys` and
-        `run_min` exist for tests and benchmarks."""
+                 gauss_grid: bool = False, spatial_order: bool = True, pair_blur: bool = True) -> None:
+        """`spatial_order`: number the vertices image by image and the bilateral ones by
+        spatial tile (pack_layout's `spatial`), so the vertices a splat, blur or slice touches
+        at once lie near each other in memory and the pixels they read stay in L2. `pair_blur`:
+        two blur passes a launch (lattice_blur_pair), one write of the values per two passes.
+        `gauss_grid`: find the Gaussian lattice's neighbours by indexing its regular grid of
+        cells instead of by binary search. Each is bit-identical either way (benchmarks/crf.py
+        --ab times them). `spread_keys` and `run_min` exist for tests and benchmarks."""
         self.bk = backend if backend is not None else cupy_backend()
         xp = self.bk.xp
         if len(images) != len(probs) or not images:
@@ -527,6 +531,7 @@ class CudaCRF:
         self.run_min = run_min
         self.gauss_grid = bool(gauss_grid)
         self.spatial_order = bool(spatial_order)
+        self.pair_blur = bool(pair_blur)
         self.lattices: Lattices | None = None
         self.q = self.neg_unary = None
         self._launches: list[tuple[Any, tuple]] = []  # (backend method, its arguments)
@@ -632,7 +637,7 @@ class CudaCRF:
             raise RuntimeError("CRF lattice: a key fell outside its packed range (a bug)")
         first = first + [m]
         neighbours = xp.empty((max(s.d for s in specs) + 1, m, 2), dtype=xp.int32)
-        grid, cells, searched = None, (0, 0), 0
+        searched = 0
         if self._gridded:  # the Gaussian vertices (lattice 0) by cell, and their neighbours from that
             cells = gauss_cells(specs[0], self.max_h, self.max_w)
             grid = xp.full((len(self.images), cells[1], cells[0], 3), -1, dtype=xp.int32)
@@ -641,6 +646,7 @@ class CudaCRF:
             bk.launch("gauss_neighbours", first[1], (unique_lo, unique_hi, _i64(first[1]), _i64(m), consts,
                                                     _i32(cells[0]), _i32(cells[1]), grid, neighbours))
             searched = first[1]
+            del grid
         bk.launch("lattice_neighbours", m - searched,
                   (unique_lo[:m], None if unique_hi is None else unique_hi[:m], _i64(m), _i64(searched),
                    _i64(first[1]), _i32(specs[0].d == 2), consts, neighbours))
@@ -650,14 +656,19 @@ class CudaCRF:
         counts = xp.empty(m + 1, dtype=xp.int32)
         bk.launch("lattice_run_counts", m, (starts, _i64(m), _i32(self.run_min), counts))
         run_offset = xp.cumsum(counts, dtype=xp.int32)  # (M+1,)
+        multi_pos = xp.cumsum(counts[1:] > 1, dtype=xp.int32)  # (M,) vertices of several runs up to each
         del counts
         n_runs_max = m + e // self.run_min + 1
+        # A vertex of several runs has more than run_min entries.
+        n_multi_max = max(1, min(m, e // (self.run_min + 1)))
         run_bounds = xp.empty(n_runs_max + 1, dtype=xp.int32)
         run_vertex = xp.empty(n_runs_max, dtype=xp.int32)
-        bk.launch("lattice_runs", m, (starts, run_offset, _i64(m), _i32(self.run_min), run_bounds, run_vertex))
+        multi = xp.empty(n_multi_max, dtype=xp.int32)
+        bk.launch("lattice_runs", m, (starts, run_offset, multi_pos, _i64(m), _i32(self.run_min), run_bounds,
+                                      run_vertex, multi))
         return Lattices(specs, first, entry_first, entry_vertex, weight, sorted_pixel, sorted_weight, run_bounds,
-                        run_offset[m:], n_runs_max, run_offset, run_vertex, neighbours, gauss_grid=grid,
-                        gauss_cells=cells)
+                        run_offset[m:], n_runs_max, run_offset, run_vertex, multi, multi_pos[m - 1:], n_multi_max,
+                        neighbours)
 
     @property
     def _gridded(self) -> bool:
@@ -670,15 +681,24 @@ class CudaCRF:
         slots = 3 * span0 * span1 * len(self.images)
         return slots <= _GAUSS_GRID_SLOTS_PER_PIXEL * self.n_pixels + _GAUSS_GRID_SLOTS_FREE
 
-    def _blur(self, kernel: str, a: Any, b: Any, extra: tuple,
-              lattices: Sequence[int] | None = None) -> tuple[list[tuple], list[Any]]:
-        """The blur passes of `lattices` (default both) from buffer `a` (Jacobi, swapping a and
-        b): their launches (kernel's args src, dst, nbr, v0, v1, *extra) and each lattice's
-        result buffer (None for those not blurred)."""
+    def _blur(self, kernel: str, a: Any, b: Any, extra: tuple, pairs: bool = False) -> tuple[list[tuple], list[Any]]:
+        """The blur passes of both lattices from buffer `a` (Jacobi, swapping a and b): their
+        launches and each lattice's result buffer. One pass a launch (lat.blur_plan): kernel
+        args (src, dst, nbr, v0, v1, *extra); with `pairs`, lattice_blur_pair's launches
+        (lat.pair_plan): args (src, dst, nbr_s, nbr_a, nbr_b, v0, vb, v1, *extra)."""
         lat = self.lattices
+
+        def nbr(axis: int | None) -> Any:
+            return None if axis is None else lat.neighbours[axis]
+
+        if pairs:
+            plan = [((nbr(s), nbr(x), nbr(y), _i64(v0), _i64(vb), _i64(v1)), v1 - v0, done)
+                    for (s, x, y), v0, vb, v1, done in lat.pair_plan()]
+        else:
+            plan = [((nbr(axis), _i64(v0), _i64(v1)), v1 - v0, done) for axis, v0, v1, done in lat.blur_plan()]
         launches, result = [], [None] * len(lat.specs)
-        for axis, v0, v1, done in lat.blur_plan(lattices):
-            launches.append((kernel, v1 - v0, (a, b, lat.neighbours[axis], _i64(v0), _i64(v1), *extra)))
+        for args, rows, done in plan:
+            launches.append((kernel, rows, (a, b, *args, *extra)))
             a, b = b, a
             for l in done:
                 result[l] = a
@@ -692,7 +712,8 @@ class CudaCRF:
         partial = self._partial.reshape(-1)[: lat.n_runs_max]
         bk.launch("norm_splat", lat.n_runs_max, (lat.run_bounds, lat.n_runs, _i64(lat.n_runs_max), lat.sorted_pixel,
                                                  lat.sorted_weight, lat.run_vertex, a, partial))
-        bk.launch("norm_splat_reduce", m, (partial, lat.run_offset, _i64(m), a))
+        bk.launch("norm_splat_reduce", lat.n_multi_max, (partial, lat.run_offset, lat.multi, lat.n_multi,
+                                                         _i64(lat.n_multi_max), a))
         launches, blurred = self._blur("norm_blur", a, b, ())
         for launch in launches:
             bk.launch(*launch)
@@ -707,7 +728,7 @@ class CudaCRF:
         """The launches of one mean-field iteration, arguments bound once: one splat, its
         reduction and the blur passes for both lattices, then the fused slice + softmax."""
         lat = self.lattices
-        m, nv = lat.n_vertices, self.n_vec
+        nv = self.n_vec
         a, b = lat.values
         symmetric = self.params.normalization == "symmetric"
         scales = (lat.norms + [None])[:2] if symmetric else [None, None]
@@ -717,34 +738,14 @@ class CudaCRF:
                                                         lat.run_bounds, lat.n_runs, _i64(lat.n_runs_max), _i32(nv),
                                                         lat.sorted_pixel, lat.sorted_weight, lat.run_vertex, a,
                                                         self._partial), nv)),
-            (launch, ("lattice_splat_reduce", m, (self._partial, lat.run_offset, _i64(m), _i32(nv), a), nv)),
+            (launch, ("lattice_splat_reduce", lat.n_multi_max, (self._partial, lat.run_offset, lat.multi, lat.n_multi,
+                                                                 _i64(lat.n_multi_max), _i32(nv), a), nv)),
         ]
         blur_args = (_i32(nv), _i32(self._seq))
-        if lat.gauss_grid is None:
-            blur, blurred = self._blur("lattice_blur", a, b, blur_args)
-        else:
-            # The Gaussian's three passes in one tiled launch a -> b (its rows only), then the
-            # bilateral's six through memory starting from a (its rows only): no row is written twice.
-            span0, span1 = lat.gauss_cells
-            tiles = len(self.images) * -(-span0 // _GAUSS_TILE) * -(-span1 // _GAUSS_TILE)
-            step = self._chunk_step(tiles)
-            launches.append((self.bk.launch_blocks, (
-                "gauss_blur_tiles", tiles * -(-nv // step), _GAUSS_TILE_THREADS,
-                (a, b, lat.gauss_grid, _i32(len(self.images)), _i32(span0), _i32(span1), _i32(nv), _i32(step),
-                 _i32(self._seq)))))
-            blur, blurred = [], [b]
-            if len(lat.specs) > 1:
-                blur, blurred = self._blur("lattice_blur", a, b, blur_args, range(1, len(lat.specs)))
-                blurred[0] = b
+        blur_kernel = "lattice_blur_pair" if self.pair_blur else "lattice_blur"
+        blur, blurred = self._blur(blur_kernel, a, b, blur_args, self.pair_blur)
         launches += [(launch, (*call, nv)) for call in blur]
         self._launches = launches + [(launch, self._slice_softmax(blurred))]
-
-    def _chunk_step(self, tiles: int) -> int:
-        """Label chunks (float4s) one gauss_blur_tiles block takes in turn: all of them when the
-        tiles alone fill the device about 8 times over, else fewer, down to one, for more blocks."""
-        resident = getattr(self.bk, "resident_tile_blocks", 1)
-        groups = min(self.n_vec, max(1, -(-8 * resident // tiles)))
-        return -(-self.n_vec // groups)
 
     # -- stage 2: mean-field iterations -----------------------------------------------------------
 
