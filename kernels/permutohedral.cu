@@ -371,11 +371,14 @@ extern "C" __global__ void lattice_neighbours(const u64* unique_lo, const u64* u
 
 // One thread: one vertex v. Reads its entry range from starts; writes how many splat runs it
 // is cut into at counts[v + 1] (and counts[0] = 0), so the inclusive scan of counts is each
-// vertex's first run.
-extern "C" __global__ void lattice_run_counts(const int* starts, long long n_vertices, int min_chunk, int* counts) {
+// vertex's first run, and whether that is more than one at several[v].
+extern "C" __global__ void lattice_run_counts(const int* starts, long long n_vertices, int min_chunk, int* counts,
+                                              int* several) {
     for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
         const int len = starts[v + 1] - starts[v], chunk = run_chunk(len, min_chunk);
-        counts[v + 1] = (len + chunk - 1) / chunk;
+        const int count = (len + chunk - 1) / chunk;
+        counts[v + 1] = count;
+        several[v] = count > 1;
         if (v == 0) counts[0] = 0;
     }
 }
@@ -385,12 +388,13 @@ extern "C" __global__ void lattice_run_counts(const int* starts, long long n_ver
 // for each run its vertex when that is the vertex's only run, else -1, at run_vertex[..]; the
 // last vertex also closes the list with run_bounds[run_offset[M]] = E. A vertex of several
 // runs also writes its id at multi[multi_pos[v] - 1] (multi_pos: the inclusive count of such
-// vertices up to v), so the reductions visit only those, in vertex order. Splatting then sums
+// vertices up to v), so the reductions visit only those, in vertex order; the last vertex
+// writes their count, *n_multi = multi_pos[M - 1]. Splatting then sums
 // each run, and each vertex sums its runs, both in a fixed order: a balanced, deterministic
 // segmented sum even when one vertex collects many thousands of pixels.
 extern "C" __global__ void lattice_runs(const int* starts, const int* run_offset, const int* multi_pos,
                                         long long n_vertices, int min_chunk, int* run_bounds, int* run_vertex,
-                                        int* multi) {
+                                        int* multi, int* n_multi) {
     for (long long v = grid_start(); v < n_vertices; v += grid_step()) {
         const int first = run_offset[v], count = run_offset[v + 1] - first;
         const int chunk = run_chunk(starts[v + 1] - starts[v], min_chunk);
@@ -399,7 +403,10 @@ extern "C" __global__ void lattice_runs(const int* starts, const int* run_offset
             run_vertex[first + k] = count == 1 ? (int)v : -1;
         }
         if (count > 1) multi[multi_pos[v] - 1] = (int)v;
-        if (v == n_vertices - 1) run_bounds[run_offset[v + 1]] = starts[v + 1];
+        if (v == n_vertices - 1) {
+            run_bounds[run_offset[v + 1]] = starts[v + 1];
+            *n_multi = multi_pos[v];
+        }
     }
 }
 

@@ -654,20 +654,23 @@ class CudaCRF:
         # Each vertex's split depends on its own length only, so a batch sums exactly as its
         # images would alone.
         counts = xp.empty(m + 1, dtype=xp.int32)
-        bk.launch("lattice_run_counts", m, (starts, _i64(m), _i32(self.run_min), counts))
+        several = xp.empty(m, dtype=xp.int32)
+        bk.launch("lattice_run_counts", m, (starts, _i64(m), _i32(self.run_min), counts, several))
         run_offset = xp.cumsum(counts, dtype=xp.int32)  # (M+1,)
-        multi_pos = xp.cumsum(counts[1:] > 1, dtype=xp.int32)  # (M,) vertices of several runs up to each
-        del counts
+        multi_pos = xp.cumsum(several, dtype=xp.int32)  # (M,) vertices of several runs up to each
+        del counts, several
         n_runs_max = m + e // self.run_min + 1
         # A vertex of several runs has more than run_min entries.
         n_multi_max = max(1, min(m, e // (self.run_min + 1)))
         run_bounds = xp.empty(n_runs_max + 1, dtype=xp.int32)
         run_vertex = xp.empty(n_runs_max, dtype=xp.int32)
         multi = xp.empty(n_multi_max, dtype=xp.int32)
+        n_multi = xp.empty(1, dtype=xp.int32)
         bk.launch("lattice_runs", m, (starts, run_offset, multi_pos, _i64(m), _i32(self.run_min), run_bounds,
-                                      run_vertex, multi))
+                                      run_vertex, multi, n_multi))
+        del multi_pos
         return Lattices(specs, first, entry_first, entry_vertex, weight, sorted_pixel, sorted_weight, run_bounds,
-                        run_offset[m:], n_runs_max, run_offset, run_vertex, multi, multi_pos[m - 1:], n_multi_max,
+                        run_offset[m:], n_runs_max, run_offset, run_vertex, multi, n_multi, n_multi_max,
                         neighbours)
 
     @property
