@@ -49,6 +49,12 @@ def weights_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def voc(tmp_path) -> Path:
+    """A VOC2012-style folder of helpers.LABELS: a JPEG and a palette PNG each, the val split."""
+    return helpers.write_voc(tmp_path / "VOC2012", helpers.LABELS)
+
+
+@pytest.fixture
 def server(monkeypatch):
     """A loopback HTTP server that weights downloads are pointed at (DEEPLAB_WEIGHTS_URL)."""
     from deeplab_cli.weights import URL_ENV

@@ -13,7 +13,7 @@ from PIL import Image
 from deeplab_cli import datasets
 from deeplab_cli.cli import cli
 from deeplab_cli.errors import DeeplabError
-from helpers import LABELS, N_CLASSES, assert_one_line_error, write_palette_png, write_voc
+from helpers import LABELS, N_CLASSES, assert_one_line_error, write_palette_png
 
 PREDS = {
     "a": np.array([[0, 0, 1, 1, 1],
@@ -29,11 +29,6 @@ HAND = np.array([[6, 1, 0],
                  [0, 4, 1],
                  [1, 0, 5]])
 HAND_IOU = [6 / (7 + 7 - 6), 4 / (5 + 5 - 4), 5 / (6 + 6 - 5)]
-
-
-@pytest.fixture
-def voc(tmp_path) -> Path:
-    return write_voc(tmp_path / "VOC2012", LABELS)
 
 
 @pytest.fixture

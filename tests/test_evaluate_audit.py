@@ -19,12 +19,7 @@ from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.labels import palette_for
 from deeplab_cli.metrics import ConfusionMatrix
-from helpers import LABELS, assert_one_line_error, write_palette_png, write_voc
-
-
-@pytest.fixture
-def voc(tmp_path) -> Path:
-    return write_voc(tmp_path / "VOC2012", LABELS)
+from helpers import LABELS, assert_one_line_error, write_palette_png
 
 
 @pytest.fixture
