@@ -110,8 +110,9 @@ class _KernelTimer:
     def __init__(self, inner) -> None:
         self.inner, self.xp, self.records = inner, inner.xp, []
 
-    def launch(self, name, n, args, width=1) -> None:
-        self._timed(f"{name}[{n}]", self.inner.launch, name, n, args, width)  # rows tell the two lattices apart
+    def launch(self, name, n, args, width=1, block_rows=0) -> None:
+        # rows tell the two lattices apart
+        self._timed(f"{name}[{n}]", self.inner.launch, name, n, args, width, block_rows)
 
     def _timed(self, label, method, *args) -> None:
         import cupy as cp
@@ -318,6 +319,8 @@ VARIANTS = {  # CudaCRF options for --ab
     "key-order": {"spatial_order": False},
     # before either: key order, one pass a launch
     "plain": {"spatial_order": False, "pair_blur": False},
+    # the Gaussian kernel as per-pixel stencil rows over the previous Q (equal up to rounding)
+    "stencil": {"gauss_stencil": True},
     "run8": {"run_min": 8},
     "run64": {"run_min": 64},
 }

@@ -64,6 +64,109 @@ static __device__ __forceinline__ void mf_load_corners(long long p, const int* v
     }
 }
 
+// ---- the Gaussian kernel as a per-pixel stencil ----------------------------------------------
+// The Gaussian lattice's filter (splat, blur along axes 0, 1, 2, slice) is a fixed linear map of
+// the pixels' label rows, and it links only pixels less than 4 sigma apart: a simplex corner lies
+// less than one lattice spacing (sigma pixels) from its point, and the three blur passes move
+// along three axes that sum to zero, at most two spacings in all. So with the norms, alpha and
+// the Potts weight folded in, pixel p's Gaussian message is sum_s stencil[s, p] * Q[q_s] over the
+// pixels q_s of a (2R+1)^2 window around it, R the largest integer below 4 sigma: one gather of
+// neighbouring Q rows in the slice kernel instead of a splat, three blur passes and a slice
+// through lattice-sized arrays every iteration. The sums run in another order than
+// pydensecrf's, so the result equals it up to float rounding, not bit for bit.
+
+// The image of batch pixel p: the last b with image_start[b] <= p (binary search).
+static __device__ __forceinline__ int mf_image_of(long long p, const long long* image_start, int n_images) {
+    int lo = 0, hi = n_images - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (image_start[mid] <= p) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Pixels a block of gauss_stencil takes at once (its launch's rows per block, cuda.py
+// STENCIL_BLOCK_ROWS) and the most slots a row has ((2R+1)^2 for R = cuda.py STENCIL_RADIUS_MAX).
+#define STENCIL_BLOCK_ROWS 128
+#define STENCIL_SLOTS_MAX 81
+
+// One thread: one pixel p of the batch, in blocks of STENCIL_BLOCK_ROWS threads (rows). Reads p's
+// three Gaussian corners (vertex ids and barycentric weights), the neighbours along axes 2, 1, 0
+// of the vertices the blur reaches from them, and the sorted entries (pixel, weight) of each
+// vertex reached (through run_offset and run_bounds); sums into its row of the block's shared
+// memory and then, with the block, writes them to stencil ((2R+1)^2, N): slot-major, so the
+// pixels of a warp read one slot's weights from consecutive floats. Slot (dy + R) * (2R+1) +
+// dx + R is the pixel dx right and dy down; its weight: scale * norm[p] * the sum, over
+// corner r, blur path and entry e of pixel q, of w_r * (1 or 0.5 a pass) * w_e (times norm[q]
+// when symmetric), 0 where no path leads. A term whose pixel lies outside the window would need
+// a point at the far corner of its simplex with a weight that is 0 but for rounding; it is left
+// out and sets info[0]. Terms add in a fixed order: deterministic.
+extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil(
+    long long n_pixels, const long long* image_start, const int* image_width, int n_images, const int* vertex,
+    const float* weight, const int2* nbr0, const int2* nbr1, const int2* nbr2, const int* run_offset,
+    const int* run_bounds, const int* sorted_pixel, const float* sorted_weight, const float* norm, int symmetric,
+    float scale, int radius, float* stencil, int* info) {
+    __shared__ float rows[STENCIL_BLOCK_ROWS * STENCIL_SLOTS_MAX];
+    const int side = 2 * radius + 1, slots = side * side;
+    float* row = rows + threadIdx.y * slots;
+    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_pixels; base += (long long)gridDim.x * blockDim.y) {
+        const long long p = base + threadIdx.y;
+        for (int s = 0; s < slots; ++s) row[s] = 0.0f;
+        if (p < n_pixels) {
+            const int b = mf_image_of(p, image_start, n_images);
+            const long long start = image_start[b];
+            const int width = image_width[b];
+            const long long px = (p - start) % width, py = (p - start) / width;
+            for (int r = 0; r < 3; ++r) {
+                const float w_r = weight[p * 3 + r];
+                const int v = vertex[p * 3 + r];
+                const int2 along2 = nbr2[v];
+                const int reach2[3] = {v, along2.x, along2.y};
+                for (int i2 = 0; i2 < 3; ++i2) {
+                    if (reach2[i2] < 0) continue;
+                    const float c2 = i2 ? __fmul_rn(0.5f, w_r) : w_r;
+                    const int2 along1 = nbr1[reach2[i2]];
+                    const int reach1[3] = {reach2[i2], along1.x, along1.y};
+                    for (int i1 = 0; i1 < 3; ++i1) {
+                        if (reach1[i1] < 0) continue;
+                        const float c1 = i1 ? __fmul_rn(0.5f, c2) : c2;
+                        const int2 along0 = nbr0[reach1[i1]];
+                        const int reach0[3] = {reach1[i1], along0.x, along0.y};
+                        for (int i0 = 0; i0 < 3; ++i0) {
+                            const int u = reach0[i0];
+                            if (u < 0) continue;
+                            const float c0 = i0 ? __fmul_rn(0.5f, c1) : c1;
+                            const int end = run_bounds[run_offset[u + 1]];
+                            for (int s = run_bounds[run_offset[u]]; s < end; ++s) {
+                                const int q = sorted_pixel[s];
+                                if (q < 0) continue;  // a padding origin's corner: no pixel
+                                const long long dx = (q - start) % width - px, dy = (q - start) / width - py;
+                                if (dx < -radius || dx > radius || dy < -radius || dy > radius) {
+                                    info[0] = 1;
+                                    continue;
+                                }
+                                float term = __fmul_rn(c0, sorted_weight[s]);
+                                if (symmetric) term = __fmul_rn(term, norm[q]);
+                                float* slot = row + (dy + radius) * side + dx + radius;
+                                *slot = __fadd_rn(*slot, term);
+                            }
+                        }
+                    }
+                }
+            }
+            const float f = __fmul_rn(scale, norm[p]);
+            for (int s = 0; s < slots; ++s) row[s] = __fmul_rn(row[s], f);
+        }
+        __syncthreads();
+        // slot by slot, the block's pixels are consecutive in stencil: consecutive threads copy them
+        const int live = n_pixels - base < (long long)blockDim.y ? (int)(n_pixels - base) : (int)blockDim.y;
+        for (int i = threadIdx.y; i < live * slots; i += blockDim.y)
+            stencil[(long long)(i / live) * n_pixels + base + i % live] = rows[(i % live) * slots + i / live];
+        __syncthreads();
+    }
+}
+
 // ---- the fused slice + Potts + softmax: one lane group per pixel -------------------------------
 // Launch shape: blocks of (G, rows) threads, G a power of two <= 32 (1 on the CPU), so a warp
 // holds 32 / G rows, each on an aligned group of G lanes; lane j of a group handles the float4
@@ -102,15 +205,64 @@ static __device__ __forceinline__ float4 mf_add_message_v4(float4 t, int j, int 
                        __fadd_rn(t.w, __fmul_rn(weight, __fmul_rn(a[3], norm))));
 }
 
-// The energy chunk j of pixel p: -U plus the messages of the lattices whose values are given.
+// Stencil slots a lane loads at once: their weights, then the Q rows of the nonzero ones.
+#define MF_STENCIL_GROUP 3
+
+// t plus the Gaussian message of pixel p for the 4 labels of chunk j from its stencil weights:
+// sum over the window's slots, row by row, of stencil[s, p] (slot-major, n_pixels a slot) times
+// q_old's row of the slot's pixel (width: p's image's). Slots of weight 0 (off the image, or out
+// of the blur's reach) read nothing and add nothing.
+static __device__ __forceinline__ float4 mf_add_stencil_v4(float4 t, long long p, long long n_pixels, int j,
+                                                           int n_vec, const float* __restrict__ stencil, int radius,
+                                                           int width, const float4* __restrict__ q_old) {
+    const int side = 2 * radius + 1;
+    const float* row = stencil + p;  // slot 0 of pixel p
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int dy = -radius; dy <= radius; ++dy, row += side * n_pixels) {
+        const long long left = p + (long long)dy * width - radius;  // the pixel of slot dx = -radius
+        for (int k0 = 0; k0 < side; k0 += MF_STENCIL_GROUP) {
+            float w[MF_STENCIL_GROUP];
+            float4 x[MF_STENCIL_GROUP];
+#pragma unroll
+            for (int k = 0; k < MF_STENCIL_GROUP; ++k) w[k] = k0 + k < side ? row[(k0 + k) * n_pixels] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < MF_STENCIL_GROUP; ++k)
+                x[k] = w[k] != 0.0f ? q_old[(left + k0 + k) * n_vec + j] : zero;
+#pragma unroll
+            for (int k = 0; k < MF_STENCIL_GROUP; ++k) {
+                if (w[k] == 0.0f) continue;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) a[c] = __fadd_rn(a[c], __fmul_rn(w[k], mf_f4_get(x[k], c)));
+            }
+        }
+    }
+    return make_float4(__fadd_rn(t.x, a[0]), __fadd_rn(t.y, a[1]), __fadd_rn(t.z, a[2]), __fadd_rn(t.w, a[3]));
+}
+
+// The Gaussian stencil, when there is one: its weights ((2R+1)^2, n_pixels) and window radius,
+// the width of the pixel's image (for the row step), and the Q the messages come from (the
+// previous iteration's).
+struct MfStencil {
+    const float* weights;
+    long long n_pixels;
+    int radius, width;
+    const float4* q_old;
+};
+
+// The energy chunk j of pixel p: -U plus the messages of the lattices whose values are given
+// (with STENCIL, the Gaussian's from its stencil instead).
+template <bool STENCIL>
 static __device__ __forceinline__ float4 mf_energy_v4(long long p, int j, int n_vec, int seq,
                                                       const float4* __restrict__ neg_unary,
                                                       const float4* __restrict__ values_g, const int* vid_g,
                                                       const float* bary_g, float scale_g, float alpha_g, float w_g,
+                                                      const MfStencil& st,
                                                       const float4* __restrict__ values_b, const int* vid_b,
                                                       const float* bary_b, float scale_b, float alpha_b, float w_b) {
     float4 t = neg_unary[p * n_vec + j];
-    if (values_g) t = mf_add_message_v4<3>(t, j, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
+    if (STENCIL) t = mf_add_stencil_v4(t, p, st.n_pixels, j, n_vec, st.weights, st.radius, st.width, st.q_old);
+    else if (values_g) t = mf_add_message_v4<3>(t, j, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
     if (values_b) t = mf_add_message_v4<6>(t, j, n_vec, seq, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
     return t;
 }
@@ -136,11 +288,17 @@ static __device__ __forceinline__ float mf_group_sum(float v) {
 // With both values pointers null it is the softmax of neg_unary (Q0). When a row has more
 // chunks than the group has lanes, the energies go through Q's row (each lane rereads only
 // what it wrote). neg_unary and q must not alias.
-// At most 256 threads a block (the launcher's), 64 registers: 4 blocks per multiprocessor, no spills.
-extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
+// STENCIL (mf_slice_stencil_v4): the Gaussian message is gathered instead from its stencil weights
+// (gauss_stencil, window radius `radius`) over q_old's rows of the pixels around p (image_start,
+// image_width: the batch's images, for the row step); q_old must not alias q either. Its own
+// kernel, so the plain one keeps its registers.
+template <bool STENCIL>
+static __device__ __forceinline__ void mf_slice_softmax(
     const float4* __restrict__ neg_unary, long long n_pixels, int n_labels, int n_vec, int seq,
     const float4* __restrict__ values_g, const int* __restrict__ vertex_g, const float* __restrict__ weight_g,
     const float* __restrict__ norm_g, float alpha_g, float w_g,
+    const float* __restrict__ stencil, int radius, const float4* __restrict__ q_old,
+    const long long* __restrict__ image_start, const int* __restrict__ image_width, int n_images,
     const float4* __restrict__ values_b, const int* __restrict__ vertex_b, const float* __restrict__ weight_b,
     const float* __restrict__ norm_b, float alpha_b, float w_b, float4* __restrict__ q) {
     const int lane = threadIdx.x, group = blockDim.x;
@@ -149,10 +307,12 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
         const bool live = p < n_pixels;
         int vid_g[3], vid_b[6];
         float bary_g[3], bary_b[6], scale_g = 0.0f, scale_b = 0.0f;
-        if (live && values_g) {
+        if (!STENCIL && live && values_g) {
             mf_load_corners<3>(p, vertex_g, weight_g, vid_g, bary_g);
             scale_g = norm_g[p];
         }
+        MfStencil st = {stencil, n_pixels, radius, 0, q_old};
+        if (STENCIL && live) st.width = image_width[mf_image_of(p, image_start, n_images)];
         if (live && values_b) {
             mf_load_corners<6>(p, vertex_b, weight_b, vid_b, bary_b);
             scale_b = norm_b[p];
@@ -163,8 +323,8 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
             float t[4] = {MF_LOWEST, MF_LOWEST, MF_LOWEST, MF_LOWEST};
             const bool mine = live && lane < n_vec;
             if (mine) {
-                const float4 e = mf_energy_v4(p, lane, n_vec, seq, neg_unary, values_g, vid_g, bary_g, scale_g,
-                                              alpha_g, w_g, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
+                const float4 e = mf_energy_v4<STENCIL>(p, lane, n_vec, seq, neg_unary, values_g, vid_g, bary_g, scale_g,
+                                              alpha_g, w_g, st, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
                 t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
             }
 #pragma unroll
@@ -185,8 +345,8 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
         }
         if (live) {
             for (int j = lane; j < n_vec; j += group) {
-                const float4 e = mf_energy_v4(p, j, n_vec, seq, neg_unary, values_g, vid_g, bary_g, scale_g, alpha_g,
-                                              w_g, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
+                const float4 e = mf_energy_v4<STENCIL>(p, j, n_vec, seq, neg_unary, values_g, vid_g, bary_g, scale_g, alpha_g,
+                                              w_g, st, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
                 q[p * n_vec + j] = e;
 #pragma unroll
                 for (int k = 0; k < 4; ++k)
@@ -216,4 +376,27 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
             }
         }
     }
+}
+
+// At most 256 threads a block (the launcher's), 64 registers: 4 blocks per multiprocessor, no spills.
+extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
+    const float4* __restrict__ neg_unary, long long n_pixels, int n_labels, int n_vec, int seq,
+    const float4* __restrict__ values_g, const int* __restrict__ vertex_g, const float* __restrict__ weight_g,
+    const float* __restrict__ norm_g, float alpha_g, float w_g,
+    const float4* __restrict__ values_b, const int* __restrict__ vertex_b, const float* __restrict__ weight_b,
+    const float* __restrict__ norm_b, float alpha_b, float w_b, float4* __restrict__ q) {
+    mf_slice_softmax<false>(neg_unary, n_pixels, n_labels, n_vec, seq, values_g, vertex_g, weight_g, norm_g, alpha_g,
+                            w_g, nullptr, 0, nullptr, nullptr, nullptr, 0, values_b, vertex_b, weight_b, norm_b,
+                            alpha_b, w_b, q);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_stencil_v4(
+    const float4* __restrict__ neg_unary, long long n_pixels, int n_labels, int n_vec, int seq,
+    const float* __restrict__ stencil, int radius, const float4* __restrict__ q_old,
+    const long long* __restrict__ image_start, const int* __restrict__ image_width, int n_images,
+    const float4* __restrict__ values_b, const int* __restrict__ vertex_b, const float* __restrict__ weight_b,
+    const float* __restrict__ norm_b, float alpha_b, float w_b, float4* __restrict__ q) {
+    mf_slice_softmax<true>(neg_unary, n_pixels, n_labels, n_vec, seq, nullptr, nullptr, nullptr, nullptr, 0.0f, 0.0f,
+                           stencil, radius, q_old, image_start, image_width, n_images, values_b, vertex_b, weight_b,
+                           norm_b, alpha_b, w_b, q);
 }

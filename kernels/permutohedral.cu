@@ -517,7 +517,8 @@ static __device__ __forceinline__ float blur_one(float own, float pair, int seq)
 // (64 registers, no spills).
 #define SPLAT_GROUP 8
 
-// One thread: one float4 c of run r (both lattices' runs, *n_runs of them, at most n_runs_max).
+// One thread: one float4 c of run r (both lattices' runs, *n_runs of them, at most n_runs_max;
+// from run *run0 on when run0 is given, so one lattice's runs can be left out).
 // Reads in[p * n_vec + c] times the pixel's norm for each entry of the run (scale_0 for runs of
 // lattice 0, which start before sorted entry e_split, scale_1 after; none when null); writes
 // the sum, in entry order, to values[v * n_vec + c] when the run is all of vertex
@@ -527,12 +528,12 @@ static __device__ __forceinline__ float blur_one(float own, float pair, int seq)
 // Entries with pixel -1 (the padding origins) hold a vertex but add nothing.
 extern "C" __global__ void lattice_splat(const float4* __restrict__ in, const float* __restrict__ scale_0,
                                          const float* __restrict__ scale_1, long long e_split,
-                                         const int* __restrict__ run_bounds, const int* n_runs,
+                                         const int* __restrict__ run_bounds, const int* run0, const int* n_runs,
                                          long long n_runs_max, int n_vec, const int* __restrict__ sorted_pixel,
                                          const float* __restrict__ sorted_weight, const int* __restrict__ run_vertex,
                                          float4* values, float4* partial) {
     const long long runs = *n_runs < n_runs_max ? *n_runs : n_runs_max;
-    for (long long r = grid_start(); r < runs; r += grid_step()) {
+    for (long long r = (run0 ? *run0 : 0) + grid_start(); r < runs; r += grid_step()) {
         const int first = run_bounds[r], end = run_bounds[r + 1];
         const long long v = run_vertex[r];
         const float* in_scale = first < e_split ? scale_0 : scale_1;
@@ -563,15 +564,16 @@ extern "C" __global__ void lattice_splat(const float4* __restrict__ in, const fl
     }
 }
 
-// One thread: one float4 c of a vertex v = multi[i] cut into several runs (one-run vertices
-// were written by the splat). Writes values[v * n_vec + c] = the ordered sum of the vertex's
-// partial rows.
+// One thread: one float4 c of a vertex v = multi[i] >= v0 cut into several runs (one-run
+// vertices were written by the splat; those below v0 were not splatted). Writes
+// values[v * n_vec + c] = the ordered sum of the vertex's partial rows.
 extern "C" __global__ void lattice_splat_reduce(const float4* partial, const int* run_offset, const int* multi,
-                                                const int* n_multi, long long n_multi_max, int n_vec,
+                                                const int* n_multi, long long n_multi_max, long long v0, int n_vec,
                                                 float4* values) {
     const long long count = multi_count(n_multi, n_multi_max);
     for (long long i = grid_start(); i < count; i += grid_step()) {
         const long long v = multi[i];
+        if (v < v0) continue;
         const int first = run_offset[v], end = run_offset[v + 1];
         for (int c = threadIdx.x; c < n_vec; c += blockDim.x) {
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);

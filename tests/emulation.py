@@ -45,7 +45,8 @@ class EmulatedBackend:
         self.captures, self.replays = [], 0  # launches per captured graph, graphs replayed
         self.recording = None  # the launches being captured, if any
 
-    def launch(self, name, n, args, width=1):
+    def launch(self, name, n, args, width=1, block_rows=0):
+        # block_rows sizes a GPU block; here a block is one thread (one row at a time)
         if self.recording is not None:
             self.recording.append((name, n, args, width))
             return

@@ -35,6 +35,14 @@ instead of 13.8 ms of blur at 4 MP on an H200). With
 `gauss_grid=True` the Gaussian lattice, whose vertices depend on pixel positions only, is also
 indexed by its regular grid of cells and its neighbours come from the grid instead of a binary
 search. Each option gives bit-identical results; `benchmarks/crf.py --ab` times them.
+
+`gauss_stencil=True` (off by default until timed on a GPU) takes the Gaussian lattice out of the
+iterations: its whole filter (splat, three blur passes, slice) with the norms and the Potts weight
+folded in is one row of weights per pixel over the pixels within 4 sigma, built once per batch
+from the lattice (gauss_stencil), and the slice kernel gathers the Gaussian message from the
+previous iteration's Q around each pixel (Q alternates between two buffers). Per iteration only
+the bilateral lattice goes through memory. Its sums run in another order, so it equals
+pydensecrf up to float rounding instead of bit for bit.
 """
 
 from __future__ import annotations
@@ -64,7 +72,8 @@ KERNELS = {
         "lattice_run_counts", "lattice_runs", "norm_splat", "norm_splat_reduce", "norm_blur", "lattice_norms",
         "lattice_splat", "lattice_splat_reduce", "lattice_blur", "lattice_blur_pair", "gauss_grid", "gauss_neighbours",
     ),
-    "meanfield.cu": ("mf_unary_rows", "mf_slice_softmax_v4", "mf_to_planes_rows"),
+    "meanfield.cu": ("mf_unary_rows", "gauss_stencil", "mf_slice_softmax_v4", "mf_slice_stencil_v4",
+                     "mf_to_planes_rows"),
 }
 # No fused multiply-add anywhere: the lattice must round exactly as pydensecrf's SSE code.
 NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")
@@ -81,6 +90,10 @@ _BLOCK = 256
 # lattice goes the sparse way (the same result).
 _GAUSS_GRID_SLOTS_PER_PIXEL = 8
 _GAUSS_GRID_SLOTS_FREE = 1 << 16
+# gauss_stencil is used up to this window radius (R = 4: 81 floats a pixel, sigma up to 1.25);
+# a wider Gaussian has fewer lattice vertices per pixel and goes through its lattice.
+STENCIL_RADIUS_MAX = 4
+STENCIL_BLOCK_ROWS = 128  # pixels a block of gauss_stencil takes (its shared memory holds their rows)
 _CONSTANTS_KEPT = 64  # constant tables a backend keeps on the device
 GRAPH_MODES = ("off", "iteration", "all")  # how CudaCRF.iterate launches the iterations
 
@@ -308,13 +321,14 @@ class CupyBackend:
         self._null = np.uint64(0)
         self._constants: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 
-    def launch(self, name: str, rows: int, args: Sequence[Any], width: int = 1) -> None:
+    def launch(self, name: str, rows: int, args: Sequence[Any], width: int = 1, block_rows: int = 0) -> None:
         """Run kernel `name` over `rows` rows of `width` lanes each (labels; 32 for a warp per
-        row): blocks of (width, rows) threads, the kernels' grid-stride loops cover any grid."""
+        row): blocks of (width, rows) threads (`block_rows` rows when given, for kernels that
+        size their shared memory by it), the kernels' grid-stride loops cover any grid."""
         if rows <= 0:
             return
         lanes = min(width, _BLOCK)
-        per_block = max(1, _BLOCK // lanes)
+        per_block = block_rows or max(1, _BLOCK // lanes)
         grid = min((rows + per_block - 1) // per_block, self.max_blocks)
         self.functions[name]((grid,), (lanes, per_block), tuple(self._null if a is None else a for a in args))
 
@@ -421,25 +435,30 @@ class Lattices:
         lo, hi = self.entry_first[l], self.entry_first[l + 1]
         return self.entry_vertex[lo:hi], self.entry_weight[lo:hi]
 
-    def blur_plan(self) -> list[tuple[int, int, int, list[int]]]:
+    def blur_plan(self, gauss: bool = True) -> list[tuple[int, int, int, list[int]]]:
         """Blur passes, one a launch: (axis, v0, v1, lattices whose d+1 passes end here).
-        Lattices are in ascending d, so the vertices having an axis are one range."""
-        lattices = range(len(self.specs))
+        Lattices are in ascending d, so the vertices having an axis are one range. `gauss`
+        False leaves the Gaussian lattice (lattice 0, d = 2) out."""
+        lattices = [l for l, spec in enumerate(self.specs) if gauss or spec.d != 2]
         plan = []
-        for axis in range(max(self.specs[l].d for l in lattices) + 1):
+        for axis in range(max((self.specs[l].d for l in lattices), default=-1) + 1):
             having = [l for l in lattices if self.specs[l].d >= axis]
             done = [l for l in lattices if self.specs[l].d == axis]
             plan.append((axis, self.first[having[0]], self.first[having[-1] + 1], done))
         return plan
 
-    def pair_plan(self) -> list[tuple[tuple[int | None, int | None, int | None], int, int, int, list[int]]]:
+    def pair_plan(self, gauss: bool = True) -> list[tuple[tuple[int | None, int | None, int | None], int, int, int,
+                                                          list[int]]]:
         """lattice_blur_pair's launches: ((axis_s, axis_a, axis_b), v0, vb, v1, lattices whose
         passes end here). Launch k takes the Gaussian lattice's (d = 2, dense) axis k alone on
         [v0, vb) and the bilateral lattice's axes 2k and 2k+1 together on [vb, v1): three
-        launches for the 3 + 6 passes. None: no such axis in this launch."""
-        gauss = [l for l, spec in enumerate(self.specs) if spec.d == 2]
+        launches for the 3 + 6 passes. None: no such axis in this launch. `gauss` False leaves
+        the Gaussian lattice out."""
+        gauss = [l for l, spec in enumerate(self.specs) if spec.d == 2 and gauss]
         other = [l for l, spec in enumerate(self.specs) if spec.d != 2]
         assert gauss in ([], [0]) and len(other) <= 1, "the Gaussian lattice, if any, is lattice 0"
+        if not gauss and not other:
+            return []
         d_s = self.specs[0].d if gauss else -1
         d_p = self.specs[other[0]].d if other else -1
         plan = []
@@ -486,14 +505,22 @@ class CudaCRF:
 
     def __init__(self, images: Sequence[Any], probs: Sequence[Any], params: CRFParams = CRFParams(),
                  backend: Any = None, *, spread_keys: bool = False, run_min: int = RUN_MIN,
-                 gauss_grid: bool = False, spatial_order: bool = True, pair_blur: bool = True) -> None:
+                 gauss_grid: bool = False, spatial_order: bool = True, pair_blur: bool = True,
+                 gauss_stencil: bool = False) -> None:
         """`spatial_order`: number the vertices image by image and the bilateral ones by
         spatial tile (pack_layout's `spatial`), so the vertices a splat, blur or slice touches
         at once lie near each other in memory and the pixels they read stay in L2. `pair_blur`:
         two blur passes a launch (lattice_blur_pair), one write of the values per two passes.
         `gauss_grid`: find the Gaussian lattice's neighbours by indexing its regular grid of
         cells instead of by binary search. Each is bit-identical either way (benchmarks/crf.py
-        --ab times them). `spread_keys` and `run_min` exist for tests and benchmarks."""
+        --ab times them). `gauss_stencil`: fold the Gaussian lattice's whole filter, norms and
+        weight into one row of weights per pixel over a window of its neighbours
+        (gauss_stencil in meanfield.cu), built once per batch, and gather the Gaussian message
+        from the previous Q in the slice kernel; only the bilateral lattice is filtered each
+        iteration. It applies while the window radius (below 4 sigma) is at most
+        STENCIL_RADIUS_MAX and its memory is free, and equals pydensecrf up to float rounding
+        (the sums run in another order), not bit for bit. `spread_keys` and `run_min` exist for
+        tests and benchmarks."""
         self.bk = backend if backend is not None else cupy_backend()
         xp = self.bk.xp
         if len(images) != len(probs) or not images:
@@ -532,9 +559,16 @@ class CudaCRF:
         self.gauss_grid = bool(gauss_grid)
         self.spatial_order = bool(spatial_order)
         self.pair_blur = bool(pair_blur)
+        self.gauss_stencil = bool(gauss_stencil)
         self.lattices: Lattices | None = None
         self.q = self.neg_unary = None
-        self._launches: list[tuple[Any, tuple]] = []  # (backend method, its arguments)
+        # The launches of an iteration, (backend method, its arguments); with the stencil two
+        # plans, for even and odd iterations, as Q alternates between two buffers.
+        self._plans: list[list[tuple[Any, tuple]]] = [[]]
+        self._stencil: Any = None  # ((2R+1)^2, N) float32 Gaussian stencil weights, slot-major, when used
+        self._stencil_info: Any = None  # (1,) int32: 1 if a term fell outside the window
+        self._q_pair: tuple[Any, Any] | None = None  # with the stencil: Q's two buffers
+        self._image_start = self._image_width = None  # with the stencil: each image's first pixel, width
         self._consts: tuple[Any, int] | None = None
 
     # -- stage 1: unary, Q0, lattices and their norms ------------------------------------------
@@ -572,10 +606,15 @@ class CudaCRF:
                 f"CRF: the lattices have {lat.n_vertices} vertices; filtering {c} labels needs about {_gib(need)} "
                 f"more GPU memory, {_gib(free)} free; use smaller or fewer images"
             )
+        radius = self._stencil_radius
+        if radius is not None and need + self._stencil_bytes(radius) > free:
+            radius = None  # no room for the stencil: the Gaussian goes through its lattice
         m = lat.n_vertices
         lat.values = (xp.empty((m, ld), dtype=xp.float32), xp.empty((m, ld), dtype=xp.float32))
         self._partial = xp.empty((lat.n_runs_max, ld), dtype=xp.float32)  # (R, ld)
         self._norms()
+        if radius is not None:
+            self._build_stencil(radius)
         self._plan_iteration()
 
     def _constants(self) -> tuple[Any, int]:
@@ -674,6 +713,37 @@ class CudaCRF:
                         neighbours)
 
     @property
+    def _stencil_radius(self) -> int | None:
+        """The Gaussian stencil's window radius when gauss_stencil applies: the largest
+        integer below 4 sigma (pixels), at most STENCIL_RADIUS_MAX; else None."""
+        if not (self.gauss_stencil and self.specs and self.specs[0].d == 2):
+            return None
+        radius = math.ceil(4 * self.specs[0].stds[0]) - 1
+        return radius if radius <= STENCIL_RADIUS_MAX else None
+
+    def _stencil_bytes(self, radius: int) -> int:
+        """Device bytes of the stencil weights and the second Q buffer."""
+        return 4 * self.n_pixels * ((2 * radius + 1) ** 2 + self.ld)
+
+    def _build_stencil(self, radius: int) -> None:
+        """The Gaussian lattice's filter as per-pixel stencil weights (gauss_stencil), with the
+        norms, alpha and the Potts weight folded in, and a second Q buffer."""
+        bk, xp, lat, n = self.bk, self.bk.xp, self.lattices, self.n_pixels
+        spec = lat.specs[0]
+        self._image_start = xp.asarray(np.array(self.offsets, dtype=np.int64))
+        self._image_width = xp.asarray(np.array([w for _, w in self.sizes], dtype=np.int32))
+        self._stencil = xp.empty(((2 * radius + 1) ** 2, n), dtype=xp.float32)
+        self._stencil_info = xp.zeros(1, dtype=xp.int32)
+        scale = np.float32(alpha(spec.d) * np.float32(spec.weight))
+        vertex, weight = lat.corners(0)
+        bk.launch("gauss_stencil", n, (_i64(n), self._image_start, self._image_width, _i32(len(self.images)), vertex,
+                                       weight, *lat.neighbours[:3], lat.run_offset, lat.run_bounds, lat.sorted_pixel,
+                                       lat.sorted_weight, lat.norms[0],
+                                       _i32(self.params.normalization == "symmetric"), scale, _i32(radius),
+                                       self._stencil, self._stencil_info), 1, STENCIL_BLOCK_ROWS)
+        self._q_pair = (self.q, xp.empty_like(self.q))
+
+    @property
     def _gridded(self) -> bool:
         """Whether the Gaussian lattice is there and indexed by its grid of cells: asked for,
         and the box of cells not much larger than the batch (a long strip of an image lies
@@ -684,11 +754,13 @@ class CudaCRF:
         slots = 3 * span0 * span1 * len(self.images)
         return slots <= _GAUSS_GRID_SLOTS_PER_PIXEL * self.n_pixels + _GAUSS_GRID_SLOTS_FREE
 
-    def _blur(self, kernel: str, a: Any, b: Any, extra: tuple, pairs: bool = False) -> tuple[list[tuple], list[Any]]:
-        """The blur passes of both lattices from buffer `a` (Jacobi, swapping a and b): their
-        launches and each lattice's result buffer. One pass a launch (lat.blur_plan): kernel
-        args (src, dst, nbr, v0, v1, *extra); with `pairs`, lattice_blur_pair's launches
-        (lat.pair_plan): args (src, dst, nbr_s, nbr_a, nbr_b, v0, vb, v1, *extra)."""
+    def _blur(self, kernel: str, a: Any, b: Any, extra: tuple, pairs: bool = False,
+              gauss: bool = True) -> tuple[list[tuple], list[Any]]:
+        """The blur passes of both lattices (the bilateral alone when not `gauss`) from buffer
+        `a` (Jacobi, swapping a and b): their launches and each lattice's result buffer (None
+        for one left out). One pass a launch (lat.blur_plan): kernel args (src, dst, nbr, v0,
+        v1, *extra); with `pairs`, lattice_blur_pair's launches (lat.pair_plan): args (src, dst,
+        nbr_s, nbr_a, nbr_b, v0, vb, v1, *extra)."""
         lat = self.lattices
 
         def nbr(axis: int | None) -> Any:
@@ -696,9 +768,9 @@ class CudaCRF:
 
         if pairs:
             plan = [((nbr(s), nbr(x), nbr(y), _i64(v0), _i64(vb), _i64(v1)), v1 - v0, done)
-                    for (s, x, y), v0, vb, v1, done in lat.pair_plan()]
+                    for (s, x, y), v0, vb, v1, done in lat.pair_plan(gauss)]
         else:
-            plan = [((nbr(axis), _i64(v0), _i64(v1)), v1 - v0, done) for axis, v0, v1, done in lat.blur_plan()]
+            plan = [((nbr(axis), _i64(v0), _i64(v1)), v1 - v0, done) for axis, v0, v1, done in lat.blur_plan(gauss)]
         launches, result = [], [None] * len(lat.specs)
         for args, rows, done in plan:
             launches.append((kernel, rows, (a, b, *args, *extra)))
@@ -728,70 +800,111 @@ class CudaCRF:
         bk.launch("lattice_norms", n, (_i64(n), _i32(self.params.normalization == "symmetric"), *args[2], *args[5]))
 
     def _plan_iteration(self) -> None:
-        """The launches of one mean-field iteration, arguments bound once: one splat, its
-        reduction and the blur passes for both lattices, then the fused slice + softmax."""
+        """The launches of one mean-field iteration, arguments bound once. With the stencil, Q
+        alternates between two buffers (the slice reads the old one around each pixel), so
+        there are two plans, for even and odd iterations."""
+        if self._stencil is None:
+            self._plans = [self._iteration_launches(self.q, self.q)]
+        else:
+            a, b = self._q_pair
+            self._plans = [self._iteration_launches(a, b), self._iteration_launches(b, a)]
+
+    @property
+    def _launches(self) -> list[tuple[Any, tuple]]:
+        """The first iteration's launches."""
+        return self._plans[0]
+
+    def _iteration_launches(self, q_in: Any, q_out: Any) -> list[tuple[Any, tuple]]:
+        """One iteration from Q in `q_in` to Q in `q_out`: one splat, its reduction and the
+        blur passes for both lattices (the bilateral alone with the stencil; nothing when it is
+        absent), then the fused slice + softmax."""
         lat = self.lattices
         nv = self.n_vec
         a, b = lat.values
         symmetric = self.params.normalization == "symmetric"
         scales = (lat.norms + [None])[:2] if symmetric else [None, None]
         launch = self.bk.launch
-        launches = [
-            (launch, ("lattice_splat", lat.n_runs_max, (self.q, scales[0], scales[1], _i64(lat.entry_first[1]),
-                                                        lat.run_bounds, lat.n_runs, _i64(lat.n_runs_max), _i32(nv),
-                                                        lat.sorted_pixel, lat.sorted_weight, lat.run_vertex, a,
-                                                        self._partial), nv)),
-            (launch, ("lattice_splat_reduce", lat.n_multi_max, (self._partial, lat.run_offset, lat.multi, lat.n_multi,
-                                                                 _i64(lat.n_multi_max), _i32(nv), a), nv)),
-        ]
-        blur_args = (_i32(nv), _i32(self._seq))
-        blur_kernel = "lattice_blur_pair" if self.pair_blur else "lattice_blur"
-        blur, blurred = self._blur(blur_kernel, a, b, blur_args, self.pair_blur)
-        launches += [(launch, (*call, nv)) for call in blur]
-        self._launches = launches + [(launch, self._slice_softmax(blurred))]
+        stencil = self._stencil is not None
+        blurred: list[Any] = [None] * len(lat.specs)
+        launches = []
+        if not stencil or len(lat.specs) > 1:
+            if stencil:  # only the bilateral lattice's runs and vertices, from its first run on
+                v_lo = lat.first[1]
+                run0 = lat.run_offset[v_lo:]
+                runs = lat.first[2] - v_lo + (lat.entry_first[2] - lat.entry_first[1]) // self.run_min + 1
+            else:
+                v_lo, run0, runs = 0, None, lat.n_runs_max
+            launches += [
+                (launch, ("lattice_splat", runs, (q_in, scales[0], scales[1], _i64(lat.entry_first[1]),
+                                                  lat.run_bounds, run0, lat.n_runs, _i64(lat.n_runs_max), _i32(nv),
+                                                  lat.sorted_pixel, lat.sorted_weight, lat.run_vertex, a,
+                                                  self._partial), nv)),
+                (launch, ("lattice_splat_reduce", lat.n_multi_max, (self._partial, lat.run_offset, lat.multi,
+                                                                     lat.n_multi, _i64(lat.n_multi_max), _i64(v_lo),
+                                                                     _i32(nv), a), nv)),
+            ]
+            blur_args = (_i32(nv), _i32(self._seq))
+            blur_kernel = "lattice_blur_pair" if self.pair_blur else "lattice_blur"
+            blur, blurred = self._blur(blur_kernel, a, b, blur_args, self.pair_blur, gauss=not stencil)
+            launches += [(launch, (*call, nv)) for call in blur]
+        return launches + [(launch, self._slice_softmax(blurred, q_in, q_out))]
 
     # -- stage 2: mean-field iterations -----------------------------------------------------------
 
     def iterate(self, *, graph: bool | str = False) -> None:
         """Run the mean-field iterations (same arithmetic whichever way they are launched).
 
-        `graph`: False or "off" launches each kernel from the host (about 9 per iteration);
-        True or "iteration" records one iteration as a CUDA graph and replays it once per
-        iteration (a small graph to instantiate, one host call per iteration); "all" records
-        every iteration in one graph and replays it once."""
+        `graph`: False or "off" launches each kernel from the host (about 6 per iteration);
+        True or "iteration" records one iteration as a CUDA graph (two with the stencil: even
+        and odd iterations) and replays it once per iteration (a small graph to instantiate,
+        one host call per iteration); "all" records every iteration in one graph and replays
+        it once."""
         mode = {False: "off", True: "iteration"}.get(graph, graph)
         if mode not in GRAPH_MODES:
             raise ValueError(f"graph must be one of {GRAPH_MODES} or a bool, got {graph!r}")
         if not self.lattices or self.params.iterations <= 0:
             return  # no pairwise term: every iteration gives softmax(-U) again
+        n = self.params.iterations
         if mode == "off" or not hasattr(self.bk, "capture"):
-            self._iterations(self.params.iterations)
-            return
-        count = 1 if mode == "iteration" else self.params.iterations
-        recorded = self.bk.capture(lambda: self._iterations(count))
-        for _ in range(self.params.iterations // count):
-            self.bk.replay(recorded)
+            self._iterations(0, n)
+        elif mode == "iteration":
+            graphs = [self.bk.capture(lambda k=k: self._iterations(k, 1)) for k in range(min(n, len(self._plans)))]
+            for i in range(n):
+                self.bk.replay(graphs[i % len(graphs)])
+        else:
+            self.bk.replay(self.bk.capture(lambda: self._iterations(0, n)))
+        if self._q_pair is not None:
+            self.q = self._q_pair[n % 2]  # iteration i wrote buffer (i + 1) % 2
 
-    def _iterations(self, count: int) -> None:
-        # Q is read by each splat and only rewritten by the slice + softmax that ends the iteration.
-        for _ in range(count):
-            for method, args in self._launches:
+    def _iterations(self, first: int, count: int) -> None:
+        # Q is read by each splat and only rewritten by the slice + softmax that ends the
+        # iteration (into the other buffer, with the stencil).
+        for i in range(first, first + count):
+            for method, args in self._plans[i % len(self._plans)]:
                 method(*args)
 
     @property
     def _seq(self) -> bool:
         return self.n_labels <= 2  # pydensecrf filters 1 or 2 labels with its scalar code, more with SSE
 
-    def _slice_softmax(self, blurred: list[Any] | None) -> tuple[str, int, tuple, int]:
-        """The launch Q = softmax(-U + the Potts messages of the lattices' `blurred`
-        values); with None, Q0 = softmax(-U)."""
+    def _slice_softmax(self, blurred: list[Any] | None, q_in: Any = None,
+                       q_out: Any = None) -> tuple[str, int, tuple, int]:
+        """The launch Q (into `q_out`, default self.q) = softmax(-U + the Potts messages of the
+        lattices' `blurred` values, the Gaussian's from its stencil over `q_in` when it has
+        one: mf_slice_stencil_v4); with None, Q0 = softmax(-U)."""
         n, c = self.n_pixels, self.n_labels
         slots = {2: [None, None, None, None, _f32(0), _f32(0)], 5: [None, None, None, None, _f32(0), _f32(0)]}
         lat = self.lattices
         for l, spec in enumerate(lat.specs if blurred else []):
-            slots[spec.d] = [blurred[l], *lat.corners(l), lat.norms[l], alpha(spec.d), _f32(spec.weight)]
-        args = (self.neg_unary, _i64(n), _i32(c), _i32(self.n_vec), _i32(self._seq), *slots[2], *slots[5], self.q)
-        return "mf_slice_softmax_v4", n, args, self.group
+            if blurred[l] is not None:
+                slots[spec.d] = [blurred[l], *lat.corners(l), lat.norms[l], alpha(spec.d), _f32(spec.weight)]
+        head = (self.neg_unary, _i64(n), _i32(c), _i32(self.n_vec), _i32(self._seq))
+        q_out = self.q if q_out is None else q_out
+        if blurred and self._stencil is not None:
+            radius = math.isqrt(self._stencil.shape[0]) // 2
+            stencil = (self._stencil, _i32(radius), q_in, self._image_start, self._image_width, _i32(len(self.images)))
+            return "mf_slice_stencil_v4", n, (*head, *stencil, *slots[5], q_out), self.group
+        return "mf_slice_softmax_v4", n, (*head, *slots[2], *slots[5], q_out), self.group
 
     # -- stage 3: back to (C, H, W) per image ----------------------------------------------------
 

@@ -1,0 +1,193 @@
+"""The Gaussian kernel as a per-pixel stencil (CudaCRF(gauss_stencil=True)): the stencil rows
+equal the Gaussian lattice's filter, and the CRF through them matches pydensecrf, on the CPU
+through g++ and on a GPU (marker `cuda`)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from emulation import EmulatedBackend, build_emulated
+from conftest import PHOTOS, load_photo
+from test_crf_cuda import DEEPLAB, README, _cupy, assert_close, crop, network_like_probs, pydensecrf_reference
+from deeplab_cli.crf import cpu, cuda
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return build_emulated(tmp_path_factory.mktemp("emulated"))
+
+
+def test_host_stencil_limits_match_the_kernel_source():
+    # gauss_stencil's shared memory holds STENCIL_BLOCK_ROWS rows of up to STENCIL_SLOTS_MAX
+    # slots: the host launches blocks of that many rows and never asks for a wider window.
+    defines = dict(re.findall(r"^#define (\w+) (\d+)$", cuda.kernel_source("meanfield.cu"), re.M))
+    assert int(defines["STENCIL_BLOCK_ROWS"]) == cuda.STENCIL_BLOCK_ROWS
+    assert int(defines["STENCIL_SLOTS_MAX"]) == (2 * cuda.STENCIL_RADIUS_MAX + 1) ** 2
+
+
+def dense_stencil(crf: cuda.CudaCRF, image_index: int = 0) -> np.ndarray:
+    """One image's stencil rows as a dense (N, N) matrix A, message_g = A @ Q."""
+    h, w = crf.sizes[image_index]
+    n, first = h * w, crf.offsets[image_index]
+    rows = crf._stencil.T[first:first + n]
+    side = int(round(rows.shape[1] ** 0.5))
+    radius = side // 2
+    dense = np.zeros((n, n), np.float64)
+    ys, xs = np.divmod(np.arange(n), w)
+    for s in range(side * side):
+        dy, dx = divmod(s, side)
+        dy, dx = dy - radius, dx - radius
+        qy, qx = ys + dy, xs + dx
+        inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
+        assert not rows[~inside, s].any(), "a weight for a pixel off the image"
+        dense[np.arange(n)[inside], (qy * w + qx)[inside]] = rows[inside, s]
+    return dense
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+@pytest.mark.parametrize("std,radius", [(1.0, 3), (0.6, 2), (1.25, 4)])
+def test_stencil_rows_are_the_gaussian_lattice_filter(emulated, normalization, std, radius):
+    # Row p of the stencil, laid out over the image, is the Gaussian lattice's filter of the
+    # unit vectors (splat, blur along axes 0-2, slice with alpha) with the norms and the Potts
+    # weight folded in: the whole operator, nothing cut off by the window. 37 x 29 = 1073
+    # pixels: a padded image (pydensecrf's origin corners are vertices the blur goes through).
+    image = crop("coffee.jpg", 50, 70, 37, 29)
+    probs = network_like_probs(37, 29, seed=2)
+    params = DEEPLAB.replace(pos_xy_std=std, pos_w=2.5, normalization=normalization)
+    crf = cuda.CudaCRF([image], [probs], params, backend=emulated, gauss_stencil=True)
+    crf.prepare()
+    assert crf._stencil.shape == ((2 * radius + 1) ** 2, 37 * 29)
+    assert crf._stencil_info[0] == 0
+    gauss, _ = cpu.kernel_features(image, params)
+    lattice = cpu.build_lattice(gauss)
+    n = 37 * 29
+    k = lattice.filter(np.eye(n, dtype=np.float32)).astype(np.float64)  # (N, N): alpha * K, row p = pixel p
+    norm = crf.lattices.norms[0].astype(np.float64)
+    want = params.pos_w * norm[:, None] * k
+    if normalization == "symmetric":
+        want = want * norm[None, :]
+    got = dense_stencil(crf)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-9)
+    # a real check: rows reach as far as the window allows, and not everywhere
+    reach = np.abs(np.subtract.outer(np.arange(n) % 29, np.arange(n) % 29))[want > 0]
+    assert reach.max() == radius
+    assert 0.2 < (crf._stencil != 0).mean() < 0.95
+
+
+STENCIL_CASES = {  # crops (photo, top, left, height, width), parameters, labels
+    "deeplab": ([("chelsea.jpg", 60, 120, 41, 57)], DEEPLAB, 21),
+    "after": ([("chelsea.jpg", 60, 120, 41, 57)], DEEPLAB.replace(normalization="after"), 21),
+    # images of different widths, two of them padded; the last iteration writes the second buffer
+    "batch": ([("astronaut.jpg", 0, 0, 21, 19), ("rocket.jpg", 100, 200, 30, 44), ("coffee.jpg", 0, 0, 13, 17)],
+              DEEPLAB.replace(iterations=5), 21),
+    # the Gaussian alone: an iteration is one launch; pydensecrf's scalar path for 2 labels
+    "gaussian only": ([("rocket.jpg", 100, 200, 30, 44)], DEEPLAB.replace(bi_w=0), 2),
+    # a narrower window (sigma 0.6: radius 2), 5 labels
+    "narrow": ([("coffee.jpg", 40, 40, 26, 29)], DEEPLAB.replace(pos_xy_std=0.6, pos_w=5), 5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STENCIL_CASES))
+def test_emulated_stencil_matches_pydensecrf_and_the_lattice_path(emulated, case):
+    crops, params, n_labels = STENCIL_CASES[case]
+    images = [crop(*c) for c in crops]
+    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=i + 5) for i, im in enumerate(images)]
+    crf = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_stencil=True)
+    out = crf.run()
+    assert crf._stencil is not None and crf._stencil_info[0] == 0
+    lattice_path = cuda.CudaCRF(images, probs, params, backend=emulated).run()
+    names = [args[0] for _, args in crf._launches]
+    assert names[-1] == "mf_slice_stencil_v4"
+    if params.bi_w:
+        # only the bilateral lattice is splatted and blurred: every blur launch starts at its first vertex
+        assert names[:2] == ["lattice_splat", "lattice_splat_reduce"] and names.count("lattice_blur_pair") == 3
+        blur_starts = [int(args[2][5]) for _, args in crf._launches if args[0] == "lattice_blur_pair"]
+        assert blur_starts == [crf.lattices.first[1]] * 3
+    else:
+        assert names == ["mf_slice_stencil_v4"]
+    for image, p, ours, theirs in zip(images, probs, out, lattice_path):
+        assert_close(ours, theirs, agreement=1.0, atol=1e-5)
+        assert_close(ours, pydensecrf_reference(image, p, params), agreement=1.0, atol=1e-5)
+        assert not np.allclose(ours, p, atol=1e-3)  # the CRF moved the probabilities: a real check
+
+
+def test_emulated_stencil_batch_equals_singles_and_graphs_equal_direct(emulated):
+    # A pixel's stencil row depends on its own image only, so a batch gives each image's result
+    # bit for bit; an odd number of iterations ends in the second Q buffer, whichever way the
+    # iterations are launched (two graphs replayed in turn, or one of all iterations).
+    images = [crop("astronaut.jpg", 0, 0, 21, 19), crop("chelsea.jpg", 40, 80, 30, 35)]
+    probs = [network_like_probs(*im.shape[:2], seed=i + 1) for i, im in enumerate(images)]
+    params = DEEPLAB.replace(iterations=3)
+    direct = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_stencil=True).run()
+    for image, p, out in zip(images, probs, direct):
+        alone = cuda.CudaCRF([image], [p], params, backend=emulated, gauss_stencil=True).run()[0]
+        assert np.array_equal(out, alone)
+    for mode, captures, replays in (("iteration", [6, 6], 3), ("all", [18], 1)):
+        backend = EmulatedBackend(emulated.library)
+        graphed = cuda.CudaCRF(images, probs, params, backend=backend, gauss_stencil=True).run(graph=mode)
+        assert backend.captures == captures and backend.replays == replays, mode
+        for a, b in zip(direct, graphed):
+            assert np.array_equal(a, b), mode
+
+
+@pytest.mark.parametrize("n_labels,group", [(21, 8), (182, 32)])
+def test_emulated_stencil_lane_groups(emulated, n_labels, group):
+    # Lanes as host threads: each lane gathers its own float4 chunk of the neighbours' rows.
+    image = crop("astronaut.jpg", 0, 0, 13, 17)
+    probs = network_like_probs(13, 17, n_labels=n_labels, seed=10)
+    params = DEEPLAB.replace(iterations=3)
+    threaded = EmulatedBackend(emulated.library, lanes=True)
+    crf = cuda.CudaCRF([image], [probs], params, backend=threaded, gauss_stencil=True)
+    out = crf.run()[0]
+    assert crf.group == group and crf._stencil is not None
+    assert_close(out, pydensecrf_reference(image, probs, params), agreement=1.0, atol=1e-5)
+
+
+def test_emulated_stencil_falls_back_to_the_lattice(emulated, monkeypatch):
+    # A wide Gaussian (the README's sigma 3: radius 11) or no memory for the rows: the Gaussian
+    # goes through its lattice, and the result is the default path's, bit for bit.
+    image = crop("chelsea.jpg", 60, 120, 25, 31)
+    probs = network_like_probs(25, 31, seed=8)
+    for params in (README, DEEPLAB.replace(pos_xy_std=1.3)):
+        crf = cuda.CudaCRF([image], [probs], params, backend=emulated, gauss_stencil=True)
+        out = crf.run()[0]
+        assert crf._stencil is None
+        assert np.array_equal(out, cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0])
+    monkeypatch.setattr(cuda.CudaCRF, "_stencil_bytes", lambda self, radius: 1 << 60)
+    crf = cuda.CudaCRF([image], [probs], DEEPLAB, backend=emulated, gauss_stencil=True)
+    out = crf.run()[0]
+    assert crf._stencil is None
+    assert np.array_equal(out, cuda.CudaCRF([image], [probs], DEEPLAB, backend=emulated).run()[0])
+    bilateral_only = cuda.CudaCRF([image], [probs], DEEPLAB.replace(pos_w=0), backend=emulated, gauss_stencil=True)
+    bilateral_only.run()
+    assert bilateral_only._stencil is None
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_gpu_stencil_matches_the_lattice_path_and_cpu_oracle(normalization):
+    # The shipped photos in one batch: the stencil's result is the lattice path's up to float
+    # rounding, and deterministic, however the iterations are launched.
+    cp = _cupy()
+    photos = [load_photo(p.name) for p in PHOTOS]
+    images = [cp.asarray(im) for im in photos]
+    probs = [cp.asarray(network_like_probs(*im.shape[:2], seed=i)) for i, im in enumerate(photos)]
+    params = DEEPLAB.replace(normalization=normalization)
+    crf = cuda.CudaCRF(images, probs, params, gauss_stencil=True)
+    out = [o.get() for o in crf.run()]
+    assert crf._stencil is not None and int(crf._stencil_info[0]) == 0
+    lattice_path = [o.get() for o in cuda.CudaCRF(images, probs, params).run()]
+    for image, p, ours, theirs in zip(images, probs, out, lattice_path):
+        assert_close(ours, theirs, atol=1e-5)
+        assert_close(ours, cpu.dense_crf_cpu(cp.asnumpy(image), cp.asnumpy(p), params))
+    for mode in ("iteration", "all"):
+        again = [o.get() for o in cuda.CudaCRF(images, probs, params, gauss_stencil=True).run(graph=mode)]
+        for a, b in zip(out, again):
+            assert np.array_equal(a, b), mode
