@@ -87,28 +87,31 @@ static __device__ __forceinline__ int mf_image_of(long long p, const long long* 
 }
 
 // Pixels a block of gauss_stencil takes at once (its launch's rows per block, cuda.py
-// STENCIL_BLOCK_ROWS) and the most slots a row has ((2R+1)^2 for R = cuda.py STENCIL_RADIUS_MAX).
+// STENCIL_BLOCK_ROWS).
 #define STENCIL_BLOCK_ROWS 128
-#define STENCIL_SLOTS_MAX 81
 
-// One thread: one pixel p of the batch, in blocks of STENCIL_BLOCK_ROWS threads (rows). Reads p's
-// three Gaussian corners (vertex ids and barycentric weights), the neighbours along axes 2, 1, 0
-// of the vertices the blur reaches from them, and the sorted entries (pixel, weight) of each
-// vertex reached (through run_offset and run_bounds); sums into its row of the block's shared
-// memory and then, with the block, writes them to stencil ((2R+1)^2, N): slot-major, so the
-// pixels of a warp read one slot's weights from consecutive floats. Slot (dy + R) * (2R+1) +
-// dx + R is the pixel dx right and dy down; its weight: scale * norm[p] * the sum, over
-// corner r, blur path and entry e of pixel q, of w_r * (1 or 0.5 a pass) * w_e (times norm[q]
-// when symmetric), 0 where no path leads. A term whose pixel lies outside the window would need
-// a point at the far corner of its simplex with a weight that is 0 but for rounding; it is left
-// out and sets info[0]. Terms add in a fixed order: deterministic.
-extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil(
-    long long n_pixels, const long long* image_start, const int* image_width, int n_images, const int* vertex,
-    const float* weight, const int2* nbr0, const int2* nbr1, const int2* nbr2, const int* run_offset,
-    const int* run_bounds, const int* sorted_pixel, const float* sorted_weight, const float* norm, int symmetric,
-    float scale, int radius, float* stencil, int* info) {
-    __shared__ float rows[STENCIL_BLOCK_ROWS * STENCIL_SLOTS_MAX];
-    const int side = 2 * radius + 1, slots = side * side;
+// One thread: one pixel p of the batch, in blocks of STENCIL_BLOCK_ROWS threads (rows), for a
+// window of radius R. Reads p's three Gaussian corners (vertex ids and barycentric weights), the
+// neighbours along axes 2, 1, 0 of the vertices the blur reaches from them, and the sorted
+// entries (pixel, weight) of each vertex u reached, [entry_start[u], entry_start[u+1]); sums
+// into its row of the block's shared memory, then with the block writes the rows to stencil
+// ((2R+1)^2, N), slot-major, so the pixels of a warp read one slot's weights from consecutive
+// floats. Slot (dy + R) * (2R+1) + dx + R is the pixel dx right and dy down; its weight:
+// scale * norm[p] * the sum, over corner r, blur path and entry e of pixel q, of
+// w_r * (1 or 0.5 a pass) * w_e (times norm[q] when symmetric), 0 where no path leads. A term
+// whose pixel lies outside the window would need a point at the far corner of its simplex with
+// a weight that is 0 but for rounding; it is left out and sets info[0]. Terms add in a fixed
+// order: deterministic.
+template <int R>
+static __device__ __forceinline__ void gauss_stencil(long long n_pixels, const long long* image_start,
+                                                     const int* image_width, int n_images, const int* vertex,
+                                                     const float* weight, const int2* nbr0, const int2* nbr1,
+                                                     const int2* nbr2, const int* entry_start,
+                                                     const int* sorted_pixel, const float* sorted_weight,
+                                                     const float* norm, int symmetric, float scale, float* stencil,
+                                                     int* info) {
+    constexpr int side = 2 * R + 1, slots = side * side;
+    __shared__ float rows[STENCIL_BLOCK_ROWS * slots];
     float* row = rows + threadIdx.y * slots;
     for (long long base = (long long)blockIdx.x * blockDim.y; base < n_pixels; base += (long long)gridDim.x * blockDim.y) {
         const long long p = base + threadIdx.y;
@@ -117,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil(
             const int b = mf_image_of(p, image_start, n_images);
             const long long start = image_start[b];
             const int width = image_width[b];
-            const long long px = (p - start) % width, py = (p - start) / width;
+            const long long py = (p - start) / width, px = p - start - py * width;
             for (int r = 0; r < 3; ++r) {
                 const float w_r = weight[p * 3 + r];
                 const int v = vertex[p * 3 + r];
@@ -137,18 +140,19 @@ extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil(
                             const int u = reach0[i0];
                             if (u < 0) continue;
                             const float c0 = i0 ? __fmul_rn(0.5f, c1) : c1;
-                            const int end = run_bounds[run_offset[u + 1]];
-                            for (int s = run_bounds[run_offset[u]]; s < end; ++s) {
+                            const int end = entry_start[u + 1];
+                            for (int s = entry_start[u]; s < end; ++s) {
                                 const int q = sorted_pixel[s];
                                 if (q < 0) continue;  // a padding origin's corner: no pixel
-                                const long long dx = (q - start) % width - px, dy = (q - start) / width - py;
-                                if (dx < -radius || dx > radius || dy < -radius || dy > radius) {
+                                const long long qy = (q - start) / width, qx = q - start - qy * width;
+                                const long long dx = qx - px, dy = qy - py;
+                                if (dx < -R || dx > R || dy < -R || dy > R) {
                                     info[0] = 1;
                                     continue;
                                 }
                                 float term = __fmul_rn(c0, sorted_weight[s]);
                                 if (symmetric) term = __fmul_rn(term, norm[q]);
-                                float* slot = row + (dy + radius) * side + dx + radius;
+                                float* slot = row + (dy + R) * side + dx + R;
                                 *slot = __fadd_rn(*slot, term);
                             }
                         }
@@ -166,6 +170,23 @@ extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil(
         __syncthreads();
     }
 }
+
+// gauss_stencil_r0 .. gauss_stencil_r4: the window radius is a template argument, so each
+// block's shared rows are as long as its slots need (radius 3, sigma 1: 25 KB a block).
+#define GAUSS_STENCIL_KERNEL(R)                                                                                \
+    extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil_r##R(                      \
+        long long n_pixels, const long long* image_start, const int* image_width, int n_images,                \
+        const int* vertex, const float* weight, const int2* nbr0, const int2* nbr1, const int2* nbr2,          \
+        const int* entry_start, const int* sorted_pixel, const float* sorted_weight, const float* norm,        \
+        int symmetric, float scale, float* stencil, int* info) {                                               \
+        gauss_stencil<R>(n_pixels, image_start, image_width, n_images, vertex, weight, nbr0, nbr1, nbr2,       \
+                         entry_start, sorted_pixel, sorted_weight, norm, symmetric, scale, stencil, info);     \
+    }
+GAUSS_STENCIL_KERNEL(0)
+GAUSS_STENCIL_KERNEL(1)
+GAUSS_STENCIL_KERNEL(2)
+GAUSS_STENCIL_KERNEL(3)
+GAUSS_STENCIL_KERNEL(4)
 
 // ---- the fused slice + Potts + softmax: one lane group per pixel -------------------------------
 // Launch shape: blocks of (G, rows) threads, G a power of two <= 32 (1 on the CPU), so a warp

@@ -29,10 +29,10 @@ static const emu_dim3 gridDim = {1, 1, 1};
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
-// Block-wide kernels (gauss_stencil) run as one thread per block: shared memory is a
-// function-local static array, and barriers have nobody to wait for.
+// Block-wide kernels (gauss_stencil): shared memory is a function-local static array, which the
+// host threads of one block share as a block's threads do; __syncthreads (below) is a barrier
+// among them, and a block of one thread has nobody to wait for.
 #define __shared__ static
-static inline void __syncthreads() {}
 
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }
@@ -74,7 +74,17 @@ extern "C" __attribute__((used)) inline void emu_enter_lane(int lane) {
     emu_phase = 0;
 }
 
-// 1 when some lane waited 10 s at a shuffle for lanes that never came (divergent shuffles).
+// The block's row count (1 up to a kernel's block size), before starting its threads.
+extern "C" __attribute__((used)) inline void emu_set_rows(int rows) {
+    blockDim.y = (unsigned)rows;
+    emu_waiting = 0;
+    emu_failed = 0;
+}
+
+// On each row's thread, before the kernel: this thread is row `row` (threadIdx.y).
+extern "C" __attribute__((used)) inline void emu_enter_row(int row) { threadIdx.y = (unsigned)row; }
+
+// 1 when some thread waited 10 s at a shuffle or barrier for threads that never came.
 extern "C" __attribute__((used)) inline int emu_shuffle_failed() { return emu_failed; }
 
 // Every lane of the block deposits its value and waits for all the others (a warp shuffle's
@@ -96,4 +106,20 @@ static inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
         emu_failed = 1;
     }
     return slot[threadIdx.x ^ lane_mask];
+}
+
+// Every thread of the block waits here for all the others (blockDim.x * blockDim.y of them).
+inline unsigned long emu_barrier_round = 0;
+static inline void __syncthreads() {
+    const int threads = (int)(blockDim.x * blockDim.y);
+    if (threads == 1) return;
+    std::unique_lock<std::mutex> lock(emu_mutex);
+    const unsigned long round = emu_barrier_round;
+    if (++emu_waiting == threads) {
+        emu_waiting = 0;
+        ++emu_barrier_round;
+        emu_arrival.notify_all();
+    } else if (!emu_arrival.wait_for(lock, std::chrono::seconds(10), [&] { return emu_barrier_round != round; })) {
+        emu_failed = 1;
+    }
 }

@@ -34,21 +34,23 @@ class EmulatedBackend:
 
     With `lanes`, a launch of `width` lanes per row runs as min(width, 32) host threads, one per
     lane, whose warp shuffles meet at a barrier (tests/cuda_emulation.h); else one lane walks all.
+    With `rows`, a launch that names its rows per block (block_rows, a kernel with shared memory
+    and barriers) runs min(block_rows, rows) host threads, one per row, as one block.
     """
 
     xp = np
 
-    def __init__(self, library: ctypes.CDLL, free: int = 1 << 40, lanes: bool = False) -> None:
+    def __init__(self, library: ctypes.CDLL, free: int = 1 << 40, lanes: bool = False, rows: int = 0) -> None:
         self.library = library
         self.free = free
         self.lanes = lanes
+        self.rows = rows
         self.captures, self.replays = [], 0  # launches per captured graph, graphs replayed
         self.recording = None  # the launches being captured, if any
 
     def launch(self, name, n, args, width=1, block_rows=0):
-        # block_rows sizes a GPU block; here a block is one thread (one row at a time)
         if self.recording is not None:
-            self.recording.append((name, n, args, width))
+            self.recording.append((name, n, args, width, block_rows))
             return
         if n <= 0:
             return
@@ -65,22 +67,27 @@ class EmulatedBackend:
                 converted.append(kind(a))
         kernel = getattr(self.library, name)
         lanes = min(width, 32) if self.lanes else 1
+        rows = min(block_rows, self.rows) if block_rows and self.rows else 1
+        assert lanes == 1 or rows == 1, "shuffles are emulated within one row"
         self.library.emu_set_lanes(lanes)
-        if lanes == 1:
+        self.library.emu_set_rows(rows)
+        if lanes == 1 and rows == 1:
             self.library.emu_enter_lane(0)
+            self.library.emu_enter_row(0)
             kernel(*converted)
             return
 
-        def lane(i):
-            self.library.emu_enter_lane(i)
-            kernel(*converted)  # ctypes lets go of the GIL: the lanes run at once
+        def thread(i):
+            self.library.emu_enter_lane(i % lanes)
+            self.library.emu_enter_row(i // lanes)
+            kernel(*converted)  # ctypes lets go of the GIL: the threads run at once
 
-        threads = [threading.Thread(target=lane, args=(i,)) for i in range(lanes)]
+        threads = [threading.Thread(target=thread, args=(i,)) for i in range(lanes * rows)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert not self.library.emu_shuffle_failed(), f"{name}: a shuffle that not every lane reached"
+        assert not self.library.emu_shuffle_failed(), f"{name}: a shuffle or barrier that not every thread reached"
 
     def capture(self, work):
         """Like stream capture: the launches `work()` makes are recorded, not run."""

@@ -21,11 +21,15 @@ def emulated(tmp_path_factory):
 
 
 def test_host_stencil_limits_match_the_kernel_source():
-    # gauss_stencil's shared memory holds STENCIL_BLOCK_ROWS rows of up to STENCIL_SLOTS_MAX
-    # slots: the host launches blocks of that many rows and never asks for a wider window.
-    defines = dict(re.findall(r"^#define (\w+) (\d+)$", cuda.kernel_source("meanfield.cu"), re.M))
+    # gauss_stencil's shared memory holds STENCIL_BLOCK_ROWS rows: the host launches blocks of
+    # that many rows, and there is a kernel for every radius it may ask for.
+    source = cuda.kernel_source("meanfield.cu")
+    defines = dict(re.findall(r"^#define (\w+) (\d+)$", source, re.M))
     assert int(defines["STENCIL_BLOCK_ROWS"]) == cuda.STENCIL_BLOCK_ROWS
-    assert int(defines["STENCIL_SLOTS_MAX"]) == (2 * cuda.STENCIL_RADIUS_MAX + 1) ** 2
+    radii = sorted(int(r) for r in re.findall(r"^GAUSS_STENCIL_KERNEL\((\d)\)$", source, re.M))
+    assert radii == list(range(cuda.STENCIL_RADIUS_MAX + 1))
+    assert [f for f in cuda.KERNELS["meanfield.cu"] if f.startswith("gauss_stencil")] == [
+        f"gauss_stencil_r{r}" for r in radii]
 
 
 def dense_stencil(crf: cuda.CudaCRF, image_index: int = 0) -> np.ndarray:
@@ -131,6 +135,21 @@ def test_emulated_stencil_batch_equals_singles_and_graphs_equal_direct(emulated)
         assert backend.captures == captures and backend.replays == replays, mode
         for a, b in zip(direct, graphed):
             assert np.array_equal(a, b), mode
+
+
+def test_emulated_stencil_blocks_of_several_rows(emulated):
+    # gauss_stencil's threads sum into shared memory and then copy the block's rows out slot by
+    # slot together, between barriers: blocks of 5 host threads (221 pixels: the last block
+    # part-full) write exactly the weights one thread at a time does.
+    image = crop("astronaut.jpg", 0, 0, 13, 17)
+    probs = network_like_probs(13, 17, seed=2)
+    weights = []
+    for backend in (emulated, EmulatedBackend(emulated.library, rows=5)):
+        crf = cuda.CudaCRF([image], [probs], DEEPLAB, backend=backend, gauss_stencil=True)
+        crf.prepare()
+        weights.append(crf._stencil)
+    assert np.array_equal(weights[0], weights[1])
+    assert (weights[0] != 0).mean() > 0.3
 
 
 @pytest.mark.parametrize("n_labels,group", [(21, 8), (182, 32)])

@@ -72,8 +72,8 @@ KERNELS = {
         "lattice_run_counts", "lattice_runs", "norm_splat", "norm_splat_reduce", "norm_blur", "lattice_norms",
         "lattice_splat", "lattice_splat_reduce", "lattice_blur", "lattice_blur_pair", "gauss_grid", "gauss_neighbours",
     ),
-    "meanfield.cu": ("mf_unary_rows", "gauss_stencil", "mf_slice_softmax_v4", "mf_slice_stencil_v4",
-                     "mf_to_planes_rows"),
+    "meanfield.cu": ("mf_unary_rows", *(f"gauss_stencil_r{r}" for r in range(5)), "mf_slice_softmax_v4",
+                     "mf_slice_stencil_v4", "mf_to_planes_rows"),
 }
 # No fused multiply-add anywhere: the lattice must round exactly as pydensecrf's SSE code.
 NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")
@@ -90,8 +90,9 @@ _BLOCK = 256
 # lattice goes the sparse way (the same result).
 _GAUSS_GRID_SLOTS_PER_PIXEL = 8
 _GAUSS_GRID_SLOTS_FREE = 1 << 16
-# gauss_stencil is used up to this window radius (R = 4: 81 floats a pixel, sigma up to 1.25);
-# a wider Gaussian has fewer lattice vertices per pixel and goes through its lattice.
+# gauss_stencil is used up to this window radius (R = 4: 81 floats a pixel, sigma up to 1.25;
+# meanfield.cu has a gauss_stencil_r<R> for each); a wider Gaussian has fewer lattice vertices per
+# pixel and goes through its lattice.
 STENCIL_RADIUS_MAX = 4
 STENCIL_BLOCK_ROWS = 128  # pixels a block of gauss_stencil takes (its shared memory holds their rows)
 _CONSTANTS_KEPT = 64  # constant tables a backend keeps on the device
@@ -736,11 +737,12 @@ class CudaCRF:
         self._stencil_info = xp.zeros(1, dtype=xp.int32)
         scale = np.float32(alpha(spec.d) * np.float32(spec.weight))
         vertex, weight = lat.corners(0)
-        bk.launch("gauss_stencil", n, (_i64(n), self._image_start, self._image_width, _i32(len(self.images)), vertex,
-                                       weight, *lat.neighbours[:3], lat.run_offset, lat.run_bounds, lat.sorted_pixel,
-                                       lat.sorted_weight, lat.norms[0],
-                                       _i32(self.params.normalization == "symmetric"), scale, _i32(radius),
-                                       self._stencil, self._stencil_info), 1, STENCIL_BLOCK_ROWS)
+        entry_start = lat.run_bounds[lat.run_offset[: lat.first[1] + 1]]  # (M0+1,) each Gaussian vertex's first entry
+        bk.launch(f"gauss_stencil_r{radius}", n,
+                  (_i64(n), self._image_start, self._image_width, _i32(len(self.images)), vertex, weight,
+                   *lat.neighbours[:3], entry_start, lat.sorted_pixel, lat.sorted_weight, lat.norms[0],
+                   _i32(self.params.normalization == "symmetric"), scale, self._stencil, self._stencil_info),
+                  1, STENCIL_BLOCK_ROWS)
         self._q_pair = (self.q, xp.empty_like(self.q))
 
     @property
