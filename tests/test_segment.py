@@ -480,6 +480,23 @@ def test_bad_files_do_not_stop_the_batch(tmp_path, fast_load, weights_file):
     assert "1 image: 0 segmented, 1 failed in" in summary and "images/s" not in summary
 
 
+def test_a_bad_crf_flag_fails_before_the_weights_load(tmp_path, monkeypatch):
+    # The registry weights are not cached here (and there is no network): the flag's error
+    # must come first, naming the flag, without a download being tried.
+    from deeplab_cli import weights
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the weights were fetched before the CRF flags were checked")
+
+    monkeypatch.setattr(weights, "fetch", no_download)
+    src = save(tmp_path / "cat.jpg", photo())
+    for flags, named in ((["--bi-xy-std", "-1"], "--bi-xy-std"),
+                         (["--crf-params", tmp_path / "missing.json"], "missing.json")):
+        result = invoke([src, "-o", tmp_path / "m.png", "--model", "voc12", *flags], expect=1)
+        assert named in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "m.png").exists()
+
+
 def test_no_crf_and_crf_both_run(tmp_path, fast_load, weights_file):
     src = save(tmp_path / "cat.jpg", photo())
     plain, refined = tmp_path / "plain.png", tmp_path / "crf.png"

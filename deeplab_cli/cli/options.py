@@ -112,6 +112,10 @@ def load_segmenter(weights, device: str, *, no_crf: bool = False, crf_flags: dic
     from deeplab_cli.device import resolve_device
     from deeplab_cli.pipeline import Segmenter
 
+    if crf_flags and not no_crf:
+        # A bad flag or preset file is known now, before the weights load (or download): check
+        # them over the plain defaults; they apply over the weights' own below.
+        crf_params_from_options(dict(crf_flags))
     segmenter = Segmenter.from_weights(weights, device=resolve_device(device, quiet=quiet),
                                        **segmenter_options)
     if no_crf:
