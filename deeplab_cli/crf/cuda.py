@@ -731,8 +731,10 @@ class CudaCRF:
         norms, alpha and the Potts weight folded in, and a second Q buffer."""
         bk, xp, lat, n = self.bk, self.bk.xp, self.lattices, self.n_pixels
         spec = lat.specs[0]
-        self._image_start = xp.asarray(np.array(self.offsets, dtype=np.int64))
-        self._image_width = xp.asarray(np.array([w for _, w in self.sizes], dtype=np.int32))
+        upload = getattr(bk, "constant", None) or (lambda key, host: xp.asarray(host))  # kept per batch shape
+        widths = np.array([w for _, w in self.sizes], dtype=np.int32)
+        self._image_start = upload(("image_start", tuple(self.sizes)), np.array(self.offsets, dtype=np.int64))
+        self._image_width = upload(("image_width", tuple(self.sizes)), widths)
         self._stencil = xp.empty(((2 * radius + 1) ** 2, n), dtype=xp.float32)
         self._stencil_info = xp.zeros(1, dtype=xp.int32)
         scale = np.float32(alpha(spec.d) * np.float32(spec.weight))
