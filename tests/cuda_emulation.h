@@ -87,6 +87,19 @@ extern "C" __attribute__((used)) inline void emu_enter_row(int row) { threadIdx.
 // 1 when some thread waited 10 s at a shuffle or barrier for threads that never came.
 extern "C" __attribute__((used)) inline int emu_shuffle_failed() { return emu_failed; }
 
+// The calling thread (holding emu_mutex through `lock`) arrives; the last of `threads` to come
+// releases them all, the others wait for it (and flag a failure after 10 s).
+static inline void emu_meet(std::unique_lock<std::mutex>& lock, int threads) {
+    const unsigned long round = emu_round;
+    if (++emu_waiting == threads) {
+        emu_waiting = 0;
+        ++emu_round;
+        emu_arrival.notify_all();
+    } else if (!emu_arrival.wait_for(lock, std::chrono::seconds(10), [&] { return emu_round != round; })) {
+        emu_failed = 1;
+    }
+}
+
 // Every lane of the block deposits its value and waits for all the others (a warp shuffle's
 // lockstep), then reads its partner's. Two slot sets, alternated per shuffle, so a fast lane's
 // next deposit cannot overwrite a value a slow lane has still to read.
@@ -97,29 +110,14 @@ static inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
     emu_phase ^= 1;
     std::unique_lock<std::mutex> lock(emu_mutex);
     slot[threadIdx.x] = value;
-    const unsigned long round = emu_round;
-    if (++emu_waiting == lanes) {
-        emu_waiting = 0;
-        ++emu_round;
-        emu_arrival.notify_all();
-    } else if (!emu_arrival.wait_for(lock, std::chrono::seconds(10), [&] { return emu_round != round; })) {
-        emu_failed = 1;
-    }
+    emu_meet(lock, lanes);
     return slot[threadIdx.x ^ lane_mask];
 }
 
 // Every thread of the block waits here for all the others (blockDim.x * blockDim.y of them).
-inline unsigned long emu_barrier_round = 0;
 static inline void __syncthreads() {
     const int threads = (int)(blockDim.x * blockDim.y);
     if (threads == 1) return;
     std::unique_lock<std::mutex> lock(emu_mutex);
-    const unsigned long round = emu_barrier_round;
-    if (++emu_waiting == threads) {
-        emu_waiting = 0;
-        ++emu_barrier_round;
-        emu_arrival.notify_all();
-    } else if (!emu_arrival.wait_for(lock, std::chrono::seconds(10), [&] { return emu_barrier_round != round; })) {
-        emu_failed = 1;
-    }
+    emu_meet(lock, threads);
 }

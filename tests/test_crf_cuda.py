@@ -225,6 +225,13 @@ def crop(name: str, top: int, left: int, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(load_photo(name)[top:top + height, left:left + width])
 
 
+def case_inputs(crops, n_labels: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The crops (photo, top, left, height, width) of a test case and probabilities for each
+    (image i with seed + i)."""
+    images = [crop(*c) for c in crops]
+    return images, [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=seed + i) for i, im in enumerate(images)]
+
+
 @pytest.mark.parametrize("normalization", ["symmetric", "after"])
 @pytest.mark.parametrize("which", sorted(PARAM_SETS))
 def test_emulated_kernels_match_pydensecrf(emulated, which, normalization):
@@ -266,8 +273,7 @@ def test_emulated_gaussian_grid_is_bit_identical(emulated, case):
     # gauss_grid: the Gaussian lattice's neighbours come from its cell grid instead of binary
     # search; the neighbour table and every output bit stay the same.
     crops, params, n_labels = GRID_CASES[case]
-    images = [crop(*c) for c in crops]
-    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=i + 4) for i, im in enumerate(images)]
+    images, probs = case_inputs(crops, n_labels, seed=4)
     sparse = cuda.CudaCRF(images, probs, params, backend=emulated)
     passes = sparse.run()
     crf = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_grid=True)
@@ -300,8 +306,7 @@ def test_emulated_pair_blur_is_bit_identical(emulated, case):
     # Two blur passes a launch work out the first pass at the vertex and at its two neighbours
     # along the second axis from the same rows: every output bit equals one pass a launch.
     crops, params, n_labels = PAIR_CASES[case]
-    images = [crop(*c) for c in crops]
-    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=i + 7) for i, im in enumerate(images)]
+    images, probs = case_inputs(crops, n_labels, seed=7)
     single = cuda.CudaCRF(images, probs, params, backend=emulated, pair_blur=False)
     passes = single.run()
     paired = cuda.CudaCRF(images, probs, params, backend=emulated, pair_blur=True)
@@ -331,8 +336,7 @@ def test_emulated_spatial_order_is_bit_identical_and_local(emulated, case, gauss
     # every output bit stays, the vertex count too, and bilateral vertices with nearby ids
     # gather nearby pixels, which the key order (colour coordinates on top) does not give.
     crops, params, n_labels = SPATIAL_CASES[case]
-    images = [crop(*c) for c in crops]
-    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=i + 9) for i, im in enumerate(images)]
+    images, probs = case_inputs(crops, n_labels, seed=9)
     runs = {}
     for spatial in (False, True):
         crf = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_grid=gauss_grid, spatial_order=spatial)

@@ -11,7 +11,8 @@ import pytest
 
 from emulation import EmulatedBackend, build_emulated
 from conftest import PHOTOS, load_photo
-from test_crf_cuda import DEEPLAB, README, _cupy, assert_close, crop, network_like_probs, pydensecrf_reference
+from test_crf_cuda import (DEEPLAB, README, _cupy, assert_close, case_inputs, crop, network_like_probs,
+                           pydensecrf_reference)
 from deeplab_cli.crf import cpu, cuda
 
 
@@ -97,8 +98,7 @@ STENCIL_CASES = {  # crops (photo, top, left, height, width), parameters, labels
 @pytest.mark.parametrize("case", sorted(STENCIL_CASES))
 def test_emulated_stencil_matches_pydensecrf_and_the_lattice_path(emulated, case):
     crops, params, n_labels = STENCIL_CASES[case]
-    images = [crop(*c) for c in crops]
-    probs = [network_like_probs(*im.shape[:2], n_labels=n_labels, seed=i + 5) for i, im in enumerate(images)]
+    images, probs = case_inputs(crops, n_labels, seed=5)
     crf = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_stencil=True)
     out = crf.run()
     assert crf._stencil is not None and crf._stencil_info[0] == 0
@@ -122,8 +122,7 @@ def test_emulated_stencil_batch_equals_singles_and_graphs_equal_direct(emulated)
     # A pixel's stencil row depends on its own image only, so a batch gives each image's result
     # bit for bit; an odd number of iterations ends in the second Q buffer, whichever way the
     # iterations are launched (two graphs replayed in turn, or one of all iterations).
-    images = [crop("astronaut.jpg", 0, 0, 21, 19), crop("chelsea.jpg", 40, 80, 30, 35)]
-    probs = [network_like_probs(*im.shape[:2], seed=i + 1) for i, im in enumerate(images)]
+    images, probs = case_inputs([("astronaut.jpg", 0, 0, 21, 19), ("chelsea.jpg", 40, 80, 30, 35)], 21, seed=1)
     params = DEEPLAB.replace(iterations=3)
     direct = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_stencil=True).run()
     for image, p, out in zip(images, probs, direct):

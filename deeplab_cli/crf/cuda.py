@@ -625,9 +625,14 @@ class CudaCRF:
             key = (tuple(self.specs), self.max_h, self.max_w, len(self.images), self.spread_keys, self.spatial_order)
             table, words = constant_table(self.specs, self.max_h, self.max_w, len(self.images),
                                           spread=self.spread_keys, spatial=self.spatial_order)
-            upload = getattr(self.bk, "constant", None)
-            self._consts = (upload(key, table) if upload else self.bk.xp.asarray(table)), words
+            self._consts = self._upload(key, table), words
         return self._consts
+
+    def _upload(self, key: Any, host: np.ndarray) -> Any:
+        """`host` on the device through the backend's constant cache (one upload per `key`)
+        when it has one, else copied now."""
+        upload = getattr(self.bk, "constant", None)
+        return upload(key, host) if upload else self.bk.xp.asarray(host)
 
     def _build(self) -> Lattices:
         """Both lattices with one sort and one wait on the device (for the vertex count)."""
@@ -731,10 +736,9 @@ class CudaCRF:
         norms, alpha and the Potts weight folded in, and a second Q buffer."""
         bk, xp, lat, n = self.bk, self.bk.xp, self.lattices, self.n_pixels
         spec = lat.specs[0]
-        upload = getattr(bk, "constant", None) or (lambda key, host: xp.asarray(host))  # kept per batch shape
         widths = np.array([w for _, w in self.sizes], dtype=np.int32)
-        self._image_start = upload(("image_start", tuple(self.sizes)), np.array(self.offsets, dtype=np.int64))
-        self._image_width = upload(("image_width", tuple(self.sizes)), widths)
+        self._image_start = self._upload(("image_start", tuple(self.sizes)), np.array(self.offsets, dtype=np.int64))
+        self._image_width = self._upload(("image_width", tuple(self.sizes)), widths)
         self._stencil = xp.empty(((2 * radius + 1) ** 2, n), dtype=xp.float32)
         self._stencil_info = xp.zeros(1, dtype=xp.int32)
         scale = np.float32(alpha(spec.d) * np.float32(spec.weight))
