@@ -12,9 +12,13 @@ writer thread, then written atomically (`write_bytes`) or to a binary stream (st
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import glob
 import io
+import logging
 import os
+import warnings
 from typing import IO, Sequence
 
 import numpy as np
@@ -39,6 +43,15 @@ FORMATS = ("palette", "gray", "overlay", "probs")
 
 # Background that transparent pixels are composited onto (what a viewer on a white page shows).
 ALPHA_BACKGROUND = (255, 255, 255)
+
+# Leading bytes of the formats read, to name the format of a file PIL could not open.
+MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
+    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
 
 
 def _display_name(source, name: str | None) -> str:
@@ -81,6 +94,9 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None,
     try:
         im = Image.open(io.BytesIO(data), formats=[f for f in READ_FORMATS if f in Image.OPEN])
     except Image.UnidentifiedImageError:
+        kind = sniff_format(data)
+        if kind:
+            raise DeeplabError(f"{label}: truncated or corrupt {kind} (its header cannot be read)") from None
         raise DeeplabError(
             f"{label}: not a supported image (expected JPEG, PNG, BMP, TIFF, WebP, GIF or PPM)"
         ) from None
@@ -88,7 +104,7 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None,
         # PIL's own, process-wide guard (twice Image.MAX_IMAGE_PIXELS) fired first.
         raise DeeplabError(f"{label}: too many pixels ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DeeplabError(f"{label}: truncated or corrupt image header ({exc})") from None
+        raise DeeplabError(f"{label}: truncated or corrupt {sniff_format(data) or 'image'} header ({exc})") from None
 
     with im:
         width, height = im.size
@@ -109,6 +125,70 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None,
             raise DeeplabError(f"{label}: cannot convert {im.mode} image to RGB ({exc})") from None
     # Arrays viewed from PIL's buffer are read-only; callers (and torch) expect to own them.
     return rgb if rgb.flags.writeable else rgb.copy()
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format (JPEG, PNG, TIFF, GIF, BMP, WebP, PPM) that `data`'s first bytes announce,
+    or None."""
+    for magic, kind in MAGIC:
+        if data.startswith(magic):
+            return kind
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if len(data) > 2 and data[:1] == b"P" and data[1:2] in b"1234567" and data[2:3].isspace():
+        return "PPM"
+    return None
+
+
+def quiet_decoders() -> None:
+    """Keep the image decoders' own messages off stderr, for a command that reports every bad
+    file in one line of its own. Process-wide, so the `deeplab` command calls it once at start;
+    the library leaves the process as it found it.
+
+    - PIL's Python warnings (corrupt EXIF, odd TIFF tags, its decompression-bomb warning:
+      `read_image` applies its own pixel cap) are ignored, and its log records ("More
+      samples per pixel than can be decoded") dropped.
+    - libtiff prints its errors and warnings ("LZWDecode: Corrupted LZW table", "JPEGLib:
+      Bogus Huffman table") to stderr from C; its handlers are cleared in the libtiff that
+      PIL loaded, when one can be found. Where none can (a libtiff linked into PIL itself),
+      they stay.
+    """
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    pil_log = logging.getLogger("PIL")
+    pil_log.addHandler(logging.NullHandler())  # else logging's last resort prints to stderr
+    pil_log.propagate = False
+    for lib in _loaded_libtiff():
+        for setter in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+            func = getattr(lib, setter, None)
+            if func is not None:
+                func.restype = ctypes.c_void_p
+                func.argtypes = [ctypes.c_void_p]
+                func(None)
+
+
+def _loaded_libtiff() -> list:
+    """Handles of the libtiff builds already loaded into this process (by PIL's decoder)."""
+    from PIL import Image
+
+    Image.init()  # loads PIL's C core, and with it libtiff
+    paths = set()
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.split(None, 5)[-1].strip()
+                if os.path.basename(path).startswith("libtiff"):
+                    paths.add(path)
+    except OSError:  # no /proc (macOS): the copies PIL's wheels bundle
+        pil = os.path.dirname(Image.__file__)
+        for pattern in ("../pillow.libs/libtiff*", ".dylibs/libtiff*"):
+            paths.update(glob.glob(os.path.join(pil, pattern)))
+    handles = []
+    for path in sorted(paths):
+        try:  # RTLD_NOLOAD: a handle to what is loaded already, never a second copy
+            handles.append(ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY))
+        except (OSError, AttributeError):
+            continue
+    return handles
 
 
 def _upright(im):

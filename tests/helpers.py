@@ -1,13 +1,15 @@
 """Helpers shared by several test modules: random checkpoints, a loopback HTTP server, a tiny
-VOC-layout dataset, the check that a command failed with one line, and hand-made temporary
-names of killed writers."""
+VOC-layout dataset, damaged TIFFs, the check that a command failed with one line, and
+hand-made temporary names of killed writers."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import os
 import socket
+import struct
 import subprocess
 import sys
 import shutil
@@ -120,6 +122,25 @@ def write_voc(root: Path, labels: dict[str, np.ndarray], *, split: str = "val") 
     sets.mkdir(parents=True, exist_ok=True)
     (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in labels))
     return root
+
+
+def damaged_tiffs() -> dict[str, bytes]:
+    """Two broken TIFFs whose decoders talk on their own: "lzw.tif", LZW codes overwritten
+    with noise (libtiff prints its decode error to stderr from C), and "samples.tif", a
+    SamplesPerPixel of 25859 (PIL logs an error before refusing the header)."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "TIFF", compression="tiff_lzw")
+    lzw = bytearray(buf.getvalue())
+    lzw[40:400] = rng.integers(0, 256, 360, dtype=np.uint8).tobytes()  # the strip follows the 8-byte header
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "TIFF")
+    plain = bytearray(buf.getvalue())
+    entry = struct.pack("<HHI", 277, 3, 1)  # tag SamplesPerPixel, type SHORT, count 1, then the value
+    at = plain.index(entry) + len(entry)
+    plain[at:at + 2] = struct.pack("<H", 25859)
+    return {"lzw.tif": bytes(lzw), "samples.tif": bytes(plain)}
 
 
 def assert_one_line_error(result, *fragments: str) -> None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from deeplab_cli.image_io import (
     encode_output,
     overlay,
     read_image,
+    sniff_format,
     write_bytes,
     write_labels,
 )
@@ -224,6 +229,59 @@ def test_zero_byte_missing_directory_and_not_an_image(tmp_path):
         read_image(text)
     with pytest.raises(DeeplabError, match=r"^<stdin>: empty file"):
         read_image(b"", name="<stdin>")
+
+
+@pytest.mark.parametrize("fmt, name, kw", [
+    ("JPEG", "JPEG", {}), ("PNG", "PNG", {}), ("TIFF", "TIFF", {}), ("TIFF", "TIFF", {"big_endian": True}),
+    ("GIF", "GIF", {}), ("BMP", "BMP", {}), ("WEBP", "WebP", {}), ("PPM", "PPM", {}),
+])
+def test_a_header_cut_short_is_named_by_its_format(fmt, name, kw):
+    data = encode(Image.fromarray(rng_image(8)), fmt, **kw)
+    assert sniff_format(data) == name
+    cut = next(data[:n] for n in range(4, len(data)) if sniff_format(data[:n]))  # the magic, and no more
+    with pytest.raises(DeeplabError, match=rf"^cut: truncated or corrupt {name} (\(its header cannot be read\)|header \()"):
+        read_image(cut, name="cut")
+
+
+def test_sniffing_names_no_format_for_other_files():
+    for data in (b"hello, not a picture", b"P9 no such netpbm", b"RIFF\x00\x00\x00\x00WAVEfmt ", b"\xff\xd8", b"P"):
+        assert sniff_format(data) is None, data
+
+
+# In a fresh interpreter: read each damaged TIFF, print the one-line error, and let stderr show
+# whatever the decoders wrote on their own; `quiet` first when asked.
+DECODE_DAMAGED = """
+import sys
+from deeplab_cli.errors import DeeplabError
+from deeplab_cli.image_io import quiet_decoders, read_image
+from helpers import damaged_tiffs
+if sys.argv[1] == "quiet":
+    quiet_decoders()
+for name, data in damaged_tiffs().items():
+    try:
+        read_image(data, name=name)
+    except DeeplabError as exc:
+        print(exc)
+"""
+
+
+def test_quiet_decoders_keeps_libtiff_and_pil_off_stderr():
+    def run(mode):
+        here = Path(__file__).resolve().parent
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
+        proc = subprocess.run([sys.executable, "-c", DECODE_DAMAGED, mode], capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines(), proc.stderr
+
+    errors, noise = run("loud")
+    assert errors == ["lzw.tif: truncated or corrupt TIFF (decoder error -2)",
+                      "samples.tif: truncated or corrupt TIFF (its header cannot be read)"]
+    if "Using code not yet in table" not in noise or "More samples per pixel" not in noise:
+        pytest.skip(f"this PIL and libtiff do not print these on their own: {noise!r}")
+    quiet_errors, quiet_noise = run("quiet")
+    assert quiet_errors == errors
+    assert quiet_noise == ""
 
 
 def test_pixel_cap_is_checked_before_decoding():

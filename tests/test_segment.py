@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import load_photo
-from helpers import OTHER_HOST, dead_pid, temp_name
+from helpers import OTHER_HOST, damaged_tiffs, dead_pid, temp_name
 from deeplab_cli.cli import cli
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
@@ -578,6 +578,21 @@ def test_subprocess_pipe_round_trip(tmp_path, weights_file):
     assert proc.returncode == 0, proc.stderr.decode()
     with Image.open(io.BytesIO(proc.stdout)) as im:
         assert im.size == (W, H) and im.mode == "P"
+
+
+def test_damaged_files_cost_one_line_each_and_no_decoder_chatter(tmp_path, weights_file):
+    # libtiff (from C) and PIL (its logger, its warnings) would each add lines of their own.
+    src = tmp_path / "in"
+    save(src / "good.png", photo())
+    for name, data in damaged_tiffs().items():
+        (src / name).write_bytes(data)
+    proc = run_cli([src, "-o", tmp_path / "out", "--weights", weights_file, "--no-crf", "--device", "cpu", *FAST])
+    assert proc.returncode == 1
+    lines = proc.stderr.decode().splitlines()
+    assert len(lines) == 3, lines  # each bad file, then the summary (shown even with -q when something failed)
+    assert "lzw.tif: truncated or corrupt TIFF" in lines[0] and "samples.tif: truncated or corrupt TIFF" in lines[1]
+    assert "1 segmented, 2 failed" in lines[2]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
 
 
 @pytest.mark.slow

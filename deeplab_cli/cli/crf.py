@@ -52,9 +52,10 @@ def crf(image: str, probs: str, output: str, fmt: str, device: str, max_pixels: 
     """
     from deeplab_cli.crf import dense_crf
     from deeplab_cli.device import resolve_device
-    from deeplab_cli.image_io import encode_output, read_image, write_bytes
+    from deeplab_cli.image_io import encode_output, quiet_decoders, read_image, write_bytes
     from deeplab_cli.labels import palette_for
 
+    quiet_decoders()
     params = crf_params_from_options(options)
     _check_output(output, fmt, image, probs)
     target = resolve_device(device)

@@ -94,8 +94,10 @@ def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weight
     """
     from deeplab_cli import datasets
     from deeplab_cli.errors import DeeplabError
+    from deeplab_cli.image_io import quiet_decoders
     from deeplab_cli.metrics import ConfusionMatrix
 
+    quiet_decoders()
     started = time.perf_counter()
     weights = _weights_choice(model, weights)
     if pred_dir is not None:
@@ -205,7 +207,9 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
     from deeplab_cli import datasets, tune
     from deeplab_cli.crf.params import CRFParams
     from deeplab_cli.errors import DeeplabError
+    from deeplab_cli.image_io import quiet_decoders
 
+    quiet_decoders()
     started = time.perf_counter()
     weights = _weights_choice(model, weights)
     grid_specs = {

@@ -327,8 +327,9 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
       cat photo.jpg | deeplab segment - > mask.png
       find photos -name '*.jpg' -print0 | deeplab segment --from-list - -0 -o masks --json | jq .
     """
-    from deeplab_cli.image_io import output_suffix
+    from deeplab_cli.image_io import output_suffix, quiet_decoders
 
+    quiet_decoders()
     if model and weights:
         raise DeeplabError("give either --model NAME or --weights FILE, not both")
     if weights and not Path(weights).is_file():
