@@ -4,6 +4,7 @@ backend that runs them on NumPy arrays: how the tests check the GPU code without
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 import threading
@@ -24,8 +25,10 @@ def build_emulated(directory: Path) -> "EmulatedBackend":
     target = Path(directory) / "kernels.so"
     sources = [str(cuda.kernel_dir() / name) for name in cuda.KERNEL_FILES]
     header = Path(__file__).parent / "cuda_emulation.h"
-    subprocess.run([cxx, "-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", "-include", str(header),
-                    "-x", "c++", *sources, "-o", str(target)], check=True, capture_output=True)
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g"] if os.environ.get(
+        "DEEPLAB_EMU_SANITIZE") else []
+    subprocess.run([cxx, "-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", *sanitize, "-include",
+                    str(header), "-x", "c++", *sources, "-o", str(target)], check=True, capture_output=True)
     return EmulatedBackend(ctypes.CDLL(str(target)))
 
 
