@@ -25,8 +25,9 @@ def build_emulated(directory: Path) -> "EmulatedBackend":
     target = Path(directory) / "kernels.so"
     sources = [str(cuda.kernel_dir() / name) for name in cuda.KERNEL_FILES]
     header = Path(__file__).parent / "cuda_emulation.h"
-    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g"] if os.environ.get(
-        "DEEPLAB_EMU_SANITIZE") else []
+    # DEEPLAB_EMU_SANITIZE: -fsanitize's list (address,undefined or thread), with its runtimes preloaded.
+    checks = os.environ.get("DEEPLAB_EMU_SANITIZE")
+    sanitize = [f"-fsanitize={checks}", "-fno-sanitize-recover=all", "-g"] if checks else []
     subprocess.run([cxx, "-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", *sanitize, "-include",
                     str(header), "-x", "c++", *sources, "-o", str(target)], check=True, capture_output=True)
     return EmulatedBackend(ctypes.CDLL(str(target)))

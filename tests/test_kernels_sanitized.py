@@ -38,7 +38,7 @@ def sanitizer_runtimes() -> list[str]:
 
 @pytest.mark.slow
 def test_emulated_kernels_are_clean_under_sanitizers(tmp_path):
-    env = dict(os.environ, DEEPLAB_EMU_SANITIZE="1", LD_PRELOAD=" ".join(sanitizer_runtimes()),
+    env = dict(os.environ, DEEPLAB_EMU_SANITIZE="address,undefined", LD_PRELOAD=" ".join(sanitizer_runtimes()),
                ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     # faulthandler and output capture off, so a bad access ends with ASan's report on stderr;
     # run from tmp_path, so the package imported is the installed one, as in the plain run.
