@@ -155,7 +155,8 @@ def quiet_decoders() -> None:
     """
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     pil_log = logging.getLogger("PIL")
-    pil_log.addHandler(logging.NullHandler())  # else logging's last resort prints to stderr
+    if not any(isinstance(handler, logging.NullHandler) for handler in pil_log.handlers):
+        pil_log.addHandler(logging.NullHandler())  # else logging's last resort prints to stderr
     pil_log.propagate = False
     for lib in _loaded_libtiff():
         for setter in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
