@@ -169,9 +169,8 @@ def quiet_decoders() -> None:
 
 def _loaded_libtiff() -> list:
     """Handles of the libtiff builds already loaded into this process (by PIL's decoder)."""
-    from PIL import Image
+    from PIL import Image  # its C core, which links libtiff, loads with it
 
-    Image.init()  # loads PIL's C core, and with it libtiff
     paths = set()
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:

@@ -124,19 +124,22 @@ def write_voc(root: Path, labels: dict[str, np.ndarray], *, split: str = "val") 
     return root
 
 
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    """`im` saved as `fmt` (PIL's save options `kw`), in memory."""
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
 def damaged_tiffs() -> dict[str, bytes]:
     """Two broken TIFFs whose decoders talk on their own: "lzw.tif", LZW codes overwritten
     with noise (libtiff prints its decode error to stderr from C), and "samples.tif", a
     SamplesPerPixel of 25859 (PIL logs an error before refusing the header)."""
     rng = np.random.default_rng(3)
-    pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "TIFF", compression="tiff_lzw")
-    lzw = bytearray(buf.getvalue())
+    pixels = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    lzw = bytearray(encode(pixels, "TIFF", compression="tiff_lzw"))
     lzw[40:400] = rng.integers(0, 256, 360, dtype=np.uint8).tobytes()  # the strip follows the 8-byte header
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "TIFF")
-    plain = bytearray(buf.getvalue())
+    plain = bytearray(encode(pixels, "TIFF"))
     entry = struct.pack("<HHI", 277, 3, 1)  # tag SamplesPerPixel, type SHORT, count 1, then the value
     at = plain.index(entry) + len(entry)
     plain[at:at + 2] = struct.pack("<H", 25859)

@@ -23,6 +23,7 @@ from deeplab_cli.image_io import (
     write_bytes,
     write_labels,
 )
+from helpers import encode
 
 H, W = 37, 53  # odd sizes catch width/height swaps
 
@@ -39,12 +40,6 @@ def blocks_image() -> np.ndarray:
     img[H // 2:, : W // 2] = (0, 0, 255)
     img[H // 2:, W // 2:] = (255, 255, 0)
     return img
-
-
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 # --- formats -------------------------------------------------------------------------------
