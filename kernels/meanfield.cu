@@ -72,8 +72,10 @@ static __device__ __forceinline__ void mf_load_corners(long long p, const int* v
 // the Potts weight folded in, pixel p's Gaussian message is sum_s stencil[s, p] * Q[q_s] over the
 // pixels q_s of a (2R+1)^2 window around it, R the largest integer below 4 sigma: one gather of
 // neighbouring Q rows in the slice kernel instead of a splat, three blur passes and a slice
-// through lattice-sized arrays every iteration. The sums run in another order than
-// pydensecrf's, so the result equals it up to float rounding, not bit for bit.
+// through lattice-sized arrays every iteration. The weights come from the pixels' corners and the
+// grid of lattice cells that are vertices (permutohedral.cu gauss_corners), with no sort and no
+// vertex ids. The sums run in another order than pydensecrf's, so the result equals it up to
+// float rounding, not bit for bit.
 
 // The image of batch pixel p: the last b with image_start[b] <= p (binary search).
 static __device__ __forceinline__ int mf_image_of(long long p, const long long* image_start, int n_images) {
@@ -86,30 +88,65 @@ static __device__ __forceinline__ int mf_image_of(long long p, const long long* 
     return lo;
 }
 
+// The box of Gaussian lattice cells gauss_corners marked: cells (image, q_1, q_0, remainder),
+// span0 x span1 per image, q_k counted from lo_k.
+struct GaussCells {
+    const unsigned char* set;
+    int span0, span1, lo0, lo1;
+};
+
+// Whether the Gaussian lattice point with explicit coordinates (k0, k1) (remainder k0 mod 3) is a
+// vertex of image b: a corner of some slot of it.
+static __device__ __forceinline__ bool gauss_is_vertex(const GaussCells& g, int b, int k0, int k1) {
+    const int r = ((k0 % 3) + 3) % 3;
+    const int q0 = (k0 - r) / 3 - g.lo0, q1 = (k1 - r) / 3 - g.lo1;
+    return q0 >= 0 && q0 < g.span0 && q1 >= 0 && q1 < g.span1 &&
+           g.set[(((long long)b * g.span1 + q1) * g.span0 + q0) * 3 + r] != 0;
+}
+
+// The blur's reach from a vertex v (the slice end) back to the vertices u whose splatted value
+// reaches v: u = v + s2 e2 + s1 e1 + s0 e0 (s in {-1, 0, 1}; the axes' steps e0 = (2, -1),
+// e1 = (-1, 2), e2 = (-1, -1) in explicit coordinates, pydensecrf's neighbours), through the
+// vertices v + s2 e2 and v + s2 e2 + s1 e1, which must exist (the blur skips missing ones), each
+// step halving. As e0 + e1 + e2 = 0, u - v = A e0 + B e1 with A = s0 - s2 and B = s1 - s2 in
+// [-2, 2]: coef[(A + 2) * 5 + B + 2] sums the paths' factors (powers of two: exact).
+static __device__ __forceinline__ void gauss_reach(const GaussCells& g, int b, int2 v, float* coef) {
+    const int e[3][2] = {{2, -1}, {-1, 2}, {-1, -1}};
+    for (int t = 0; t < 25; ++t) coef[t] = 0.0f;
+    for (int s2 = -1; s2 <= 1; ++s2) {
+        const int2 w2 = make_int2(v.x + s2 * e[2][0], v.y + s2 * e[2][1]);
+        if (s2 && !gauss_is_vertex(g, b, w2.x, w2.y)) continue;
+        for (int s1 = -1; s1 <= 1; ++s1) {
+            const int2 w1 = make_int2(w2.x + s1 * e[1][0], w2.y + s1 * e[1][1]);
+            if (s1 && !gauss_is_vertex(g, b, w1.x, w1.y)) continue;
+            for (int s0 = -1; s0 <= 1; ++s0) {
+                const float c = (s2 ? 0.5f : 1.0f) * (s1 ? 0.5f : 1.0f) * (s0 ? 0.5f : 1.0f);
+                coef[(s0 - s2 + 2) * 5 + s1 - s2 + 2] += c;
+            }
+        }
+    }
+}
+
 // Pixels a block of gauss_stencil takes at once (its launch's rows per block, cuda.py
 // STENCIL_BLOCK_ROWS).
 #define STENCIL_BLOCK_ROWS 128
 
 // One thread: one pixel p of the batch, in blocks of STENCIL_BLOCK_ROWS threads (rows), for a
-// window of radius R. Reads p's three Gaussian corners (vertex ids and barycentric weights), the
-// neighbours along axes 2, 1, 0 of the vertices the blur reaches from them, and the sorted
-// entries (pixel, weight) of each vertex u reached, [entry_start[u], entry_start[u+1]); sums
-// into its row of the block's shared memory, then with the block writes the rows to stencil
+// window of radius R. Reads p's three Gaussian corners (gauss_corners' corner, weight), works out
+// the blur's reach from each (gauss_reach, through the cells), then for each pixel q of the
+// window inside p's image and each of q's corners u, adds w_p(v) * reach_v(u) * w_q(u) over p's
+// corners v. Sums into its row of the block's shared memory, writes norm[p] = 1 / sqrt(raw +
+// 1e-20) (symmetric) or 1 / (raw + 1e-20) (after), raw = alpha * the row's sum (K 1 at p, as
+// pydensecrf's norm), in double as norm_of; then with the block writes the rows to stencil
 // ((2R+1)^2, N), slot-major, so the pixels of a warp read one slot's weights from consecutive
-// floats. Slot (dy + R) * (2R+1) + dx + R is the pixel dx right and dy down; its weight:
-// scale * norm[p] * the sum, over corner r, blur path and entry e of pixel q, of
-// w_r * (1 or 0.5 a pass) * w_e (times norm[q] when symmetric), 0 where no path leads. A term
-// whose pixel lies outside the window would need a point at the far corner of its simplex with
-// a weight that is 0 but for rounding; it is left out and sets info[0]. Terms add in a fixed
-// order: deterministic.
+// floats. Slot (dy + R) * (2R+1) + dx + R is the pixel dx right and dy down; 0 where q is off
+// the image or out of reach. gauss_stencil_scale then folds the norms and weight in. Terms add
+// in a fixed order: deterministic.
 template <int R>
 static __device__ __forceinline__ void gauss_stencil(long long n_pixels, const long long* image_start,
-                                                     const int* image_width, int n_images, const int* vertex,
-                                                     const float* weight, const int2* nbr0, const int2* nbr1,
-                                                     const int2* nbr2, const int* entry_start,
-                                                     const int* sorted_pixel, const float* sorted_weight,
-                                                     const float* norm, int symmetric, float scale, float* stencil,
-                                                     int* info) {
+                                                     const int* image_width, int n_images, const int2* corner,
+                                                     const float* weight, const GaussCells& g, float alpha,
+                                                     int symmetric, float* norm, float* stencil) {
     constexpr int side = 2 * R + 1, slots = side * side;
     __shared__ float rows[STENCIL_BLOCK_ROWS * slots];
     float* row = rows + threadIdx.y * slots;
@@ -119,48 +156,38 @@ static __device__ __forceinline__ void gauss_stencil(long long n_pixels, const l
         if (p < n_pixels) {
             const int b = mf_image_of(p, image_start, n_images);
             const long long start = image_start[b];
-            const int width = image_width[b];
-            const long long py = (p - start) / width, px = p - start - py * width;
+            const int width = image_width[b], height = (int)((image_start[b + 1] - start) / width);
+            const int py = (int)((p - start) / width), px = (int)(p - start - (long long)py * width);
+            int2 v[3];
+            float w[3], coef[3][25];
             for (int r = 0; r < 3; ++r) {
-                const float w_r = weight[p * 3 + r];
-                const int v = vertex[p * 3 + r];
-                const int2 along2 = nbr2[v];
-                const int reach2[3] = {v, along2.x, along2.y};
-                for (int i2 = 0; i2 < 3; ++i2) {
-                    if (reach2[i2] < 0) continue;
-                    const float c2 = i2 ? __fmul_rn(0.5f, w_r) : w_r;
-                    const int2 along1 = nbr1[reach2[i2]];
-                    const int reach1[3] = {reach2[i2], along1.x, along1.y};
-                    for (int i1 = 0; i1 < 3; ++i1) {
-                        if (reach1[i1] < 0) continue;
-                        const float c1 = i1 ? __fmul_rn(0.5f, c2) : c2;
-                        const int2 along0 = nbr0[reach1[i1]];
-                        const int reach0[3] = {reach1[i1], along0.x, along0.y};
-                        for (int i0 = 0; i0 < 3; ++i0) {
-                            const int u = reach0[i0];
-                            if (u < 0) continue;
-                            const float c0 = i0 ? __fmul_rn(0.5f, c1) : c1;
-                            const int end = entry_start[u + 1];
-                            for (int s = entry_start[u]; s < end; ++s) {
-                                const int q = sorted_pixel[s];
-                                if (q < 0) continue;  // a padding origin's corner: no pixel
-                                const long long qy = (q - start) / width, qx = q - start - qy * width;
-                                const long long dx = qx - px, dy = qy - py;
-                                if (dx < -R || dx > R || dy < -R || dy > R) {
-                                    info[0] = 1;
-                                    continue;
-                                }
-                                float term = __fmul_rn(c0, sorted_weight[s]);
-                                if (symmetric) term = __fmul_rn(term, norm[q]);
-                                float* slot = row + (dy + R) * side + dx + R;
-                                *slot = __fadd_rn(*slot, term);
-                            }
+                v[r] = corner[p * 3 + r];
+                w[r] = weight[p * 3 + r];
+                gauss_reach(g, b, v[r], coef[r]);
+            }
+            for (int dy = -R; dy <= R; ++dy) {
+                if (py + dy < 0 || py + dy >= height) continue;
+                for (int dx = -R; dx <= R; ++dx) {
+                    if (px + dx < 0 || px + dx >= width) continue;
+                    const long long q = p + (long long)dy * width + dx;
+                    float* slot = row + (dy + R) * side + dx + R;
+                    for (int j = 0; j < 3; ++j) {
+                        const int2 u = corner[q * 3 + j];
+                        const float w_u = weight[q * 3 + j];
+                        for (int r = 0; r < 3; ++r) {
+                            const int x = u.x - v[r].x, y = u.y - v[r].y;  // x = y mod 3: exact thirds
+                            const int a = (2 * x + y) / 3, c = (x + 2 * y) / 3;
+                            if (a < -2 || a > 2 || c < -2 || c > 2) continue;
+                            const float reach = coef[r][(a + 2) * 5 + c + 2];
+                            if (reach != 0.0f) *slot = __fadd_rn(*slot, __fmul_rn(__fmul_rn(w[r], reach), w_u));
                         }
                     }
                 }
             }
-            const float f = __fmul_rn(scale, norm[p]);
-            for (int s = 0; s < slots; ++s) row[s] = __fmul_rn(row[s], f);
+            float raw = 0.0f;
+            for (int s = 0; s < slots; ++s) raw = __fadd_rn(raw, row[s]);
+            const double total = __dadd_rn((double)__fmul_rn(raw, alpha), 1e-20);
+            norm[p] = __double2float_rn(__ddiv_rn(1.0, symmetric ? __dsqrt_rn(total) : total));
         }
         __syncthreads();
         // slot by slot, the block's pixels are consecutive in stencil: consecutive threads copy them
@@ -176,17 +203,36 @@ static __device__ __forceinline__ void gauss_stencil(long long n_pixels, const l
 #define GAUSS_STENCIL_KERNEL(R)                                                                                \
     extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil_r##R(                      \
         long long n_pixels, const long long* image_start, const int* image_width, int n_images,                \
-        const int* vertex, const float* weight, const int2* nbr0, const int2* nbr1, const int2* nbr2,          \
-        const int* entry_start, const int* sorted_pixel, const float* sorted_weight, const float* norm,        \
-        int symmetric, float scale, float* stencil, int* info) {                                               \
-        gauss_stencil<R>(n_pixels, image_start, image_width, n_images, vertex, weight, nbr0, nbr1, nbr2,       \
-                         entry_start, sorted_pixel, sorted_weight, norm, symmetric, scale, stencil, info);     \
+        const int2* corner, const float* weight, const unsigned char* cells, int span0, int span1, int lo0,     \
+        int lo1, float alpha, int symmetric, float* norm, float* stencil) {                                    \
+        const GaussCells g = {cells, span0, span1, lo0, lo1};                                                  \
+        gauss_stencil<R>(n_pixels, image_start, image_width, n_images, corner, weight, g, alpha, symmetric,     \
+                         norm, stencil);                                                                       \
     }
 GAUSS_STENCIL_KERNEL(0)
 GAUSS_STENCIL_KERNEL(1)
 GAUSS_STENCIL_KERNEL(2)
 GAUSS_STENCIL_KERNEL(3)
 GAUSS_STENCIL_KERNEL(4)
+
+// One thread: one pixel p. Multiplies each nonzero weight of its stencil row (radius `radius`,
+// as gauss_stencil wrote it) by scale * norm[p] (scale: alpha times the kernel's weight) and,
+// when symmetric, by norm[q] of the slot's pixel q (a nonzero slot is on p's image).
+extern "C" __global__ void gauss_stencil_scale(long long n_pixels, const long long* image_start,
+                                               const int* image_width, int n_images, int radius,
+                                               const float* norm, int symmetric, float scale, float* stencil) {
+    const int side = 2 * radius + 1;
+    for (long long p = mf_grid_start(); p < n_pixels; p += mf_grid_step()) {
+        const int width = image_width[mf_image_of(p, image_start, n_images)];
+        const float f = __fmul_rn(scale, norm[p]);
+        for (int s = 0; s < side * side; ++s) {
+            float* w = stencil + (long long)s * n_pixels + p;
+            if (*w == 0.0f) continue;
+            const long long q = p + (long long)(s / side - radius) * width + s % side - radius;
+            *w = symmetric ? __fmul_rn(__fmul_rn(*w, f), norm[q]) : __fmul_rn(*w, f);
+        }
+    }
+}
 
 // ---- the fused slice + Potts + softmax: one lane group per pixel -------------------------------
 // Launch shape: blocks of (G, rows) threads, G a power of two <= 32 (1 on the CPU), so a warp

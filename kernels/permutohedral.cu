@@ -107,17 +107,15 @@ static __device__ __forceinline__ bool same_key(const u64* key_lo, const u64* ke
     return key_lo[a] == key_lo[b] && (!key_hi || key_hi[a] == key_hi[b]);
 }
 
-// Elevate one slot's features onto lattice `lattice` (dimension D), pydensecrf's SSE path step
-// by step: features f = coord / std; running-sum elevation; round to the nearest multiple of
-// d+1 (half to even); rank by remainder (ties to the later index); the +-(d+1) correction;
-// barycentric weights with b[0] += 1 + b[d+1]; then the d+1 simplex corners, written at
-// entries e0 .. e0 + D. `origin`: all-zero features (a padding origin). `tile`: the bilateral
-// tiles' constants (pack_tiles), null on the Gaussian lattice.
+// One slot's simplex on a lattice of dimension D, pydensecrf's SSE path step by step: features
+// f = coord / std; running-sum elevation; round to the nearest multiple of d+1 (half to even);
+// rank by remainder (ties to the later index); the +-(d+1) correction; barycentric weights with
+// b[0] += 1 + b[d+1]. Its corner r (remainder r) has coordinates simplex_corner(rem0, rank, r, k).
+// `origin`: all-zero features (a padding origin).
 template <int D>
-static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, bool origin, int image_index,
-                                     int lattice, const float* stds, const float* scale, const int* pack,
-                                     const int* tile, long long e0, u64* key_lo, u64* key_hi, float* weight,
-                                     int* info) {
+static __device__ __forceinline__ void simplex_of(int x, int y, const unsigned char* rgb, bool origin,
+                                                  const float* stds, const float* scale, float* rem0, int* rank,
+                                                  float* bary) {
     float f[D];
     if (origin) {
 #pragma unroll
@@ -141,7 +139,6 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
     elevated[0] = sm;
 
     const float dp1 = (float)(D + 1);
-    float rem0[D + 1];
     float sum = 0.0f;
 #pragma unroll
     for (int k = 0; k <= D; ++k) {
@@ -150,7 +147,6 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
         sum = __fadd_rn(sum, v);
     }
 
-    int rank[D + 1];
 #pragma unroll
     for (int k = 0; k <= D; ++k) rank[k] = 0;
 #pragma unroll
@@ -176,7 +172,6 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
         }
     }
 
-    float bary[D + 2];
 #pragma unroll
     for (int k = 0; k < D + 2; ++k) bary[k] = 0.0f;
     for (int k = 0; k <= D; ++k) {
@@ -186,7 +181,26 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
         bary[p + 1] = __fsub_rn(bary[p + 1], v);
     }
     bary[0] = __fadd_rn(bary[0], __fadd_rn(1.0f, bary[D + 1]));
+}
 
+// Coordinate k of the simplex's corner r: the canonical simplex adds r to the coordinates ranked
+// <= D - r and r - (D+1) to the rest, so every coordinate of corner r is r mod D+1.
+template <int D>
+static __device__ __forceinline__ int simplex_corner(const float* rem0, const int* rank, int r, int k) {
+    return (int)rem0[k] + (rank[k] <= D - r ? r : r - (D + 1));
+}
+
+// Elevate one slot onto lattice `lattice` (dimension D, simplex_of) and write its d+1 simplex
+// corners (packed keys and barycentric weights) at entries e0 .. e0 + D. `tile`: the bilateral
+// tiles' constants (pack_tiles), null on the Gaussian lattice.
+template <int D>
+static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, bool origin, int image_index,
+                                     int lattice, const float* stds, const float* scale, const int* pack,
+                                     const int* tile, long long e0, u64* key_lo, u64* key_hi, float* weight,
+                                     int* info) {
+    float rem0[D + 1], bary[D + 2];
+    int rank[D + 1];
+    simplex_of<D>(x, y, rgb, origin, stds, scale, rem0, rank, bary);
     bool ok = true;
 #pragma unroll
     for (int r = 0; r <= D; ++r) {
@@ -197,8 +211,7 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
         int key[D];
 #pragma unroll
         for (int k = 0; k < D; ++k) {
-            // canonical simplex: corner r adds r to coords ranked <= D - r, r - (D+1) to the rest
-            key[k] = (int)rem0[k] + (rank[k] <= D - r ? r : r - (D + 1));
+            key[k] = simplex_corner<D>(rem0, rank, r, k);
             ok &= pack_put(words, pack, 3 + k, (key[k] - r) / (D + 1));  // exact: key = r mod D+1
         }
         ok &= pack_tiles<D>(words, pack, tile, key);
@@ -235,6 +248,45 @@ extern "C" __global__ void lattice_elevate(const unsigned char* image, int heigh
             elevate_pixel<5>(x, y, rgb, origin, image_index, e_g >= 0 ? 1 : 0, fconsts + CONST_STD_B,
                              fconsts + CONST_SCALE_B, consts + CONST_PACK_B, consts + CONST_TILE_B, e_b + slot * 6,
                              key_lo, key_hi, weight, info);
+    }
+}
+
+// ---- the Gaussian lattice without a lattice: corners and a grid of its cells ---------------------
+// For the Gaussian stencil (meanfield.cu gauss_stencil) the d = 2 lattice needs no sort: its
+// points are found by indexing a box of cells (q_0, q_1, remainder) per image, and a point is a
+// vertex when some slot has it as a corner.
+
+// One thread: one pixel i of one image (grid-stride over H*W). Elevates it onto the Gaussian
+// lattice (the constant table's d = 2 entries); writes its three corners' explicit coordinates
+// (k_0, k_1) and barycentric weights at corner[(pixel0 + i) * 3 + r] and weight[..] (corner r
+// has remainder r), and sets their cells, cells[((image_index * span1 + q_1) * span0 + q_0) * 3
+// + r] = 1 with q_k = (k_k - r) / 3 - lo_k (the packing's lo); info[0] = 1 when a corner falls
+// outside the box (a bug). Threads that share a corner write the same byte: deterministic.
+// pydensecrf's padding origin (lattice_elevate) has pixel (0, 0)'s position, so on this
+// lattice it adds no vertex.
+extern "C" __global__ void gauss_corners(const unsigned char* image, int height, int width, long long pixel0,
+                                         int image_index, const int* consts, int span0, int span1, int2* corner,
+                                         float* weight, unsigned char* cells, int* info) {
+    const long long n = (long long)height * width;
+    const float* fconsts = reinterpret_cast<const float*>(consts);
+    const int* pack = consts + CONST_PACK_G;
+    const int lo0 = pack[4 * 3 + 3], lo1 = pack[4 * 4 + 3];
+    for (long long i = grid_start(); i < n; i += grid_step()) {
+        float rem0[3], bary[4];
+        int rank[3];
+        simplex_of<2>((int)(i % width), (int)(i / width), image + i * 3, false, fconsts + CONST_STD_G,
+                      fconsts + CONST_SCALE_G, rem0, rank, bary);
+        for (int r = 0; r < 3; ++r) {
+            const int k0 = simplex_corner<2>(rem0, rank, r, 0), k1 = simplex_corner<2>(rem0, rank, r, 1);
+            corner[(pixel0 + i) * 3 + r] = make_int2(k0, k1);
+            weight[(pixel0 + i) * 3 + r] = bary[r];
+            const int q0 = (k0 - r) / 3 - lo0, q1 = (k1 - r) / 3 - lo1;
+            if (q0 < 0 || q0 >= span0 || q1 < 0 || q1 >= span1) {
+                info[0] = 1;
+                continue;
+            }
+            cells[(((long long)image_index * span1 + q1) * span0 + q0) * 3 + r] = 1;
+        }
     }
 }
 
@@ -517,8 +569,7 @@ static __device__ __forceinline__ float blur_one(float own, float pair, int seq)
 // (64 registers, no spills).
 #define SPLAT_GROUP 8
 
-// One thread: one float4 c of run r (both lattices' runs, *n_runs of them, at most n_runs_max;
-// from run *run0 on when run0 is given, so one lattice's runs can be left out).
+// One thread: one float4 c of run r (both lattices' runs, *n_runs of them, at most n_runs_max).
 // Reads in[p * n_vec + c] times the pixel's norm for each entry of the run (scale_0 for runs of
 // lattice 0, which start before sorted entry e_split, scale_1 after; none when null); writes
 // the sum, in entry order, to values[v * n_vec + c] when the run is all of vertex
@@ -528,12 +579,12 @@ static __device__ __forceinline__ float blur_one(float own, float pair, int seq)
 // Entries with pixel -1 (the padding origins) hold a vertex but add nothing.
 extern "C" __global__ void lattice_splat(const float4* __restrict__ in, const float* __restrict__ scale_0,
                                          const float* __restrict__ scale_1, long long e_split,
-                                         const int* __restrict__ run_bounds, const int* run0, const int* n_runs,
+                                         const int* __restrict__ run_bounds, const int* n_runs,
                                          long long n_runs_max, int n_vec, const int* __restrict__ sorted_pixel,
                                          const float* __restrict__ sorted_weight, const int* __restrict__ run_vertex,
                                          float4* values, float4* partial) {
     const long long runs = *n_runs < n_runs_max ? *n_runs : n_runs_max;
-    for (long long r = (run0 ? *run0 : 0) + grid_start(); r < runs; r += grid_step()) {
+    for (long long r = grid_start(); r < runs; r += grid_step()) {
         const int first = run_bounds[r], end = run_bounds[r + 1];
         const long long v = run_vertex[r];
         const float* in_scale = first < e_split ? scale_0 : scale_1;
@@ -564,16 +615,15 @@ extern "C" __global__ void lattice_splat(const float4* __restrict__ in, const fl
     }
 }
 
-// One thread: one float4 c of a vertex v = multi[i] >= v0 cut into several runs (one-run
-// vertices were written by the splat; those below v0 were not splatted). Writes
-// values[v * n_vec + c] = the ordered sum of the vertex's partial rows.
+// One thread: one float4 c of a vertex v = multi[i] cut into several runs (one-run vertices
+// were written by the splat). Writes values[v * n_vec + c] = the ordered sum of the vertex's
+// partial rows.
 extern "C" __global__ void lattice_splat_reduce(const float4* partial, const int* run_offset, const int* multi,
-                                                const int* n_multi, long long n_multi_max, long long v0, int n_vec,
+                                                const int* n_multi, long long n_multi_max, int n_vec,
                                                 float4* values) {
     const long long count = multi_count(n_multi, n_multi_max);
     for (long long i = grid_start(); i < count; i += grid_step()) {
         const long long v = multi[i];
-        if (v < v0) continue;
         const int first = run_offset[v], end = run_offset[v + 1];
         for (int c = threadIdx.x; c < n_vec; c += blockDim.x) {
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);

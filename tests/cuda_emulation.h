@@ -50,6 +50,7 @@ static inline float4 make_float4(float x, float y, float z, float w) { return fl
 struct int2 {
     int x, y;
 };
+static inline int2 make_int2(int x, int y) { return int2{x, y}; }
 
 // ---- lanes as host threads ------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ def test_host_stencil_limits_match_the_kernel_source():
     assert int(defines["STENCIL_BLOCK_ROWS"]) == cuda.STENCIL_BLOCK_ROWS
     radii = sorted(int(r) for r in re.findall(r"^GAUSS_STENCIL_KERNEL\((\d)\)$", source, re.M))
     assert radii == list(range(cuda.STENCIL_RADIUS_MAX + 1))
-    assert [f for f in cuda.KERNELS["meanfield.cu"] if f.startswith("gauss_stencil")] == [
+    assert [f for f in cuda.KERNELS["meanfield.cu"] if re.fullmatch(r"gauss_stencil_r\d", f)] == [
         f"gauss_stencil_r{r}" for r in radii]
 
 
@@ -57,8 +57,9 @@ def dense_stencil(crf: cuda.CudaCRF, image_index: int = 0) -> np.ndarray:
 def test_stencil_rows_are_the_gaussian_lattice_filter(emulated, normalization, std, radius):
     # Row p of the stencil, laid out over the image, is the Gaussian lattice's filter of the
     # unit vectors (splat, blur along axes 0-2, slice with alpha) with the norms and the Potts
-    # weight folded in: the whole operator, nothing cut off by the window. 37 x 29 = 1073
-    # pixels: a padded image (pydensecrf's origin corners are vertices the blur goes through).
+    # weight folded in: the whole operator, nothing cut off by the window, though no Gaussian
+    # lattice was built. 37 x 29 = 1073 pixels: a padded image (pydensecrf's origin corners are
+    # vertices the blur goes through).
     image = crop("coffee.jpg", 50, 70, 37, 29)
     probs = network_like_probs(37, 29, seed=2)
     params = DEEPLAB.replace(pos_xy_std=std, pos_w=2.5, normalization=normalization)
@@ -70,7 +71,8 @@ def test_stencil_rows_are_the_gaussian_lattice_filter(emulated, normalization, s
     lattice = cpu.build_lattice(gauss)
     n = 37 * 29
     k = lattice.filter(np.eye(n, dtype=np.float32)).astype(np.float64)  # (N, N): alpha * K, row p = pixel p
-    norm = crf.lattices.norms[0].astype(np.float64)
+    raw = k.sum(axis=1) + 1e-20  # alpha * K 1, pydensecrf's norm before its power
+    norm = 1 / np.sqrt(raw) if normalization == "symmetric" else 1 / raw
     want = params.pos_w * norm[:, None] * k
     if normalization == "symmetric":
         want = want * norm[None, :]
@@ -106,12 +108,11 @@ def test_emulated_stencil_matches_pydensecrf_and_the_lattice_path(emulated, case
     names = [args[0] for _, args in crf._launches]
     assert names[-1] == "mf_slice_stencil_v4"
     if params.bi_w:
-        # only the bilateral lattice is splatted and blurred: every blur launch starts at its first vertex
+        # only the bilateral lattice is built, splatted and blurred
+        assert [s.d for s in crf.lattices.specs] == [5]
         assert names[:2] == ["lattice_splat", "lattice_splat_reduce"] and names.count("lattice_blur_pair") == 3
-        blur_starts = [int(args[2][5]) for _, args in crf._launches if args[0] == "lattice_blur_pair"]
-        assert blur_starts == [crf.lattices.first[1]] * 3
     else:
-        assert names == ["mf_slice_stencil_v4"]
+        assert crf.lattices is None and names == ["mf_slice_stencil_v4"]
     for image, p, ours, theirs in zip(images, probs, out, lattice_path):
         assert_close(ours, theirs, agreement=1.0, atol=1e-5)
         assert_close(ours, pydensecrf_reference(image, p, params), agreement=1.0, atol=1e-5)
@@ -165,15 +166,20 @@ def test_emulated_stencil_lane_groups(emulated, n_labels, group):
 
 
 def test_emulated_stencil_falls_back_to_the_lattice(emulated, monkeypatch):
-    # A wide Gaussian (the README's sigma 3: radius 11) or no memory for the rows: the Gaussian
-    # goes through its lattice, and the result is the default path's, bit for bit.
+    # A wide Gaussian (the README's sigma 3: radius 11), a long strip (its box of lattice cells,
+    # which the stencil build indexes, would be 4 million cells for 2000 pixels) or no memory
+    # for the rows: the Gaussian goes through its lattice, and the result is the default
+    # path's, bit for bit.
     image = crop("chelsea.jpg", 60, 120, 25, 31)
     probs = network_like_probs(25, 31, seed=8)
-    for params in (README, DEEPLAB.replace(pos_xy_std=1.3)):
-        crf = cuda.CudaCRF([image], [probs], params, backend=emulated, gauss_stencil=True)
+    strip = np.ascontiguousarray(np.tile(crop("chelsea.jpg", 60, 0, 1, 400), (1, 5, 1)))
+    cases = [(image, probs, README), (image, probs, DEEPLAB.replace(pos_xy_std=1.3)),
+             (strip, network_like_probs(1, 2000, seed=8), DEEPLAB.replace(iterations=2))]
+    for im, p, params in cases:
+        crf = cuda.CudaCRF([im], [p], params, backend=emulated, gauss_stencil=True)
         out = crf.run()[0]
-        assert crf._stencil is None
-        assert np.array_equal(out, cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0])
+        assert crf._stencil is None and [s.d for s in crf.lattices.specs] == [2, 5]
+        assert np.array_equal(out, cuda.CudaCRF([im], [p], params, backend=emulated).run()[0])
     monkeypatch.setattr(cuda.CudaCRF, "_stencil_bytes", lambda self, radius: 1 << 60)
     crf = cuda.CudaCRF([image], [probs], DEEPLAB, backend=emulated, gauss_stencil=True)
     out = crf.run()[0]

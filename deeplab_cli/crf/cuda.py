@@ -36,13 +36,14 @@ instead of 13.8 ms of blur at 4 MP on an H200). With
 indexed by its regular grid of cells and its neighbours come from the grid instead of a binary
 search. Each option gives bit-identical results; `benchmarks/crf.py --ab` times them.
 
-`gauss_stencil=True` (off by default until timed on a GPU) takes the Gaussian lattice out of the
-iterations: its whole filter (splat, three blur passes, slice) with the norms and the Potts weight
-folded in is one row of weights per pixel over the pixels within 4 sigma, built once per batch
-from the lattice (gauss_stencil), and the slice kernel gathers the Gaussian message from the
-previous iteration's Q around each pixel (Q alternates between two buffers). Per iteration only
-the bilateral lattice goes through memory. Its sums run in another order, so it equals
-pydensecrf up to float rounding instead of bit for bit.
+`gauss_stencil=True` (off by default until timed on a GPU) builds no Gaussian lattice at all: its
+whole filter (splat, three blur passes, slice) with the norms and the Potts weight folded in is
+one row of weights per pixel over the pixels within 4 sigma, worked out once per batch from the
+pixels' simplex corners and a grid of the lattice cells that are vertices (gauss_corners,
+gauss_stencil: no sort, no vertex ids), and the slice kernel gathers the Gaussian message from
+the previous iteration's Q around each pixel (Q alternates between two buffers). Only the
+bilateral lattice is sorted, and only it goes through memory each iteration. Its sums run in
+another order, so it equals pydensecrf up to float rounding instead of bit for bit.
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ from deeplab_cli.errors import DeeplabError
 KERNEL_FILES = ("permutohedral.cu", "meanfield.cu")
 KERNELS = {
     "permutohedral.cu": (
-        "lattice_elevate", "lattice_mark", "lattice_vertices", "lattice_entries", "lattice_neighbours",
+        "lattice_elevate", "gauss_corners", "lattice_mark", "lattice_vertices", "lattice_entries", "lattice_neighbours",
         "lattice_run_counts", "lattice_runs", "norm_splat", "norm_splat_reduce", "norm_blur", "lattice_norms",
         "lattice_splat", "lattice_splat_reduce", "lattice_blur", "lattice_blur_pair", "gauss_grid", "gauss_neighbours",
     ),
-    "meanfield.cu": ("mf_unary_rows", *(f"gauss_stencil_r{r}" for r in range(5)), "mf_slice_softmax_v4",
+    "meanfield.cu": ("mf_unary_rows", *(f"gauss_stencil_r{r}" for r in range(5)), "gauss_stencil_scale",
+                     "mf_slice_softmax_v4",
                      "mf_slice_stencil_v4", "mf_to_planes_rows"),
 }
 # No fused multiply-add anywhere: the lattice must round exactly as pydensecrf's SSE code.
@@ -85,9 +87,9 @@ UNARY_CLIP = 1e-5  # U = -log(clip(p, 1e-5, 1)), as pydensecrf.utils.unary_from_
 # vertex's runs. Short runs keep the threads of a warp (neighbouring vertices) equally busy.
 RUN_MIN = 16
 _BLOCK = 256
-# gauss_grid is used only while its cell slots stay within this many per pixel (photos have
-# about 3: 2.9 at 500x375, 2.8 at 4 MP), plus a few for any small batch; else the Gaussian
-# lattice goes the sparse way (the same result).
+# gauss_grid and gauss_stencil index the Gaussian lattice's box of cells only while its cell
+# slots stay within this many per pixel (photos have about 3: 2.9 at 500x375, 2.8 at 4 MP), plus
+# a few for any small batch; else the Gaussian lattice goes the sparse way (the same result).
 _GAUSS_GRID_SLOTS_PER_PIXEL = 8
 _GAUSS_GRID_SLOTS_FREE = 1 << 16
 # gauss_stencil is used up to this window radius (R = 4: 81 floats a pixel, sigma up to 1.25;
@@ -436,26 +438,23 @@ class Lattices:
         lo, hi = self.entry_first[l], self.entry_first[l + 1]
         return self.entry_vertex[lo:hi], self.entry_weight[lo:hi]
 
-    def blur_plan(self, gauss: bool = True) -> list[tuple[int, int, int, list[int]]]:
+    def blur_plan(self) -> list[tuple[int, int, int, list[int]]]:
         """Blur passes, one a launch: (axis, v0, v1, lattices whose d+1 passes end here).
-        Lattices are in ascending d, so the vertices having an axis are one range. `gauss`
-        False leaves the Gaussian lattice (lattice 0, d = 2) out."""
-        lattices = [l for l, spec in enumerate(self.specs) if gauss or spec.d != 2]
+        Lattices are in ascending d, so the vertices having an axis are one range."""
+        lattices = range(len(self.specs))
         plan = []
-        for axis in range(max((self.specs[l].d for l in lattices), default=-1) + 1):
+        for axis in range(max((spec.d for spec in self.specs), default=-1) + 1):
             having = [l for l in lattices if self.specs[l].d >= axis]
             done = [l for l in lattices if self.specs[l].d == axis]
             plan.append((axis, self.first[having[0]], self.first[having[-1] + 1], done))
         return plan
 
-    def pair_plan(self, gauss: bool = True) -> list[tuple[tuple[int | None, int | None, int | None], int, int, int,
-                                                          list[int]]]:
+    def pair_plan(self) -> list[tuple[tuple[int | None, int | None, int | None], int, int, int, list[int]]]:
         """lattice_blur_pair's launches: ((axis_s, axis_a, axis_b), v0, vb, v1, lattices whose
         passes end here). Launch k takes the Gaussian lattice's (d = 2, dense) axis k alone on
         [v0, vb) and the bilateral lattice's axes 2k and 2k+1 together on [vb, v1): three
-        launches for the 3 + 6 passes. None: no such axis in this launch. `gauss` False leaves
-        the Gaussian lattice out."""
-        gauss = [l for l, spec in enumerate(self.specs) if spec.d == 2 and gauss]
+        launches for the 3 + 6 passes. None: no such axis in this launch."""
+        gauss = [l for l, spec in enumerate(self.specs) if spec.d == 2]
         other = [l for l, spec in enumerate(self.specs) if spec.d != 2]
         assert gauss in ([], [0]) and len(other) <= 1, "the Gaussian lattice, if any, is lattice 0"
         if not gauss and not other:
@@ -516,11 +515,12 @@ class CudaCRF:
         cells instead of by binary search. Each is bit-identical either way (benchmarks/crf.py
         --ab times them). `gauss_stencil`: fold the Gaussian lattice's whole filter, norms and
         weight into one row of weights per pixel over a window of its neighbours
-        (gauss_stencil in meanfield.cu), built once per batch, and gather the Gaussian message
-        from the previous Q in the slice kernel; only the bilateral lattice is filtered each
-        iteration. It applies while the window radius (below 4 sigma) is at most
-        STENCIL_RADIUS_MAX and its memory is free, and equals pydensecrf up to float rounding
-        (the sums run in another order), not bit for bit. `spread_keys` and `run_min` exist for
+        (gauss_stencil in meanfield.cu), worked out once per batch without building that
+        lattice, and gather the Gaussian message from the previous Q in the slice kernel; only
+        the bilateral lattice is built and filtered. It applies while the window radius (below
+        4 sigma) is at most STENCIL_RADIUS_MAX, the box of Gaussian lattice cells is not much
+        larger than the batch, and its memory is free, and equals pydensecrf up to float
+        rounding (the sums run in another order), not bit for bit. `spread_keys` and `run_min` exist for
         tests and benchmarks."""
         self.bk = backend if backend is not None else cupy_backend()
         xp = self.bk.xp
@@ -561,13 +561,15 @@ class CudaCRF:
         self.spatial_order = bool(spatial_order)
         self.pair_blur = bool(pair_blur)
         self.gauss_stencil = bool(gauss_stencil)
+        # The lattices built: all kernels', or the bilateral alone when the Gaussian is a stencil.
+        self.lattice_specs = self.specs
         self.lattices: Lattices | None = None
         self.q = self.neg_unary = None
         # The launches of an iteration, (backend method, its arguments); with the stencil two
         # plans, for even and odd iterations, as Q alternates between two buffers.
         self._plans: list[list[tuple[Any, tuple]]] = [[]]
         self._stencil: Any = None  # ((2R+1)^2, N) float32 Gaussian stencil weights, slot-major, when used
-        self._stencil_info: Any = None  # (1,) int32: 1 if a term fell outside the window
+        self._stencil_info: Any = None  # (1,) int32: 1 if a Gaussian corner fell outside its cell box (a bug)
         self._q_pair: tuple[Any, Any] | None = None  # with the stencil: Q's two buffers
         self._image_start = self._image_width = None  # with the stencil: each image's first pixel, width
         self._consts: tuple[Any, int] | None = None
@@ -577,13 +579,13 @@ class CudaCRF:
     def prepare(self) -> None:
         bk, xp = self.bk, self.bk.xp
         n, c, ld = self.n_pixels, self.n_labels, self.ld
-        words = 1
-        if self.specs:
-            words = self._constants()[1]
-        need = _bytes_before_lattice(n, ld, words, sum(s.d + 1 for s in self.specs))
-        if self._gridded:
-            need += _gauss_grid_bytes(self.specs[0], self.max_h, self.max_w, len(self.images))
         free = bk.free_bytes()
+        radius = self._stencil_radius
+        if radius is not None:  # the Gaussian as a stencil, the lattice for the bilateral alone
+            self.lattice_specs = self.specs[1:]
+            if self._bytes_before_lattice() + self._stencil_bytes(radius) > free:
+                radius, self.lattice_specs = None, self.specs  # no room: the Gaussian goes through its lattice
+        need = self._bytes_before_lattice()
         if need > free:
             raise DeeplabError(
                 f"CRF: {n / 1e6:.1f} MP with {c} labels needs about {_gib(need)} of GPU memory "
@@ -597,33 +599,42 @@ class CudaCRF:
         # (N, ld): pad columns 0, so splatting and blurring them adds nothing anywhere
         self.q = xp.empty((n, ld), dtype=xp.float32)
         bk.launch(*self._slice_softmax(None))
-        if not self.specs:
-            return
-        lat = self.lattices = self._build()
-        need = _bytes_after_lattice(lat, ld)
-        free = bk.free_bytes()
-        if need > free:
-            raise DeeplabError(
-                f"CRF: the lattices have {lat.n_vertices} vertices; filtering {c} labels needs about {_gib(need)} "
-                f"more GPU memory, {_gib(free)} free; use smaller or fewer images"
-            )
-        radius = self._stencil_radius
-        if radius is not None and need + self._stencil_bytes(radius) > free:
-            radius = None  # no room for the stencil: the Gaussian goes through its lattice
-        m = lat.n_vertices
-        lat.values = (xp.empty((m, ld), dtype=xp.float32), xp.empty((m, ld), dtype=xp.float32))
-        self._partial = xp.empty((lat.n_runs_max, ld), dtype=xp.float32)  # (R, ld)
-        self._norms()
         if radius is not None:
             self._build_stencil(radius)
-        self._plan_iteration()
+        if self.lattice_specs:
+            lat = self.lattices = self._build()
+            need = _bytes_after_lattice(lat, ld)
+            free = bk.free_bytes()
+            if need > free:
+                raise DeeplabError(
+                    f"CRF: the lattices have {lat.n_vertices} vertices; filtering {c} labels needs about "
+                    f"{_gib(need)} more GPU memory, {_gib(free)} free; use smaller or fewer images"
+                )
+            m = lat.n_vertices
+            lat.values = (xp.empty((m, ld), dtype=xp.float32), xp.empty((m, ld), dtype=xp.float32))
+            self._partial = xp.empty((lat.n_runs_max, ld), dtype=xp.float32)  # (R, ld)
+            self._norms()
+        if self.specs:
+            self._plan_iteration()
+
+    def _bytes_before_lattice(self) -> int:
+        """Device bytes prepare needs before the vertex count is known (_bytes_before_lattice
+        for this batch's lattices, with the Gaussian cell grid when gauss_grid applies)."""
+        specs = self.lattice_specs
+        words = (pack_layouts(specs, self.max_h, self.max_w, len(self.images), spread=self.spread_keys,
+                              spatial=self.spatial_order)[1] if specs else 1)
+        need = _bytes_before_lattice(self.n_pixels, self.ld, words, sum(s.d + 1 for s in specs))
+        if self._gridded:
+            need += _gauss_grid_bytes(specs[0], self.max_h, self.max_w, len(self.images))
+        return need
 
     def _constants(self) -> tuple[Any, int]:
         """The lattices' constant table on the device (uploaded once per geometry) and the key
         word count; worked out once per batch."""
         if self._consts is None:
-            key = (tuple(self.specs), self.max_h, self.max_w, len(self.images), self.spread_keys, self.spatial_order)
-            table, words = constant_table(self.specs, self.max_h, self.max_w, len(self.images),
+            specs = self.lattice_specs
+            key = (tuple(specs), self.max_h, self.max_w, len(self.images), self.spread_keys, self.spatial_order)
+            table, words = constant_table(specs, self.max_h, self.max_w, len(self.images),
                                           spread=self.spread_keys, spatial=self.spatial_order)
             self._consts = self._upload(key, table), words
         return self._consts
@@ -637,7 +648,7 @@ class CudaCRF:
     def _build(self) -> Lattices:
         """Both lattices with one sort and one wait on the device (for the vertex count)."""
         bk, xp = self.bk, self.bk.xp
-        n, specs = self.n_pixels, self.specs
+        n, specs = self.n_pixels, self.lattice_specs
         # Images whose pixel count is not a multiple of 4 add one slot each, past all real
         # pixels: the origin, whose corners pydensecrf's padded build inserts.
         padded = [b for b, (h, w) in enumerate(self.sizes) if (h * w) % 4]
@@ -720,53 +731,71 @@ class CudaCRF:
 
     @property
     def _stencil_radius(self) -> int | None:
-        """The Gaussian stencil's window radius when gauss_stencil applies: the largest
-        integer below 4 sigma (pixels), at most STENCIL_RADIUS_MAX; else None."""
-        if not (self.gauss_stencil and self.specs and self.specs[0].d == 2):
+        """The Gaussian stencil's window radius when gauss_stencil applies: the largest integer
+        below 4 sigma (pixels), at most STENCIL_RADIUS_MAX, and the Gaussian cell box small
+        enough; else None."""
+        if not (self.gauss_stencil and self.specs and self.specs[0].d == 2 and self._gauss_box_fits):
             return None
         radius = math.ceil(4 * self.specs[0].stds[0]) - 1
         return radius if radius <= STENCIL_RADIUS_MAX else None
 
     def _stencil_bytes(self, radius: int) -> int:
-        """Device bytes of the stencil weights and the second Q buffer."""
-        return 4 * self.n_pixels * ((2 * radius + 1) ** 2 + self.ld)
+        """Device bytes of the stencil weights, the second Q buffer and the build's corners,
+        norms and cells."""
+        span0, span1 = gauss_cells(self.specs[0], self.max_h, self.max_w)
+        cells = 3 * span0 * span1 * len(self.images)
+        return 4 * self.n_pixels * ((2 * radius + 1) ** 2 + self.ld + 1 + 9) + cells
 
     def _build_stencil(self, radius: int) -> None:
-        """The Gaussian lattice's filter as per-pixel stencil weights (gauss_stencil), with the
-        norms, alpha and the Potts weight folded in, and a second Q buffer."""
-        bk, xp, lat, n = self.bk, self.bk.xp, self.lattices, self.n_pixels
-        spec = lat.specs[0]
+        """The Gaussian kernel's filter as per-pixel stencil weights, with the norms, alpha and
+        the Potts weight folded in, straight from the pixels' corners (gauss_corners, then
+        gauss_stencil and gauss_stencil_scale: no Gaussian lattice is built), and a second Q
+        buffer."""
+        bk, xp, n, n_images = self.bk, self.bk.xp, self.n_pixels, len(self.images)
+        spec = self.specs[0]
+        table = constant_table([spec], self.max_h, self.max_w, n_images)[0]
+        consts = self._upload(("gauss_cells", spec, self.max_h, self.max_w, n_images), table)
+        span0, span1 = gauss_cells(spec, self.max_h, self.max_w)
+        (lo0, _), (lo1, _) = q_ranges(spec, self.max_h, self.max_w)
+        cells = xp.zeros(n_images * span1 * span0 * 3, dtype=xp.uint8)
+        corner = xp.empty((3 * n, 2), dtype=xp.int32)
+        weight = xp.empty(3 * n, dtype=xp.float32)
+        self._stencil_info = xp.zeros(1, dtype=xp.int32)
+        for b, (im, (h, w)) in enumerate(zip(self.images, self.sizes)):
+            bk.launch("gauss_corners", h * w, (im, _i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), consts,
+                                               _i32(span0), _i32(span1), corner, weight, cells, self._stencil_info))
         widths = np.array([w for _, w in self.sizes], dtype=np.int32)
         self._image_start = self._upload(("image_start", tuple(self.sizes)), np.array(self.offsets, dtype=np.int64))
         self._image_width = self._upload(("image_width", tuple(self.sizes)), widths)
         self._stencil = xp.empty(((2 * radius + 1) ** 2, n), dtype=xp.float32)
-        self._stencil_info = xp.zeros(1, dtype=xp.int32)
-        scale = np.float32(alpha(spec.d) * np.float32(spec.weight))
-        vertex, weight = lat.corners(0)
-        entry_start = lat.run_bounds[lat.run_offset[: lat.first[1] + 1]]  # (M0+1,) each Gaussian vertex's first entry
+        norm = xp.empty(n, dtype=xp.float32)
+        symmetric = _i32(self.params.normalization == "symmetric")
+        images = (_i64(n), self._image_start, self._image_width, _i32(n_images))
         bk.launch(f"gauss_stencil_r{radius}", n,
-                  (_i64(n), self._image_start, self._image_width, _i32(len(self.images)), vertex, weight,
-                   *lat.neighbours[:3], entry_start, lat.sorted_pixel, lat.sorted_weight, lat.norms[0],
-                   _i32(self.params.normalization == "symmetric"), scale, self._stencil, self._stencil_info),
-                  1, STENCIL_BLOCK_ROWS)
+                  (*images, corner, weight, cells, _i32(span0), _i32(span1), _i32(lo0), _i32(lo1), alpha(spec.d),
+                   symmetric, norm, self._stencil), 1, STENCIL_BLOCK_ROWS)
+        scale = np.float32(alpha(spec.d) * np.float32(spec.weight))
+        bk.launch("gauss_stencil_scale", n, (*images, _i32(radius), norm, symmetric, scale, self._stencil))
         self._q_pair = (self.q, xp.empty_like(self.q))
 
     @property
-    def _gridded(self) -> bool:
-        """Whether the Gaussian lattice is there and indexed by its grid of cells: asked for,
-        and the box of cells not much larger than the batch (a long strip of an image lies
-        diagonally across the lattice's cells, so its box grows as the square of its length)."""
-        if not (self.gauss_grid and self.specs and self.specs[0].d == 2):
-            return False
+    def _gauss_box_fits(self) -> bool:
+        """Whether the box of Gaussian lattice cells is not much larger than the batch (a long
+        strip of an image lies diagonally across the lattice's cells, so its box grows as the
+        square of its length): then the cells may be indexed (gauss_grid, gauss_stencil)."""
         span0, span1 = gauss_cells(self.specs[0], self.max_h, self.max_w)
         slots = 3 * span0 * span1 * len(self.images)
         return slots <= _GAUSS_GRID_SLOTS_PER_PIXEL * self.n_pixels + _GAUSS_GRID_SLOTS_FREE
 
-    def _blur(self, kernel: str, a: Any, b: Any, extra: tuple, pairs: bool = False,
-              gauss: bool = True) -> tuple[list[tuple], list[Any]]:
-        """The blur passes of both lattices (the bilateral alone when not `gauss`) from buffer
-        `a` (Jacobi, swapping a and b): their launches and each lattice's result buffer (None
-        for one left out). One pass a launch (lat.blur_plan): kernel args (src, dst, nbr, v0,
+    @property
+    def _gridded(self) -> bool:
+        """Whether the Gaussian lattice is built and indexed by its grid of cells (gauss_grid)."""
+        specs = self.lattice_specs
+        return self.gauss_grid and bool(specs) and specs[0].d == 2 and self._gauss_box_fits
+
+    def _blur(self, kernel: str, a: Any, b: Any, extra: tuple, pairs: bool = False) -> tuple[list[tuple], list[Any]]:
+        """The blur passes of the lattices from buffer `a` (Jacobi, swapping a and b): their
+        launches and each lattice's result buffer. One pass a launch (lat.blur_plan): kernel args (src, dst, nbr, v0,
         v1, *extra); with `pairs`, lattice_blur_pair's launches (lat.pair_plan): args (src, dst,
         nbr_s, nbr_a, nbr_b, v0, vb, v1, *extra)."""
         lat = self.lattices
@@ -776,9 +805,9 @@ class CudaCRF:
 
         if pairs:
             plan = [((nbr(s), nbr(x), nbr(y), _i64(v0), _i64(vb), _i64(v1)), v1 - v0, done)
-                    for (s, x, y), v0, vb, v1, done in lat.pair_plan(gauss)]
+                    for (s, x, y), v0, vb, v1, done in lat.pair_plan()]
         else:
-            plan = [((nbr(axis), _i64(v0), _i64(v1)), v1 - v0, done) for axis, v0, v1, done in lat.blur_plan(gauss)]
+            plan = [((nbr(axis), _i64(v0), _i64(v1)), v1 - v0, done) for axis, v0, v1, done in lat.blur_plan()]
         launches, result = [], [None] * len(lat.specs)
         for args, rows, done in plan:
             launches.append((kernel, rows, (a, b, *args, *extra)))
@@ -824,36 +853,24 @@ class CudaCRF:
 
     def _iteration_launches(self, q_in: Any, q_out: Any) -> list[tuple[Any, tuple]]:
         """One iteration from Q in `q_in` to Q in `q_out`: one splat, its reduction and the
-        blur passes for both lattices (the bilateral alone with the stencil; nothing when it is
-        absent), then the fused slice + softmax."""
-        lat = self.lattices
-        nv = self.n_vec
-        a, b = lat.values
-        symmetric = self.params.normalization == "symmetric"
-        scales = (lat.norms + [None])[:2] if symmetric else [None, None]
-        launch = self.bk.launch
-        stencil = self._stencil is not None
-        blurred: list[Any] = [None] * len(lat.specs)
-        launches = []
-        if not stencil or len(lat.specs) > 1:
-            if stencil:  # only the bilateral lattice's runs and vertices, from its first run on
-                v_lo = lat.first[1]
-                run0 = lat.run_offset[v_lo:]
-                runs = lat.first[2] - v_lo + (lat.entry_first[2] - lat.entry_first[1]) // self.run_min + 1
-            else:
-                v_lo, run0, runs = 0, None, lat.n_runs_max
+        blur passes for the lattices (none when the Gaussian stencil is the only kernel), then
+        the fused slice + softmax."""
+        lat, nv, launch = self.lattices, self.n_vec, self.bk.launch
+        launches, blurred = [], []
+        if lat is not None:
+            a, b = lat.values
+            scales = (lat.norms + [None])[:2] if self.params.normalization == "symmetric" else [None, None]
             launches += [
-                (launch, ("lattice_splat", runs, (q_in, scales[0], scales[1], _i64(lat.entry_first[1]),
-                                                  lat.run_bounds, run0, lat.n_runs, _i64(lat.n_runs_max), _i32(nv),
-                                                  lat.sorted_pixel, lat.sorted_weight, lat.run_vertex, a,
-                                                  self._partial), nv)),
+                (launch, ("lattice_splat", lat.n_runs_max, (q_in, scales[0], scales[1], _i64(lat.entry_first[1]),
+                                                            lat.run_bounds, lat.n_runs, _i64(lat.n_runs_max),
+                                                            _i32(nv), lat.sorted_pixel, lat.sorted_weight,
+                                                            lat.run_vertex, a, self._partial), nv)),
                 (launch, ("lattice_splat_reduce", lat.n_multi_max, (self._partial, lat.run_offset, lat.multi,
-                                                                     lat.n_multi, _i64(lat.n_multi_max), _i64(v_lo),
-                                                                     _i32(nv), a), nv)),
+                                                                     lat.n_multi, _i64(lat.n_multi_max), _i32(nv),
+                                                                     a), nv)),
             ]
-            blur_args = (_i32(nv), _i32(self._seq))
             blur_kernel = "lattice_blur_pair" if self.pair_blur else "lattice_blur"
-            blur, blurred = self._blur(blur_kernel, a, b, blur_args, self.pair_blur, gauss=not stencil)
+            blur, blurred = self._blur(blur_kernel, a, b, (_i32(nv), _i32(self._seq)), self.pair_blur)
             launches += [(launch, (*call, nv)) for call in blur]
         return launches + [(launch, self._slice_softmax(blurred, q_in, q_out))]
 
@@ -870,7 +887,7 @@ class CudaCRF:
         mode = {False: "off", True: "iteration"}.get(graph, graph)
         if mode not in GRAPH_MODES:
             raise ValueError(f"graph must be one of {GRAPH_MODES} or a bool, got {graph!r}")
-        if not self.lattices or self.params.iterations <= 0:
+        if not self._plans[0] or self.params.iterations <= 0:
             return  # no pairwise term: every iteration gives softmax(-U) again
         n = self.params.iterations
         if mode == "off" or not hasattr(self.bk, "capture"):
@@ -898,17 +915,17 @@ class CudaCRF:
     def _slice_softmax(self, blurred: list[Any] | None, q_in: Any = None,
                        q_out: Any = None) -> tuple[str, int, tuple, int]:
         """The launch Q (into `q_out`, default self.q) = softmax(-U + the Potts messages of the
-        lattices' `blurred` values, the Gaussian's from its stencil over `q_in` when it has
-        one: mf_slice_stencil_v4); with None, Q0 = softmax(-U)."""
+        lattices' `blurred` values, and the Gaussian's from its stencil over `q_in` when there
+        is one: mf_slice_stencil_v4); with None, Q0 = softmax(-U)."""
         n, c = self.n_pixels, self.n_labels
         slots = {2: [None, None, None, None, _f32(0), _f32(0)], 5: [None, None, None, None, _f32(0), _f32(0)]}
         lat = self.lattices
-        for l, spec in enumerate(lat.specs if blurred else []):
-            if blurred[l] is not None:
-                slots[spec.d] = [blurred[l], *lat.corners(l), lat.norms[l], alpha(spec.d), _f32(spec.weight)]
+        for l, values in enumerate(blurred or []):
+            spec = lat.specs[l]
+            slots[spec.d] = [values, *lat.corners(l), lat.norms[l], alpha(spec.d), _f32(spec.weight)]
         head = (self.neg_unary, _i64(n), _i32(c), _i32(self.n_vec), _i32(self._seq))
         q_out = self.q if q_out is None else q_out
-        if blurred and self._stencil is not None:
+        if blurred is not None and self._stencil is not None:
             radius = math.isqrt(self._stencil.shape[0]) // 2
             stencil = (self._stencil, _i32(radius), q_in, self._image_start, self._image_width, _i32(len(self.images)))
             return "mf_slice_stencil_v4", n, (*head, *stencil, *slots[5], q_out), self.group
