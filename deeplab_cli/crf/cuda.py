@@ -74,8 +74,7 @@ KERNELS = {
         "lattice_splat", "lattice_splat_reduce", "lattice_blur", "lattice_blur_pair", "gauss_grid", "gauss_neighbours",
     ),
     "meanfield.cu": ("mf_unary_rows", *(f"gauss_stencil_r{r}" for r in range(5)), "gauss_stencil_scale",
-                     "mf_slice_softmax_v4",
-                     "mf_slice_stencil_v4", "mf_to_planes_rows"),
+                     "mf_slice_softmax_v4", "mf_slice_stencil_v4", "mf_to_planes_rows"),
 }
 # No fused multiply-add anywhere: the lattice must round exactly as pydensecrf's SSE code.
 NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")
@@ -520,8 +519,8 @@ class CudaCRF:
         the bilateral lattice is built and filtered. It applies while the window radius (below
         4 sigma) is at most STENCIL_RADIUS_MAX, the box of Gaussian lattice cells is not much
         larger than the batch, and its memory is free, and equals pydensecrf up to float
-        rounding (the sums run in another order), not bit for bit. `spread_keys` and `run_min` exist for
-        tests and benchmarks."""
+        rounding (the sums run in another order), not bit for bit. `spread_keys` and `run_min`
+        exist for tests and benchmarks."""
         self.bk = backend if backend is not None else cupy_backend()
         xp = self.bk.xp
         if len(images) != len(probs) or not images:
@@ -646,7 +645,8 @@ class CudaCRF:
         return upload(key, host) if upload else self.bk.xp.asarray(host)
 
     def _build(self) -> Lattices:
-        """Both lattices with one sort and one wait on the device (for the vertex count)."""
+        """The lattices (lattice_specs) with one sort and one wait on the device (for the vertex
+        count)."""
         bk, xp = self.bk, self.bk.xp
         n, specs = self.n_pixels, self.lattice_specs
         # Images whose pixel count is not a multiple of 4 add one slot each, past all real
@@ -743,8 +743,9 @@ class CudaCRF:
         """Device bytes of the stencil weights, the second Q buffer and the build's corners,
         norms and cells."""
         span0, span1 = gauss_cells(self.specs[0], self.max_h, self.max_w)
-        cells = 3 * span0 * span1 * len(self.images)
-        return 4 * self.n_pixels * ((2 * radius + 1) ** 2 + self.ld + 1 + 9) + cells
+        cells = 3 * span0 * span1 * len(self.images)  # one byte each
+        # per pixel: the weights, Q's second row, its norm, three corners (int2) and their weights
+        return 4 * self.n_pixels * ((2 * radius + 1) ** 2 + self.ld + 1 + 3 * 2 + 3) + cells
 
     def _build_stencil(self, radius: int) -> None:
         """The Gaussian kernel's filter as per-pixel stencil weights, with the norms, alpha and
