@@ -66,16 +66,13 @@ static __device__ __forceinline__ void mf_load_corners(long long p, const int* v
 
 // ---- the Gaussian kernel as a per-pixel stencil ----------------------------------------------
 // The Gaussian lattice's filter (splat, blur along axes 0, 1, 2, slice) is a fixed linear map of
-// the pixels' label rows, and it links only pixels less than 4 sigma apart: a simplex corner lies
-// less than one lattice spacing (sigma pixels) from its point, and the three blur passes move
-// along three axes that sum to zero, at most two spacings in all. So with the norms, alpha and
-// the Potts weight folded in, pixel p's Gaussian message is sum_s stencil[s, p] * Q[q_s] over the
-// pixels q_s of a (2R+1)^2 window around it, R the largest integer below 4 sigma: one gather of
-// neighbouring Q rows in the slice kernel instead of a splat, three blur passes and a slice
-// through lattice-sized arrays every iteration. The weights come from the pixels' corners and the
-// grid of lattice cells that are vertices (permutohedral.cu gauss_corners), with no sort and no
-// vertex ids. The sums run in another order than pydensecrf's, so the result equals it up to
-// float rounding, not bit for bit.
+// the pixels' label rows that links only pixels less than 4 sigma apart. So with the norms, alpha
+// and the Potts weight folded in, pixel p's Gaussian message is sum_s stencil[s, p] * Q[q_s] over
+// the pixels q_s of a (2R+1)^2 window around it: one gather of neighbouring Q rows in the slice
+// kernel instead of a splat, three blur passes and a slice through lattice-sized arrays every
+// iteration. The weights are built once per batch, with no sort and no vertex ids
+// (permutohedral.cu gauss_corners, gauss_stencil_r<R>). The sums run in another order than
+// pydensecrf's, so the result equals it up to float rounding, not bit for bit.
 
 // The image of batch pixel p: the last b with image_start[b] <= p (binary search).
 static __device__ __forceinline__ int mf_image_of(long long p, const long long* image_start, int n_images) {
@@ -86,152 +83,6 @@ static __device__ __forceinline__ int mf_image_of(long long p, const long long* 
         else hi = mid - 1;
     }
     return lo;
-}
-
-// The box of Gaussian lattice cells gauss_corners marked: cells (image, q_1, q_0, remainder),
-// span0 x span1 per image, q_k counted from lo_k.
-struct GaussCells {
-    const unsigned char* set;
-    int span0, span1, lo0, lo1;
-};
-
-// Whether the Gaussian lattice point with explicit coordinates (k0, k1) (remainder k0 mod 3) is a
-// vertex of image b: a corner of some slot of it.
-static __device__ __forceinline__ bool gauss_is_vertex(const GaussCells& g, int b, int k0, int k1) {
-    const int r = ((k0 % 3) + 3) % 3;
-    const int q0 = (k0 - r) / 3 - g.lo0, q1 = (k1 - r) / 3 - g.lo1;
-    return q0 >= 0 && q0 < g.span0 && q1 >= 0 && q1 < g.span1 &&
-           g.set[(((long long)b * g.span1 + q1) * g.span0 + q0) * 3 + r] != 0;
-}
-
-// The blur's reach from a vertex v (the slice end) back to the vertices u whose splatted value
-// reaches v: u = v + s2 e2 + s1 e1 + s0 e0 (s in {-1, 0, 1}; the axes' steps e0 = (2, -1),
-// e1 = (-1, 2), e2 = (-1, -1) in explicit coordinates, pydensecrf's neighbours), through the
-// vertices v + s2 e2 and v + s2 e2 + s1 e1, which must exist (the blur skips missing ones), each
-// step halving. As e0 + e1 + e2 = 0, u - v = A e0 + B e1 with A = s0 - s2 and B = s1 - s2 in
-// [-2, 2]: coef[(A + 2) * 5 + B + 2] sums the paths' factors (powers of two: exact).
-static __device__ __forceinline__ void gauss_reach(const GaussCells& g, int b, int2 v, float* coef) {
-    const int e[3][2] = {{2, -1}, {-1, 2}, {-1, -1}};
-    for (int t = 0; t < 25; ++t) coef[t] = 0.0f;
-    for (int s2 = -1; s2 <= 1; ++s2) {
-        const int2 w2 = make_int2(v.x + s2 * e[2][0], v.y + s2 * e[2][1]);
-        if (s2 && !gauss_is_vertex(g, b, w2.x, w2.y)) continue;
-        for (int s1 = -1; s1 <= 1; ++s1) {
-            const int2 w1 = make_int2(w2.x + s1 * e[1][0], w2.y + s1 * e[1][1]);
-            if (s1 && !gauss_is_vertex(g, b, w1.x, w1.y)) continue;
-            for (int s0 = -1; s0 <= 1; ++s0) {
-                const float c = (s2 ? 0.5f : 1.0f) * (s1 ? 0.5f : 1.0f) * (s0 ? 0.5f : 1.0f);
-                coef[(s0 - s2 + 2) * 5 + s1 - s2 + 2] += c;
-            }
-        }
-    }
-}
-
-// Pixels a block of gauss_stencil takes at once (its launch's rows per block, cuda.py
-// STENCIL_BLOCK_ROWS).
-#define STENCIL_BLOCK_ROWS 128
-
-// One thread: one pixel p of the batch, in blocks of STENCIL_BLOCK_ROWS threads (rows), for a
-// window of radius R. Reads p's three Gaussian corners (gauss_corners' corner, weight), works out
-// the blur's reach from each (gauss_reach, through the cells), then for each pixel q of the
-// window inside p's image and each of q's corners u, adds w_p(v) * reach_v(u) * w_q(u) over p's
-// corners v. Sums into its row of the block's shared memory, writes norm[p] = 1 / sqrt(raw +
-// 1e-20) (symmetric) or 1 / (raw + 1e-20) (after), raw = alpha * the row's sum (K 1 at p, as
-// pydensecrf's norm), in double as norm_of; then with the block writes the rows to stencil
-// ((2R+1)^2, N), slot-major, so the pixels of a warp read one slot's weights from consecutive
-// floats. Slot (dy + R) * (2R+1) + dx + R is the pixel dx right and dy down; 0 where q is off
-// the image or out of reach. gauss_stencil_scale then folds the norms and weight in. Terms add
-// in a fixed order: deterministic.
-template <int R>
-static __device__ __forceinline__ void gauss_stencil(long long n_pixels, const long long* image_start,
-                                                     const int* image_width, int n_images, const int2* corner,
-                                                     const float* weight, const GaussCells& g, float alpha,
-                                                     int symmetric, float* norm, float* stencil) {
-    constexpr int side = 2 * R + 1, slots = side * side;
-    __shared__ float rows[STENCIL_BLOCK_ROWS * slots];
-    float* row = rows + threadIdx.y * slots;
-    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_pixels; base += (long long)gridDim.x * blockDim.y) {
-        const long long p = base + threadIdx.y;
-        for (int s = 0; s < slots; ++s) row[s] = 0.0f;
-        if (p < n_pixels) {
-            const int b = mf_image_of(p, image_start, n_images);
-            const long long start = image_start[b];
-            const int width = image_width[b], height = (int)((image_start[b + 1] - start) / width);
-            const int py = (int)((p - start) / width), px = (int)(p - start - (long long)py * width);
-            int2 v[3];
-            float w[3], coef[3][25];
-            for (int r = 0; r < 3; ++r) {
-                v[r] = corner[p * 3 + r];
-                w[r] = weight[p * 3 + r];
-                gauss_reach(g, b, v[r], coef[r]);
-            }
-            for (int dy = -R; dy <= R; ++dy) {
-                if (py + dy < 0 || py + dy >= height) continue;
-                for (int dx = -R; dx <= R; ++dx) {
-                    if (px + dx < 0 || px + dx >= width) continue;
-                    const long long q = p + (long long)dy * width + dx;
-                    float* slot = row + (dy + R) * side + dx + R;
-                    for (int j = 0; j < 3; ++j) {
-                        const int2 u = corner[q * 3 + j];
-                        const float w_u = weight[q * 3 + j];
-                        for (int r = 0; r < 3; ++r) {
-                            const int x = u.x - v[r].x, y = u.y - v[r].y;  // x = y mod 3: exact thirds
-                            const int a = (2 * x + y) / 3, c = (x + 2 * y) / 3;
-                            if (a < -2 || a > 2 || c < -2 || c > 2) continue;
-                            const float reach = coef[r][(a + 2) * 5 + c + 2];
-                            if (reach != 0.0f) *slot = __fadd_rn(*slot, __fmul_rn(__fmul_rn(w[r], reach), w_u));
-                        }
-                    }
-                }
-            }
-            float raw = 0.0f;
-            for (int s = 0; s < slots; ++s) raw = __fadd_rn(raw, row[s]);
-            const double total = __dadd_rn((double)__fmul_rn(raw, alpha), 1e-20);
-            norm[p] = __double2float_rn(__ddiv_rn(1.0, symmetric ? __dsqrt_rn(total) : total));
-        }
-        __syncthreads();
-        // slot by slot, the block's pixels are consecutive in stencil: consecutive threads copy them
-        const int live = n_pixels - base < (long long)blockDim.y ? (int)(n_pixels - base) : (int)blockDim.y;
-        for (int i = threadIdx.y; i < live * slots; i += blockDim.y)
-            stencil[(long long)(i / live) * n_pixels + base + i % live] = rows[(i % live) * slots + i / live];
-        __syncthreads();
-    }
-}
-
-// gauss_stencil_r0 .. gauss_stencil_r4: the window radius is a template argument, so each
-// block's shared rows are as long as its slots need (radius 3, sigma 1: 25 KB a block).
-#define GAUSS_STENCIL_KERNEL(R)                                                                                \
-    extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil_r##R(                      \
-        long long n_pixels, const long long* image_start, const int* image_width, int n_images,                \
-        const int2* corner, const float* weight, const unsigned char* cells, int span0, int span1, int lo0,     \
-        int lo1, float alpha, int symmetric, float* norm, float* stencil) {                                    \
-        const GaussCells g = {cells, span0, span1, lo0, lo1};                                                  \
-        gauss_stencil<R>(n_pixels, image_start, image_width, n_images, corner, weight, g, alpha, symmetric,     \
-                         norm, stencil);                                                                       \
-    }
-GAUSS_STENCIL_KERNEL(0)
-GAUSS_STENCIL_KERNEL(1)
-GAUSS_STENCIL_KERNEL(2)
-GAUSS_STENCIL_KERNEL(3)
-GAUSS_STENCIL_KERNEL(4)
-
-// One thread: one pixel p. Multiplies each nonzero weight of its stencil row (radius `radius`,
-// as gauss_stencil wrote it) by scale * norm[p] (scale: alpha times the kernel's weight) and,
-// when symmetric, by norm[q] of the slot's pixel q (a nonzero slot is on p's image).
-extern "C" __global__ void gauss_stencil_scale(long long n_pixels, const long long* image_start,
-                                               const int* image_width, int n_images, int radius,
-                                               const float* norm, int symmetric, float scale, float* stencil) {
-    const int side = 2 * radius + 1;
-    for (long long p = mf_grid_start(); p < n_pixels; p += mf_grid_step()) {
-        const int width = image_width[mf_image_of(p, image_start, n_images)];
-        const float f = __fmul_rn(scale, norm[p]);
-        for (int s = 0; s < side * side; ++s) {
-            float* w = stencil + (long long)s * n_pixels + p;
-            if (*w == 0.0f) continue;
-            const long long q = p + (long long)(s / side - radius) * width + s % side - radius;
-            *w = symmetric ? __fmul_rn(__fmul_rn(*w, f), norm[q]) : __fmul_rn(*w, f);
-        }
-    }
 }
 
 // ---- the fused slice + Potts + softmax: one lane group per pixel -------------------------------
@@ -356,7 +207,7 @@ static __device__ __forceinline__ float mf_group_sum(float v) {
 // chunks than the group has lanes, the energies go through Q's row (each lane rereads only
 // what it wrote). neg_unary and q must not alias.
 // STENCIL (mf_slice_stencil_v4): the Gaussian message is gathered instead from its stencil weights
-// (gauss_stencil, window radius `radius`) over q_old's rows of the pixels around p (image_start,
+// (permutohedral.cu gauss_stencil, window radius `radius`) over q_old's rows of the pixels around p (image_start,
 // image_width: the batch's images, for the row step); q_old must not alias q either. Its own
 // kernel, so the plain one keeps its registers.
 template <bool STENCIL>

@@ -251,45 +251,6 @@ extern "C" __global__ void lattice_elevate(const unsigned char* image, int heigh
     }
 }
 
-// ---- the Gaussian lattice without a lattice: corners and a grid of its cells ---------------------
-// For the Gaussian stencil (meanfield.cu gauss_stencil) the d = 2 lattice needs no sort: its
-// points are found by indexing a box of cells (q_0, q_1, remainder) per image, and a point is a
-// vertex when some slot has it as a corner.
-
-// One thread: one pixel i of one image (grid-stride over H*W). Elevates it onto the Gaussian
-// lattice (the constant table's d = 2 entries); writes its three corners' explicit coordinates
-// (k_0, k_1) and barycentric weights at corner[(pixel0 + i) * 3 + r] and weight[..] (corner r
-// has remainder r), and sets their cells, cells[((image_index * span1 + q_1) * span0 + q_0) * 3
-// + r] = 1 with q_k = (k_k - r) / 3 - lo_k (the packing's lo); info[0] = 1 when a corner falls
-// outside the box (a bug). Threads that share a corner write the same byte: deterministic.
-// pydensecrf's padding origin (lattice_elevate) has pixel (0, 0)'s position, so on this
-// lattice it adds no vertex.
-extern "C" __global__ void gauss_corners(const unsigned char* image, int height, int width, long long pixel0,
-                                         int image_index, const int* consts, int span0, int span1, int2* corner,
-                                         float* weight, unsigned char* cells, int* info) {
-    const long long n = (long long)height * width;
-    const float* fconsts = reinterpret_cast<const float*>(consts);
-    const int* pack = consts + CONST_PACK_G;
-    const int lo0 = pack[4 * 3 + 3], lo1 = pack[4 * 4 + 3];
-    for (long long i = grid_start(); i < n; i += grid_step()) {
-        float rem0[3], bary[4];
-        int rank[3];
-        simplex_of<2>((int)(i % width), (int)(i / width), image + i * 3, false, fconsts + CONST_STD_G,
-                      fconsts + CONST_SCALE_G, rem0, rank, bary);
-        for (int r = 0; r < 3; ++r) {
-            const int k0 = simplex_corner<2>(rem0, rank, r, 0), k1 = simplex_corner<2>(rem0, rank, r, 1);
-            corner[(pixel0 + i) * 3 + r] = make_int2(k0, k1);
-            weight[(pixel0 + i) * 3 + r] = bary[r];
-            const int q0 = (k0 - r) / 3 - lo0, q1 = (k1 - r) / 3 - lo1;
-            if (q0 < 0 || q0 >= span0 || q1 < 0 || q1 >= span1) {
-                info[0] = 1;
-                continue;
-            }
-            cells[(((long long)image_index * span1 + q1) * span0 + q0) * 3 + r] = 1;
-        }
-    }
-}
-
 // One thread: one position s of the sorted entries (order: sorted position -> entry). Reads
 // the keys of entries order[s] and order[s-1]; writes flags[s] = 1 where a new vertex starts.
 extern "C" __global__ void lattice_mark(const long long* order, const u64* key_lo, const u64* key_hi,
@@ -517,6 +478,13 @@ extern "C" __global__ void norm_blur(const float* src, float* dst, const int2* n
 // The norm factor of pixel p on one lattice: slice raw = alpha * sum_r w_r * values[v_r] in
 // pydensecrf's scalar order ((w * v) * alpha), then 1 / sqrt(raw + 1e-20) (symmetric) or
 // 1 / (raw + 1e-20) (after), in double and rounded to float once, as pydensecrf does.
+// pydensecrf's norm factor from K 1 at a pixel: 1 / sqrt(raw + 1e-20) (symmetric) or
+// 1 / (raw + 1e-20) (after), in double and rounded to float once.
+static __device__ __forceinline__ float norm_factor(float raw, int symmetric) {
+    const double total = __dadd_rn((double)raw, 1e-20);
+    return __double2float_rn(__ddiv_rn(1.0, symmetric ? __dsqrt_rn(total) : total));
+}
+
 template <int DP1>
 static __device__ __forceinline__ float norm_of(long long p, const float* values, const int* vertex,
                                                 const float* weight, float alpha, int symmetric) {
@@ -524,8 +492,7 @@ static __device__ __forceinline__ float norm_of(long long p, const float* values
 #pragma unroll
     for (int r = 0; r < DP1; ++r)
         raw = __fadd_rn(raw, __fmul_rn(__fmul_rn(weight[p * DP1 + r], values[vertex[p * DP1 + r]]), alpha));
-    const double total = __dadd_rn((double)raw, 1e-20);
-    return __double2float_rn(__ddiv_rn(1.0, symmetric ? __dsqrt_rn(total) : total));
+    return norm_factor(raw, symmetric);
 }
 
 // One thread: one pixel p. Reads its corners (vertex ids, weights) on each lattice given
@@ -714,6 +681,14 @@ static __device__ __forceinline__ void gauss_step(int r, int j, int side, int* d
     *dq1 = (r + d1 - *r2) / 3;
 }
 
+// The slot of cell (q0, q1) (relative to the box origin), remainder r, of image b in a box of
+// span0 x span1 cells per image, 3 slots a cell; -1 outside the box.
+static __device__ __forceinline__ long long gauss_slot(long long b, long long q0, long long q1, int r, int span0,
+                                                       int span1) {
+    if (q0 < 0 || q0 >= span0 || q1 < 0 || q1 >= span1) return -1;
+    return ((b * span1 + q1) * span0 + q0) * 3 + r;
+}
+
 // A Gaussian vertex's key as (remainder, image, q0, q1), q relative to the grid's origin.
 static __device__ __forceinline__ void gauss_cell_of(const u64* unique_lo, const u64* unique_hi, long long v,
                                                      const int* pack, int* r, long long* b, long long* q0,
@@ -734,8 +709,8 @@ extern "C" __global__ void gauss_grid(const u64* unique_lo, const u64* unique_hi
         int r;
         long long b, q0, q1;
         gauss_cell_of(unique_lo, unique_hi, v, consts + CONST_PACK_G, &r, &b, &q0, &q1);
-        if (q0 < 0 || q0 >= span0 || q1 < 0 || q1 >= span1) continue;
-        grid[((b * span1 + q1) * span0 + q0) * 3 + r] = (int)v;
+        const long long slot = gauss_slot(b, q0, q1, r, span0, span1);
+        if (slot >= 0) grid[slot] = (int)v;
     }
 }
 
@@ -753,11 +728,195 @@ extern "C" __global__ void gauss_neighbours(const u64* unique_lo, const u64* uni
             for (int side = 0; side < 2; ++side) {
                 int dq0, dq1, r2;
                 gauss_step(r, j, side, &dq0, &dq1, &r2);
-                const long long c0 = q0 + dq0, c1 = q1 + dq1;
-                const bool inside = c0 >= 0 && c0 < span0 && c1 >= 0 && c1 < span1;
-                nbr[((long long)j * n_vertices + v) * 2 + side] =
-                    inside ? grid[((b * span1 + c1) * span0 + c0) * 3 + r2] : -1;
+                const long long slot = gauss_slot(b, q0 + dq0, q1 + dq1, r2, span0, span1);
+                nbr[((long long)j * n_vertices + v) * 2 + side] = slot >= 0 ? grid[slot] : -1;
             }
+        }
+    }
+}
+
+// ---- the Gaussian kernel as a per-pixel stencil, without a lattice ----------------------------
+// For the Gaussian stencil (meanfield.cu mf_slice_stencil_v4) the d = 2 lattice needs no sort: its
+// points are found by indexing the box of cells above, and a point is a vertex when some pixel
+// has it as a corner. pydensecrf's padding origin (lattice_elevate) has pixel (0, 0)'s position,
+// so on this lattice it adds no vertex. The weights link only pixels less than 4 sigma apart (a
+// simplex corner lies less than one lattice spacing, sigma pixels, from its point, and the three
+// blur passes move along three axes that sum to zero, at most two spacings in all), so each
+// pixel's row covers a (2R+1)^2 window, R the largest integer below 4 sigma.
+
+// The box of cells gauss_corners marks, and where it starts: q_k = (k_k - r) / 3 - lo_k.
+struct GaussBox {
+    int span0, span1, lo0, lo1;
+};
+
+// The slot of the lattice point with explicit coordinates (k0, k1) (remainder k0 mod 3) of
+// image b in the box, or -1 outside it.
+static __device__ __forceinline__ long long gauss_point_slot(const GaussBox& box, long long b, int k0, int k1) {
+    const int r = ((k0 % 3) + 3) % 3;
+    return gauss_slot(b, (k0 - r) / 3 - box.lo0, (k1 - r) / 3 - box.lo1, r, box.span0, box.span1);
+}
+
+// One thread: one pixel i of one image (grid-stride over H*W). Elevates it onto the Gaussian
+// lattice (the constant table's d = 2 entries); writes its three corners' explicit coordinates
+// (k_0, k_1) and barycentric weights at corner[(pixel0 + i) * 3 + r] and weight[..] (corner r
+// has remainder r), and sets their cells' slots (gauss_point_slot) to 1; info[0] = 1 when a
+// corner falls outside the box (a bug). Threads that share a corner write the same byte:
+// deterministic.
+extern "C" __global__ void gauss_corners(const unsigned char* image, int height, int width, long long pixel0,
+                                         int image_index, const int* consts, int span0, int span1, int2* corner,
+                                         float* weight, unsigned char* cells, int* info) {
+    const long long n = (long long)height * width;
+    const float* fconsts = reinterpret_cast<const float*>(consts);
+    const int* pack = consts + CONST_PACK_G;
+    const GaussBox box = {span0, span1, pack[4 * 3 + 3], pack[4 * 4 + 3]};
+    for (long long i = grid_start(); i < n; i += grid_step()) {
+        float rem0[3], bary[4];
+        int rank[3];
+        simplex_of<2>((int)(i % width), (int)(i / width), image + i * 3, false, fconsts + CONST_STD_G,
+                      fconsts + CONST_SCALE_G, rem0, rank, bary);
+        for (int r = 0; r < 3; ++r) {
+            const int k0 = simplex_corner<2>(rem0, rank, r, 0), k1 = simplex_corner<2>(rem0, rank, r, 1);
+            corner[(pixel0 + i) * 3 + r] = make_int2(k0, k1);
+            weight[(pixel0 + i) * 3 + r] = bary[r];
+            const long long slot = gauss_point_slot(box, image_index, k0, k1);
+            if (slot >= 0) cells[slot] = 1;
+            else info[0] = 1;
+        }
+    }
+}
+
+// Whether the Gaussian lattice point (k0, k1) of image b is a vertex: its cell slot is set.
+static __device__ __forceinline__ bool gauss_is_vertex(const unsigned char* cells, const GaussBox& box, long long b,
+                                                       int k0, int k1) {
+    const long long slot = gauss_point_slot(box, b, k0, k1);
+    return slot >= 0 && cells[slot] != 0;
+}
+
+// The blur's reach from a vertex v (the slice end) back to the vertices u whose splatted value
+// reaches v: u = v + s2 e2 + s1 e1 + s0 e0 (s in {-1, 0, 1}; the axes' steps e0 = (2, -1),
+// e1 = (-1, 2), e2 = (-1, -1) in explicit coordinates, neighbours_of<2>'s), through the vertices
+// v + s2 e2 and v + s2 e2 + s1 e1, which must exist (the blur skips missing ones), each step
+// halving. As e0 + e1 + e2 = 0, u - v = A e0 + B e1 with A = s0 - s2 and B = s1 - s2 in
+// [-2, 2]: coef[(A + 2) * 5 + B + 2] sums the paths' factors (powers of two: exact).
+static __device__ __forceinline__ void gauss_reach(const unsigned char* cells, const GaussBox& box, long long b,
+                                                   int2 v, float* coef) {
+    const int e[3][2] = {{2, -1}, {-1, 2}, {-1, -1}};
+    for (int t = 0; t < 25; ++t) coef[t] = 0.0f;
+    for (int s2 = -1; s2 <= 1; ++s2) {
+        const int2 w2 = make_int2(v.x + s2 * e[2][0], v.y + s2 * e[2][1]);
+        if (s2 && !gauss_is_vertex(cells, box, b, w2.x, w2.y)) continue;
+        for (int s1 = -1; s1 <= 1; ++s1) {
+            const int2 w1 = make_int2(w2.x + s1 * e[1][0], w2.y + s1 * e[1][1]);
+            if (s1 && !gauss_is_vertex(cells, box, b, w1.x, w1.y)) continue;
+            for (int s0 = -1; s0 <= 1; ++s0) {
+                const float c = (s2 ? 0.5f : 1.0f) * (s1 ? 0.5f : 1.0f) * (s0 ? 0.5f : 1.0f);
+                coef[(s0 - s2 + 2) * 5 + s1 - s2 + 2] += c;
+            }
+        }
+    }
+}
+
+// Pixels a block of gauss_stencil takes at once (its launch's rows per block, cuda.py
+// STENCIL_BLOCK_ROWS).
+#define STENCIL_BLOCK_ROWS 128
+
+// One thread: one pixel i of one image (height x width, batch pixels from pixel0; the batch has
+// n_pixels), in blocks of STENCIL_BLOCK_ROWS threads (rows), for a window of radius R. Reads
+// the pixel's three Gaussian corners (gauss_corners' corner, weight), works out the blur's reach
+// from each (gauss_reach, through the cells), then for each pixel q of the window inside the
+// image and each of q's corners u, adds w_p(v) * reach_v(u) * w_q(u) over the pixel's corners v.
+// Sums into its row of the block's shared memory and writes norm[p] = norm_factor(alpha * the
+// row's sum) (K 1 at p, as pydensecrf's norm); then with the block writes the rows to stencil
+// ((2R+1)^2, n_pixels), slot-major, so the pixels of a warp read one slot's weights from
+// consecutive floats. Slot (dy + R) * (2R+1) + dx + R is the pixel dx right and dy down; 0 where
+// q is off the image or out of reach. gauss_stencil_scale then folds the norms and weight in.
+// Terms add in a fixed order: deterministic.
+template <int R>
+static __device__ __forceinline__ void gauss_stencil(int height, int width, long long pixel0, int image_index,
+                                                     long long n_pixels, const int2* corner, const float* weight,
+                                                     const unsigned char* cells, const GaussBox& box, float alpha,
+                                                     int symmetric, float* norm, float* stencil) {
+    constexpr int side = 2 * R + 1, slots = side * side;
+    __shared__ float rows[STENCIL_BLOCK_ROWS * slots];
+    float* row = rows + threadIdx.y * slots;
+    const long long n = (long long)height * width;
+    for (long long base = (long long)blockIdx.x * blockDim.y; base < n; base += (long long)gridDim.x * blockDim.y) {
+        const long long i = base + threadIdx.y, p = pixel0 + i;
+        for (int s = 0; s < slots; ++s) row[s] = 0.0f;
+        if (i < n) {
+            const int py = (int)(i / width), px = (int)(i % width);
+            int2 v[3];
+            float w[3], coef[3][25];
+            for (int r = 0; r < 3; ++r) {
+                v[r] = corner[p * 3 + r];
+                w[r] = weight[p * 3 + r];
+                gauss_reach(cells, box, image_index, v[r], coef[r]);
+            }
+            for (int dy = -R; dy <= R; ++dy) {
+                if (py + dy < 0 || py + dy >= height) continue;
+                for (int dx = -R; dx <= R; ++dx) {
+                    if (px + dx < 0 || px + dx >= width) continue;
+                    const long long q = p + (long long)dy * width + dx;
+                    float* slot = row + (dy + R) * side + dx + R;
+                    for (int j = 0; j < 3; ++j) {
+                        const int2 u = corner[q * 3 + j];
+                        const float w_u = weight[q * 3 + j];
+                        for (int r = 0; r < 3; ++r) {
+                            const int x = u.x - v[r].x, y = u.y - v[r].y;  // x = y mod 3: exact thirds
+                            const int a = (2 * x + y) / 3, c = (x + 2 * y) / 3;
+                            if (a < -2 || a > 2 || c < -2 || c > 2) continue;
+                            const float reach = coef[r][(a + 2) * 5 + c + 2];
+                            if (reach != 0.0f) *slot = __fadd_rn(*slot, __fmul_rn(__fmul_rn(w[r], reach), w_u));
+                        }
+                    }
+                }
+            }
+            float raw = 0.0f;
+            for (int s = 0; s < slots; ++s) raw = __fadd_rn(raw, row[s]);
+            norm[p] = norm_factor(__fmul_rn(raw, alpha), symmetric);
+        }
+        __syncthreads();
+        // slot by slot, the block's pixels are consecutive in stencil: consecutive threads copy them
+        const int live = n - base < (long long)blockDim.y ? (int)(n - base) : (int)blockDim.y;
+        for (int k = threadIdx.y; k < live * slots; k += blockDim.y)
+            stencil[(long long)(k / live) * n_pixels + pixel0 + base + k % live] = rows[(k % live) * slots + k / live];
+        __syncthreads();
+    }
+}
+
+// gauss_stencil_r0 .. gauss_stencil_r4: the window radius is a template argument, so each
+// block's shared rows are as long as its slots need (radius 3, sigma 1: 25 KB a block).
+#define GAUSS_STENCIL_KERNEL(R)                                                                                \
+    extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil_r##R(                      \
+        int height, int width, long long pixel0, int image_index, long long n_pixels, const int2* corner,      \
+        const float* weight, const unsigned char* cells, int span0, int span1, int lo0, int lo1, float alpha,  \
+        int symmetric, float* norm, float* stencil) {                                                          \
+        const GaussBox box = {span0, span1, lo0, lo1};                                                         \
+        gauss_stencil<R>(height, width, pixel0, image_index, n_pixels, corner, weight, cells, box, alpha,      \
+                         symmetric, norm, stencil);                                                            \
+    }
+GAUSS_STENCIL_KERNEL(0)
+GAUSS_STENCIL_KERNEL(1)
+GAUSS_STENCIL_KERNEL(2)
+GAUSS_STENCIL_KERNEL(3)
+GAUSS_STENCIL_KERNEL(4)
+
+// One thread: one pixel i of one image (as gauss_stencil's). Multiplies each nonzero weight of
+// its stencil row (radius `radius`) by scale * norm[p] (scale: alpha times the kernel's weight)
+// and, when symmetric, by norm[q] of the slot's pixel q (a nonzero slot is on the image).
+extern "C" __global__ void gauss_stencil_scale(int height, int width, long long pixel0, long long n_pixels,
+                                               int radius, const float* norm, int symmetric, float scale,
+                                               float* stencil) {
+    const int side = 2 * radius + 1;
+    const long long n = (long long)height * width;
+    for (long long i = grid_start(); i < n; i += grid_step()) {
+        const long long p = pixel0 + i;
+        const float f = __fmul_rn(scale, norm[p]);
+        for (int s = 0; s < side * side; ++s) {
+            float* w = stencil + (long long)s * n_pixels + p;
+            if (*w == 0.0f) continue;
+            const long long q = p + (long long)(s / side - radius) * width + s % side - radius;
+            *w = symmetric ? __fmul_rn(__fmul_rn(*w, f), norm[q]) : __fmul_rn(*w, f);
         }
     }
 }

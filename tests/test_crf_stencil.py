@@ -24,12 +24,12 @@ def emulated(tmp_path_factory):
 def test_host_stencil_limits_match_the_kernel_source():
     # gauss_stencil's shared memory holds STENCIL_BLOCK_ROWS rows: the host launches blocks of
     # that many rows, and there is a kernel for every radius it may ask for.
-    source = cuda.kernel_source("meanfield.cu")
+    source = cuda.kernel_source("permutohedral.cu")
     defines = dict(re.findall(r"^#define (\w+) (\d+)$", source, re.M))
     assert int(defines["STENCIL_BLOCK_ROWS"]) == cuda.STENCIL_BLOCK_ROWS
     radii = sorted(int(r) for r in re.findall(r"^GAUSS_STENCIL_KERNEL\((\d)\)$", source, re.M))
     assert radii == list(range(cuda.STENCIL_RADIUS_MAX + 1))
-    assert [f for f in cuda.KERNELS["meanfield.cu"] if re.fullmatch(r"gauss_stencil_r\d", f)] == [
+    assert [f for f in cuda.KERNELS["permutohedral.cu"] if re.fullmatch(r"gauss_stencil_r\d", f)] == [
         f"gauss_stencil_r{r}" for r in radii]
 
 

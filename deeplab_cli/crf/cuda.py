@@ -69,12 +69,12 @@ from deeplab_cli.errors import DeeplabError
 KERNEL_FILES = ("permutohedral.cu", "meanfield.cu")
 KERNELS = {
     "permutohedral.cu": (
-        "lattice_elevate", "gauss_corners", "lattice_mark", "lattice_vertices", "lattice_entries", "lattice_neighbours",
+        "lattice_elevate", "lattice_mark", "lattice_vertices", "lattice_entries", "lattice_neighbours",
         "lattice_run_counts", "lattice_runs", "norm_splat", "norm_splat_reduce", "norm_blur", "lattice_norms",
         "lattice_splat", "lattice_splat_reduce", "lattice_blur", "lattice_blur_pair", "gauss_grid", "gauss_neighbours",
+        "gauss_corners", *(f"gauss_stencil_r{r}" for r in range(5)), "gauss_stencil_scale",
     ),
-    "meanfield.cu": ("mf_unary_rows", *(f"gauss_stencil_r{r}" for r in range(5)), "gauss_stencil_scale",
-                     "mf_slice_softmax_v4", "mf_slice_stencil_v4", "mf_to_planes_rows"),
+    "meanfield.cu": ("mf_unary_rows", "mf_slice_softmax_v4", "mf_slice_stencil_v4", "mf_to_planes_rows"),
 }
 # No fused multiply-add anywhere: the lattice must round exactly as pydensecrf's SSE code.
 NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")
@@ -92,7 +92,7 @@ _BLOCK = 256
 _GAUSS_GRID_SLOTS_PER_PIXEL = 8
 _GAUSS_GRID_SLOTS_FREE = 1 << 16
 # gauss_stencil is used up to this window radius (R = 4: 81 floats a pixel, sigma up to 1.25;
-# meanfield.cu has a gauss_stencil_r<R> for each); a wider Gaussian has fewer lattice vertices per
+# permutohedral.cu has a gauss_stencil_r<R> for each); a wider Gaussian has fewer lattice vertices per
 # pixel and goes through its lattice.
 STENCIL_RADIUS_MAX = 4
 STENCIL_BLOCK_ROWS = 128  # pixels a block of gauss_stencil takes (its shared memory holds their rows)
@@ -514,7 +514,7 @@ class CudaCRF:
         cells instead of by binary search. Each is bit-identical either way (benchmarks/crf.py
         --ab times them). `gauss_stencil`: fold the Gaussian lattice's whole filter, norms and
         weight into one row of weights per pixel over a window of its neighbours
-        (gauss_stencil in meanfield.cu), worked out once per batch without building that
+        (gauss_stencil in permutohedral.cu), worked out once per batch without building that
         lattice, and gather the Gaussian message from the previous Q in the slice kernel; only
         the bilateral lattice is built and filtered. It applies while the window radius (below
         4 sigma) is at most STENCIL_RADIUS_MAX, the box of Gaussian lattice cells is not much
@@ -765,18 +765,21 @@ class CudaCRF:
         for b, (im, (h, w)) in enumerate(zip(self.images, self.sizes)):
             bk.launch("gauss_corners", h * w, (im, _i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), consts,
                                                _i32(span0), _i32(span1), corner, weight, cells, self._stencil_info))
-        widths = np.array([w for _, w in self.sizes], dtype=np.int32)
-        self._image_start = self._upload(("image_start", tuple(self.sizes)), np.array(self.offsets, dtype=np.int64))
-        self._image_width = self._upload(("image_width", tuple(self.sizes)), widths)
         self._stencil = xp.empty(((2 * radius + 1) ** 2, n), dtype=xp.float32)
         norm = xp.empty(n, dtype=xp.float32)
         symmetric = _i32(self.params.normalization == "symmetric")
-        images = (_i64(n), self._image_start, self._image_width, _i32(n_images))
-        bk.launch(f"gauss_stencil_r{radius}", n,
-                  (*images, corner, weight, cells, _i32(span0), _i32(span1), _i32(lo0), _i32(lo1), alpha(spec.d),
-                   symmetric, norm, self._stencil), 1, STENCIL_BLOCK_ROWS)
         scale = np.float32(alpha(spec.d) * np.float32(spec.weight))
-        bk.launch("gauss_stencil_scale", n, (*images, _i32(radius), norm, symmetric, scale, self._stencil))
+        for b, (h, w) in enumerate(self.sizes):  # the scale reads the norms of the image's other pixels
+            bk.launch(f"gauss_stencil_r{radius}", h * w,
+                      (_i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), _i64(n), corner, weight, cells, _i32(span0),
+                       _i32(span1), _i32(lo0), _i32(lo1), alpha(spec.d), symmetric, norm, self._stencil),
+                      1, STENCIL_BLOCK_ROWS)
+            bk.launch("gauss_stencil_scale", h * w, (_i32(h), _i32(w), _i64(self.offsets[b]), _i64(n), _i32(radius),
+                                                     norm, symmetric, scale, self._stencil))
+        # the slice kernel finds each pixel's image (for the row step) in these
+        widths = np.array([w for _, w in self.sizes], dtype=np.int32)
+        self._image_start = self._upload(("image_start", tuple(self.sizes)), np.array(self.offsets, dtype=np.int64))
+        self._image_width = self._upload(("image_width", tuple(self.sizes)), widths)
         self._q_pair = (self.q, xp.empty_like(self.q))
 
     @property
