@@ -321,6 +321,9 @@ VARIANTS = {  # CudaCRF options for --ab
     "plain": {"spatial_order": False, "pair_blur": False},
     # the Gaussian kernel as per-pixel stencil rows over the previous Q (equal up to rounding)
     "stencil": {"gauss_stencil": True},
+    # the stencil's slice with one pixel a lane group, or a strip of 4, instead of 2 (the same result)
+    "stencil-k1": {"gauss_stencil": True, "stencil_strip": 1},
+    "stencil-k4": {"gauss_stencil": True, "stencil_strip": 4},
     "run8": {"run_min": 8},
     "run64": {"run_min": 64},
 }

@@ -64,27 +64,6 @@ static __device__ __forceinline__ void mf_load_corners(long long p, const int* v
     }
 }
 
-// ---- the Gaussian kernel as a per-pixel stencil ----------------------------------------------
-// The Gaussian lattice's filter (splat, blur along axes 0, 1, 2, slice) is a fixed linear map of
-// the pixels' label rows that links only pixels less than 4 sigma apart. So with the norms, alpha
-// and the Potts weight folded in, pixel p's Gaussian message is sum_s stencil[s, p] * Q[q_s] over
-// the pixels q_s of a (2R+1)^2 window around it: one gather of neighbouring Q rows in the slice
-// kernel instead of a splat, three blur passes and a slice through lattice-sized arrays every
-// iteration. The weights are built once per batch, with no sort and no vertex ids
-// (permutohedral.cu gauss_corners, gauss_stencil_r<R>). The sums run in another order than
-// pydensecrf's, so the result equals it up to float rounding, not bit for bit.
-
-// The image of batch pixel p: the last b with image_start[b] <= p (binary search).
-static __device__ __forceinline__ int mf_image_of(long long p, const long long* image_start, int n_images) {
-    int lo = 0, hi = n_images - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (image_start[mid] <= p) lo = mid;
-        else hi = mid - 1;
-    }
-    return lo;
-}
-
 // ---- the fused slice + Potts + softmax: one lane group per pixel -------------------------------
 // Launch shape: blocks of (G, rows) threads, G a power of two <= 32 (1 on the CPU), so a warp
 // holds 32 / G rows, each on an aligned group of G lanes; lane j of a group handles the float4
@@ -123,66 +102,19 @@ static __device__ __forceinline__ float4 mf_add_message_v4(float4 t, int j, int 
                        __fadd_rn(t.w, __fmul_rn(weight, __fmul_rn(a[3], norm))));
 }
 
-// Stencil slots a lane loads at once: their weights, then the Q rows of the nonzero ones.
-#define MF_STENCIL_GROUP 3
-
-// t plus the Gaussian message of pixel p for the 4 labels of chunk j from its stencil weights:
-// sum over the window's slots, row by row, of stencil[s, p] (slot-major, n_pixels a slot) times
-// q_old's row of the slot's pixel (width: p's image's). Slots of weight 0 (off the image, or out
-// of the blur's reach) read nothing and add nothing.
-static __device__ __forceinline__ float4 mf_add_stencil_v4(float4 t, long long p, long long n_pixels, int j,
-                                                           int n_vec, const float* __restrict__ stencil, int radius,
-                                                           int width, const float4* __restrict__ q_old) {
-    const int side = 2 * radius + 1;
-    const float* row = stencil + p;  // slot 0 of pixel p
-    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int dy = -radius; dy <= radius; ++dy, row += side * n_pixels) {
-        const long long left = p + (long long)dy * width - radius;  // the pixel of slot dx = -radius
-        for (int k0 = 0; k0 < side; k0 += MF_STENCIL_GROUP) {
-            float w[MF_STENCIL_GROUP];
-            float4 x[MF_STENCIL_GROUP];
-#pragma unroll
-            for (int k = 0; k < MF_STENCIL_GROUP; ++k) w[k] = k0 + k < side ? row[(k0 + k) * n_pixels] : 0.0f;
-#pragma unroll
-            for (int k = 0; k < MF_STENCIL_GROUP; ++k)
-                x[k] = w[k] != 0.0f ? q_old[(left + k0 + k) * n_vec + j] : zero;
-#pragma unroll
-            for (int k = 0; k < MF_STENCIL_GROUP; ++k) {
-                if (w[k] == 0.0f) continue;
-#pragma unroll
-                for (int c = 0; c < 4; ++c) a[c] = __fadd_rn(a[c], __fmul_rn(w[k], mf_f4_get(x[k], c)));
-            }
-        }
-    }
-    return make_float4(__fadd_rn(t.x, a[0]), __fadd_rn(t.y, a[1]), __fadd_rn(t.z, a[2]), __fadd_rn(t.w, a[3]));
-}
-
-// The Gaussian stencil, when there is one: its weights ((2R+1)^2, n_pixels) and window radius,
-// the width of the pixel's image (for the row step), and the Q the messages come from (the
-// previous iteration's).
-struct MfStencil {
-    const float* weights;
-    long long n_pixels;
-    int radius, width;
-    const float4* q_old;
-};
-
-// The energy chunk j of pixel p: -U plus the messages of the lattices whose values are given
-// (with STENCIL, the Gaussian's from its stencil instead).
-template <bool STENCIL>
-static __device__ __forceinline__ float4 mf_energy_v4(long long p, int j, int n_vec, int seq,
-                                                      const float4* __restrict__ neg_unary,
-                                                      const float4* __restrict__ values_g, const int* vid_g,
-                                                      const float* bary_g, float scale_g, float alpha_g, float w_g,
-                                                      const MfStencil& st,
-                                                      const float4* __restrict__ values_b, const int* vid_b,
-                                                      const float* bary_b, float scale_b, float alpha_b, float w_b) {
-    float4 t = neg_unary[p * n_vec + j];
-    if (STENCIL) t = mf_add_stencil_v4(t, p, st.n_pixels, j, n_vec, st.weights, st.radius, st.width, st.q_old);
-    else if (values_g) t = mf_add_message_v4<3>(t, j, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
-    if (values_b) t = mf_add_message_v4<6>(t, j, n_vec, seq, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
-    return t;
+// t plus the bilateral lattice's message at pixel p (its corners and norm read here), when
+// there is one (values_b not null).
+static __device__ __forceinline__ float4 mf_add_bilateral_v4(float4 t, long long p, int j, int n_vec, int seq,
+                                                             const float4* __restrict__ values_b,
+                                                             const int* __restrict__ vertex_b,
+                                                             const float* __restrict__ weight_b,
+                                                             const float* __restrict__ norm_b, float alpha_b,
+                                                             float w_b) {
+    if (!values_b) return t;
+    int vid[6];
+    float bary[6];
+    mf_load_corners<6>(p, vertex_b, weight_b, vid, bary);
+    return mf_add_message_v4<6>(t, j, n_vec, seq, values_b, vid, bary, norm_b[p], alpha_b, w_b);
 }
 
 // Max and sum over one lane group (blockDim.x lanes) with a fixed xor-shuffle tree.
@@ -196,106 +128,76 @@ static __device__ __forceinline__ float mf_group_sum(float v) {
     return v;
 }
 
+// The softmax of pixel p's energies when a row has at most one chunk per lane: lane `lane`
+// holds chunk `lane` in t (`mine`: a chunk of a live pixel). The max and the sum of
+// exponentials go lane by lane (components in order), then across the group by the fixed
+// xor-shuffle trees: deterministic. Every lane of the group calls it; `mine` lanes store Q's
+// chunk.
+static __device__ __forceinline__ void mf_softmax_chunk(float* t, bool mine, int lane, int n_labels, long long p,
+                                                        int n_vec, float4* __restrict__ q) {
+    float top = MF_LOWEST;
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+        if (mine && 4 * lane + k < n_labels) top = fmaxf(top, t[k]);
+    top = mf_group_max(top);
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        t[k] = mine && 4 * lane + k < n_labels ? expf(__fsub_rn(t[k], top)) : 0.0f;
+        sum = __fadd_rn(sum, t[k]);
+    }
+    sum = mf_group_sum(sum);
+    if (mine)
+        q[p * n_vec + lane] = make_float4(__fdiv_rn(t[0], sum), __fdiv_rn(t[1], sum), __fdiv_rn(t[2], sum),
+                                          __fdiv_rn(t[3], sum));
+}
+
+// The softmax of pixel p's energies when a row has more chunks than the group has lanes: the
+// energies are already in Q's row (each lane wrote chunks lane, lane + G, ... and rereads only
+// those), `top` the lane's max over them. Same order of operations as mf_softmax_chunk, chunk
+// by chunk. Every lane of the group calls it.
+static __device__ __forceinline__ void mf_softmax_row(float top, bool live, int lane, int group, int n_labels,
+                                                      long long p, int n_vec, float4* __restrict__ q) {
+    top = mf_group_max(top);
+    float sum = 0.0f;
+    if (live) {
+        for (int j = lane; j < n_vec; j += group) {
+            const float4 e = q[p * n_vec + j];
+            float x[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                x[k] = 4 * j + k < n_labels ? expf(__fsub_rn(mf_f4_get(e, k), top)) : 0.0f;
+                sum = __fadd_rn(sum, x[k]);
+            }
+            q[p * n_vec + j] = make_float4(x[0], x[1], x[2], x[3]);
+        }
+    }
+    sum = mf_group_sum(sum);
+    if (live) {
+        for (int j = lane; j < n_vec; j += group) {
+            const float4 e = q[p * n_vec + j];
+            q[p * n_vec + j] = make_float4(__fdiv_rn(e.x, sum), __fdiv_rn(e.y, sum), __fdiv_rn(e.z, sum),
+                                           __fdiv_rn(e.w, sum));
+        }
+    }
+}
+
+// The max over the label columns of chunk j of e.
+static __device__ __forceinline__ float mf_chunk_max(float top, const float4& e, int j, int n_labels) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+        if (4 * j + k < n_labels) top = fmaxf(top, mf_f4_get(e, k));
+    return top;
+}
+
 // The end of one mean-field iteration, fused: slice the Gaussian (d = 2) and the bilateral
 // (d = 5) lattice's blurred values, add the normalized Potts messages to -U in that order, and
 // softmax over labels (pydensecrf's expAndNormalize), so the energy never goes through memory.
 // One lane group (launch shape above): one pixel p. Reads neg_unary's row p, the pixel's corners
 // on each given lattice, those vertices' value rows and the norms at p; writes Q's row p (pad
-// columns 0). The max and the sum of exponentials go lane by lane (chunks in order, then
-// components), then across the group by a fixed xor-shuffle tree: deterministic.
-// With both values pointers null it is the softmax of neg_unary (Q0). When a row has more
-// chunks than the group has lanes, the energies go through Q's row (each lane rereads only
-// what it wrote). neg_unary and q must not alias.
-// STENCIL (mf_slice_stencil_v4): the Gaussian message is gathered instead from its stencil weights
-// (permutohedral.cu gauss_stencil, window radius `radius`) over q_old's rows of the pixels around p (image_start,
-// image_width: the batch's images, for the row step); q_old must not alias q either. Its own
-// kernel, so the plain one keeps its registers.
-template <bool STENCIL>
-static __device__ __forceinline__ void mf_slice_softmax(
-    const float4* __restrict__ neg_unary, long long n_pixels, int n_labels, int n_vec, int seq,
-    const float4* __restrict__ values_g, const int* __restrict__ vertex_g, const float* __restrict__ weight_g,
-    const float* __restrict__ norm_g, float alpha_g, float w_g,
-    const float* __restrict__ stencil, int radius, const float4* __restrict__ q_old,
-    const long long* __restrict__ image_start, const int* __restrict__ image_width, int n_images,
-    const float4* __restrict__ values_b, const int* __restrict__ vertex_b, const float* __restrict__ weight_b,
-    const float* __restrict__ norm_b, float alpha_b, float w_b, float4* __restrict__ q) {
-    const int lane = threadIdx.x, group = blockDim.x;
-    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_pixels; base += (long long)gridDim.x * blockDim.y) {
-        const long long p = base + threadIdx.y;
-        const bool live = p < n_pixels;
-        int vid_g[3], vid_b[6];
-        float bary_g[3], bary_b[6], scale_g = 0.0f, scale_b = 0.0f;
-        if (!STENCIL && live && values_g) {
-            mf_load_corners<3>(p, vertex_g, weight_g, vid_g, bary_g);
-            scale_g = norm_g[p];
-        }
-        MfStencil st = {stencil, n_pixels, radius, 0, q_old};
-        if (STENCIL && live) st.width = image_width[mf_image_of(p, image_start, n_images)];
-        if (live && values_b) {
-            mf_load_corners<6>(p, vertex_b, weight_b, vid_b, bary_b);
-            scale_b = norm_b[p];
-        }
-        float top = MF_LOWEST;
-        if (n_vec <= group) {
-            // At most one chunk per lane (C <= 4 * group): the energies stay in registers.
-            float t[4] = {MF_LOWEST, MF_LOWEST, MF_LOWEST, MF_LOWEST};
-            const bool mine = live && lane < n_vec;
-            if (mine) {
-                const float4 e = mf_energy_v4<STENCIL>(p, lane, n_vec, seq, neg_unary, values_g, vid_g, bary_g, scale_g,
-                                              alpha_g, w_g, st, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
-                t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
-            }
-#pragma unroll
-            for (int k = 0; k < 4; ++k)
-                if (mine && 4 * lane + k < n_labels) top = fmaxf(top, t[k]);
-            top = mf_group_max(top);
-            float sum = 0.0f;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                t[k] = mine && 4 * lane + k < n_labels ? expf(__fsub_rn(t[k], top)) : 0.0f;
-                sum = __fadd_rn(sum, t[k]);
-            }
-            sum = mf_group_sum(sum);
-            if (mine)
-                q[p * n_vec + lane] = make_float4(__fdiv_rn(t[0], sum), __fdiv_rn(t[1], sum), __fdiv_rn(t[2], sum),
-                                                  __fdiv_rn(t[3], sum));
-            continue;
-        }
-        if (live) {
-            for (int j = lane; j < n_vec; j += group) {
-                const float4 e = mf_energy_v4<STENCIL>(p, j, n_vec, seq, neg_unary, values_g, vid_g, bary_g, scale_g, alpha_g,
-                                              w_g, st, values_b, vid_b, bary_b, scale_b, alpha_b, w_b);
-                q[p * n_vec + j] = e;
-#pragma unroll
-                for (int k = 0; k < 4; ++k)
-                    if (4 * j + k < n_labels) top = fmaxf(top, mf_f4_get(e, k));
-            }
-        }
-        top = mf_group_max(top);
-        float sum = 0.0f;
-        if (live) {
-            for (int j = lane; j < n_vec; j += group) {
-                const float4 e = q[p * n_vec + j];
-                float x[4];
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    x[k] = 4 * j + k < n_labels ? expf(__fsub_rn(mf_f4_get(e, k), top)) : 0.0f;
-                    sum = __fadd_rn(sum, x[k]);
-                }
-                q[p * n_vec + j] = make_float4(x[0], x[1], x[2], x[3]);
-            }
-        }
-        sum = mf_group_sum(sum);
-        if (live) {
-            for (int j = lane; j < n_vec; j += group) {
-                const float4 e = q[p * n_vec + j];
-                q[p * n_vec + j] = make_float4(__fdiv_rn(e.x, sum), __fdiv_rn(e.y, sum), __fdiv_rn(e.z, sum),
-                                               __fdiv_rn(e.w, sum));
-            }
-        }
-    }
-}
-
+// columns 0). With both values pointers null it is the softmax of neg_unary (Q0). When a row
+// has more chunks than the group has lanes, the energies go through Q's row. neg_unary and q
+// must not alias.
 // At most 256 threads a block (the launcher's), 64 registers: 4 blocks per multiprocessor, no spills.
 extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
     const float4* __restrict__ neg_unary, long long n_pixels, int n_labels, int n_vec, int seq,
@@ -303,18 +205,247 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
     const float* __restrict__ norm_g, float alpha_g, float w_g,
     const float4* __restrict__ values_b, const int* __restrict__ vertex_b, const float* __restrict__ weight_b,
     const float* __restrict__ norm_b, float alpha_b, float w_b, float4* __restrict__ q) {
-    mf_slice_softmax<false>(neg_unary, n_pixels, n_labels, n_vec, seq, values_g, vertex_g, weight_g, norm_g, alpha_g,
-                            w_g, nullptr, 0, nullptr, nullptr, nullptr, 0, values_b, vertex_b, weight_b, norm_b,
-                            alpha_b, w_b, q);
+    const int lane = threadIdx.x, group = blockDim.x;
+    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_pixels; base += (long long)gridDim.x * blockDim.y) {
+        const long long p = base + threadIdx.y;
+        const bool live = p < n_pixels;
+        int vid_g[3];
+        float bary_g[3], scale_g = 0.0f;
+        if (live && values_g) {
+            mf_load_corners<3>(p, vertex_g, weight_g, vid_g, bary_g);
+            scale_g = norm_g[p];
+        }
+        if (n_vec <= group) {
+            float t[4] = {MF_LOWEST, MF_LOWEST, MF_LOWEST, MF_LOWEST};
+            const bool mine = live && lane < n_vec;
+            if (mine) {
+                float4 e = neg_unary[p * n_vec + lane];
+                if (values_g) e = mf_add_message_v4<3>(e, lane, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
+                e = mf_add_bilateral_v4(e, p, lane, n_vec, seq, values_b, vertex_b, weight_b, norm_b, alpha_b, w_b);
+                t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
+            }
+            mf_softmax_chunk(t, mine, lane, n_labels, p, n_vec, q);
+            continue;
+        }
+        float top = MF_LOWEST;
+        if (live) {
+            for (int j = lane; j < n_vec; j += group) {
+                float4 e = neg_unary[p * n_vec + j];
+                if (values_g) e = mf_add_message_v4<3>(e, j, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
+                e = mf_add_bilateral_v4(e, p, j, n_vec, seq, values_b, vertex_b, weight_b, norm_b, alpha_b, w_b);
+                q[p * n_vec + j] = e;
+                top = mf_chunk_max(top, e, j, n_labels);
+            }
+        }
+        mf_softmax_row(top, live, lane, group, n_labels, p, n_vec, q);
+    }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_stencil_v4(
-    const float4* __restrict__ neg_unary, long long n_pixels, int n_labels, int n_vec, int seq,
-    const float* __restrict__ stencil, int radius, const float4* __restrict__ q_old,
-    const long long* __restrict__ image_start, const int* __restrict__ image_width, int n_images,
-    const float4* __restrict__ values_b, const int* __restrict__ vertex_b, const float* __restrict__ weight_b,
-    const float* __restrict__ norm_b, float alpha_b, float w_b, float4* __restrict__ q) {
-    mf_slice_softmax<true>(neg_unary, n_pixels, n_labels, n_vec, seq, nullptr, nullptr, nullptr, nullptr, 0.0f, 0.0f,
-                           stencil, radius, q_old, image_start, image_width, n_images, values_b, vertex_b, weight_b,
-                           norm_b, alpha_b, w_b, q);
+// ---- the Gaussian kernel as a per-pixel stencil ----------------------------------------------
+// The Gaussian lattice's filter (splat, blur along axes 0, 1, 2, slice) is a fixed linear map of
+// the pixels' label rows that links only pixels less than 4 sigma apart. So with the norms, alpha
+// and the Potts weight folded in, pixel p's Gaussian message is sum_s stencil[s, p] * Q[q_s] over
+// the pixels q_s of a (2R+1)^2 window around it: one gather of neighbouring Q rows in the slice
+// kernel instead of a splat, three blur passes and a slice through lattice-sized arrays every
+// iteration. The weights are built once per batch, with no sort and no vertex ids
+// (permutohedral.cu gauss_corners, gauss_stencil_r<R>). The sums run in another order than
+// pydensecrf's (and fused: one rounding a term), so the result equals it up to float rounding,
+// not bit for bit.
+//
+// A lane group takes a strip of STRIP pixels one above the other: their windows share all but
+// STRIP - 1 of their rows, so each neighbour's Q chunk is loaded once for the strip ((2R + STRIP)
+// (2R + 1) loads instead of STRIP (2R + 1)^2) and added, with each pixel's weight, into every
+// pixel's sum. The weights lie as the strip reads them (permutohedral.cu stencil_index): for each
+// row of the union window and column, the strip's STRIP weights side by side, 0 for a pixel
+// whose window lacks the row (or which is past the image's last row), so the gather has no
+// branches: a weight of 0 adds exactly nothing (Q's rows are finite). Q's buffers have zeroed
+// guard rows before and after the batch's pixels for the windows that reach past it.
+
+// The image of a batch row r: the last b with start[b] <= r (binary search).
+static __device__ __forceinline__ int mf_image_of(long long r, const long long* start, int n_images) {
+    int lo = 0, hi = n_images - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (start[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
 }
+
+// The STRIP weights at `at` (one vector load; `at` is a multiple of STRIP floats).
+template <int STRIP>
+static __device__ __forceinline__ void mf_load_strip(const float* __restrict__ at, float (&w)[STRIP]);
+
+template <>
+__device__ __forceinline__ void mf_load_strip<1>(const float* __restrict__ at, float (&w)[1]) {
+    w[0] = *at;
+}
+
+template <>
+__device__ __forceinline__ void mf_load_strip<2>(const float* __restrict__ at, float (&w)[2]) {
+    const float2 v = *reinterpret_cast<const float2*>(at);
+    w[0] = v.x, w[1] = v.y;
+}
+
+template <>
+__device__ __forceinline__ void mf_load_strip<4>(const float* __restrict__ at, float (&w)[4]) {
+    const float4 v = *reinterpret_cast<const float4*>(at);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+}
+
+// The Gaussian messages of strip `strip` (batch row; its first pixel p0, the others width apart)
+// for the 4 labels of chunk j, into a[k] for its pixel k: for each row u of the union window,
+// top to bottom, and each column, left to right, a[k] += weight * q_old's chunk of that
+// neighbour. Each pixel's terms thus add in its window's row-major order. The radius is a
+// template argument, so a window row's columns unroll into straight loads and multiply-adds.
+template <int STRIP, int R>
+static __device__ __forceinline__ void mf_stencil_strip_r(float (&a)[STRIP][4], long long strip, long long p0,
+                                                          long long n_strips, int j, int n_vec,
+                                                          const float* __restrict__ stencil, int width,
+                                                          const float4* __restrict__ q_old) {
+    constexpr int side = 2 * R + 1;
+    const long long step = n_strips * STRIP;  // from one column's weights to the next (and on to the next row)
+    const float* w_at = stencil + strip * STRIP;
+    const float4* x_row = q_old + (p0 - (long long)R * width - R) * n_vec + j;  // union row 0, column 0
+    for (int u = 0; u < 2 * R + STRIP; ++u, w_at += side * step, x_row += (long long)width * n_vec) {
+#pragma unroll
+        for (int c = 0; c < side; ++c) {
+            float w[STRIP];
+            mf_load_strip<STRIP>(w_at + c * step, w);
+            const float4 x = x_row[c * n_vec];
+#pragma unroll
+            for (int k = 0; k < STRIP; ++k) {
+                a[k][0] = __fmaf_rn(w[k], x.x, a[k][0]);
+                a[k][1] = __fmaf_rn(w[k], x.y, a[k][1]);
+                a[k][2] = __fmaf_rn(w[k], x.z, a[k][2]);
+                a[k][3] = __fmaf_rn(w[k], x.w, a[k][3]);
+            }
+        }
+    }
+}
+
+template <int STRIP>
+static __device__ __forceinline__ void mf_stencil_strip_v4(float (&a)[STRIP][4], long long strip, long long p0,
+                                                           long long n_strips, int j, int n_vec,
+                                                           const float* __restrict__ stencil, int radius, int width,
+                                                           const float4* __restrict__ q_old) {
+#pragma unroll
+    for (int k = 0; k < STRIP; ++k)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[k][i] = 0.0f;
+    switch (radius) {  // cuda.py STENCIL_RADIUS_MAX = 4
+        case 0: mf_stencil_strip_r<STRIP, 0>(a, strip, p0, n_strips, j, n_vec, stencil, width, q_old); break;
+        case 1: mf_stencil_strip_r<STRIP, 1>(a, strip, p0, n_strips, j, n_vec, stencil, width, q_old); break;
+        case 2: mf_stencil_strip_r<STRIP, 2>(a, strip, p0, n_strips, j, n_vec, stencil, width, q_old); break;
+        case 3: mf_stencil_strip_r<STRIP, 3>(a, strip, p0, n_strips, j, n_vec, stencil, width, q_old); break;
+        default: mf_stencil_strip_r<STRIP, 4>(a, strip, p0, n_strips, j, n_vec, stencil, width, q_old); break;
+    }
+}
+
+// The energy chunk j of pixel p: -U plus the Gaussian message a (from the stencil), then the
+// bilateral lattice's.
+static __device__ __forceinline__ float4 mf_stencil_energy_v4(const float* a, long long p, int j, int n_vec, int seq,
+                                                              const float4* __restrict__ neg_unary,
+                                                              const float4* __restrict__ values_b,
+                                                              const int* __restrict__ vertex_b,
+                                                              const float* __restrict__ weight_b,
+                                                              const float* __restrict__ norm_b, float alpha_b,
+                                                              float w_b) {
+    const float4 u = neg_unary[p * n_vec + j];
+    const float4 t = make_float4(__fadd_rn(u.x, a[0]), __fadd_rn(u.y, a[1]), __fadd_rn(u.z, a[2]), __fadd_rn(u.w, a[3]));
+    return mf_add_bilateral_v4(t, p, j, n_vec, seq, values_b, vertex_b, weight_b, norm_b, alpha_b, w_b);
+}
+
+// The end of one mean-field iteration with the Gaussian as a stencil: as mf_slice_softmax_v4,
+// with the Gaussian message gathered from the stencil weights (radius R; layout above) over
+// q_old's rows of the pixels around each pixel. One lane group: one strip, batch row r, of STRIP
+// pixels of one image one above the other (an image's last strips may hold fewer); an image of
+// height h and width w has ceil(h / STRIP) * w strips, numbered row-major from strip_start[b], so
+// neighbouring groups take neighbouring columns. image_start (n_images + 1 entries, the last the
+// batch's pixel count): each image's first pixel; image_width: its width. q_old has zeroed rows
+// (R + STRIP) * (widest image + 1) before and after the batch's; writes Q's rows of the strip's
+// pixels into q, which must alias neither q_old nor neg_unary.
+template <int STRIP>
+static __device__ __forceinline__ void mf_slice_stencil(
+    const float4* __restrict__ neg_unary, long long n_rows, int n_labels, int n_vec, int seq,
+    const float* __restrict__ stencil, int radius, const float4* __restrict__ q_old,
+    const long long* __restrict__ image_start, const long long* __restrict__ strip_start,
+    const int* __restrict__ image_width, int n_images, const float4* __restrict__ values_b,
+    const int* __restrict__ vertex_b, const float* __restrict__ weight_b, const float* __restrict__ norm_b,
+    float alpha_b, float w_b, float4* __restrict__ q) {
+    const int lane = threadIdx.x, group = blockDim.x;
+    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_rows; base += (long long)gridDim.x * blockDim.y) {
+        const long long r = base + threadIdx.y;
+        const bool row_live = r < n_rows;
+        long long p0 = 0;
+        int width = 0, rows = 0;  // the strip's pixels on the image
+        if (row_live) {
+            const int b = mf_image_of(r, strip_start, n_images);
+            width = image_width[b];
+            const long long y = (r - strip_start[b]) / width * STRIP, x = (r - strip_start[b]) % width;
+            const long long height = (image_start[b + 1] - image_start[b]) / width;
+            p0 = image_start[b] + y * width + x;
+            rows = height - y < STRIP ? (int)(height - y) : STRIP;
+        }
+        float a[STRIP][4];
+        if (n_vec <= group) {
+            // at most one chunk per lane: the energies stay in registers, pixel by pixel
+            const bool mine = row_live && lane < n_vec;
+            if (mine) mf_stencil_strip_v4<STRIP>(a, r, p0, n_rows, lane, n_vec, stencil, radius, width, q_old);
+#pragma unroll
+            for (int k = 0; k < STRIP; ++k) {
+                float t[4] = {MF_LOWEST, MF_LOWEST, MF_LOWEST, MF_LOWEST};
+                const long long p = p0 + (long long)k * width;
+                if (mine && k < rows) {
+                    const float4 e = mf_stencil_energy_v4(a[k], p, lane, n_vec, seq, neg_unary, values_b, vertex_b,
+                                                          weight_b, norm_b, alpha_b, w_b);
+                    t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
+                }
+                mf_softmax_chunk(t, mine && k < rows, lane, n_labels, p, n_vec, q);
+            }
+            continue;
+        }
+        // more chunks than lanes (over 128 labels): the energies go through Q's rows
+        float top[STRIP];
+#pragma unroll
+        for (int k = 0; k < STRIP; ++k) top[k] = MF_LOWEST;
+        if (row_live) {
+            for (int j = lane; j < n_vec; j += group) {
+                mf_stencil_strip_v4<STRIP>(a, r, p0, n_rows, j, n_vec, stencil, radius, width, q_old);
+#pragma unroll
+                for (int k = 0; k < STRIP; ++k) {
+                    if (k >= rows) continue;
+                    const long long p = p0 + (long long)k * width;
+                    const float4 e = mf_stencil_energy_v4(a[k], p, j, n_vec, seq, neg_unary, values_b, vertex_b,
+                                                          weight_b, norm_b, alpha_b, w_b);
+                    q[p * n_vec + j] = e;
+                    top[k] = mf_chunk_max(top[k], e, j, n_labels);
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < STRIP; ++k)
+            mf_softmax_row(top[k], k < rows, lane, group, n_labels, p0 + (long long)k * width, n_vec, q);
+    }
+}
+
+// One kernel per strip height: mf_slice_stencil_k<STRIP> (CudaCRF's stencil_strip), at most 256
+// threads a block and BLOCKS blocks per multiprocessor (registers: 65536 / (256 BLOCKS) each).
+// ptxas (sm_90): strips of 1 and 2 take 64 registers (4 blocks), a strip of 4, with 16 sums
+// live, 80 (3 blocks); each spills a few registers, none inside the gather's column loop.
+#define MF_SLICE_STENCIL_KERNEL(STRIP, BLOCKS)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256, BLOCKS) mf_slice_stencil_k##STRIP(                             \
+        const float4* __restrict__ neg_unary, long long n_rows, int n_labels, int n_vec, int seq,                   \
+        const float* __restrict__ stencil, int radius, const float4* __restrict__ q_old,                            \
+        const long long* __restrict__ image_start, const long long* __restrict__ strip_start,                       \
+        const int* __restrict__ image_width, int n_images, const float4* __restrict__ values_b,                     \
+        const int* __restrict__ vertex_b, const float* __restrict__ weight_b, const float* __restrict__ norm_b,      \
+        float alpha_b, float w_b, float4* __restrict__ q) {                                                          \
+        mf_slice_stencil<STRIP>(neg_unary, n_rows, n_labels, n_vec, seq, stencil, radius, q_old, image_start,        \
+                                strip_start, image_width, n_images, values_b, vertex_b, weight_b, norm_b, alpha_b,  \
+                                w_b, q);                                                                             \
+    }
+
+MF_SLICE_STENCIL_KERNEL(1, 4)
+MF_SLICE_STENCIL_KERNEL(2, 4)
+MF_SLICE_STENCIL_KERNEL(4, 3)

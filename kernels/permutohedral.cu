@@ -820,20 +820,38 @@ static __device__ __forceinline__ void gauss_reach(const unsigned char* cells, c
 // STENCIL_BLOCK_ROWS).
 #define STENCIL_BLOCK_ROWS 128
 
+// Where the stencil keeps weight (dy, dx) of pixel (y, x) of an image: the slice kernel
+// (meanfield.cu mf_slice_stencil) takes strips of `strip` pixels one above the other, the image's
+// strips numbered row-major from strip0 (ceil(height / strip) * width of them; n_strips in the
+// batch), and for each row u of the strip's union window (2R + strip rows) and column, reads the
+// strip's `strip` weights as one vector. So the array is (2R + strip, 2R + 1, n_strips, strip):
+// the pixel's row of the strip is k = y % strip, and its window row dy is union row dy + R + k.
+// Union rows a pixel's window does not cover hold 0. With strip 1 it is ((2R+1)^2, n_pixels),
+// slot-major.
+static __device__ __forceinline__ long long stencil_index(int radius, int strip, long long n_strips,
+                                                         long long strip0, int width, int y, int x, int dy,
+                                                         int dx) {
+    const int k = y % strip, side = 2 * radius + 1;
+    const long long s = strip0 + (long long)(y / strip) * width + x;
+    return (((long long)(dy + radius + k) * side + dx + radius) * n_strips + s) * strip + k;
+}
+
 // One thread: one pixel i of one image (height x width, batch pixels from pixel0; the batch has
 // n_pixels), in blocks of STENCIL_BLOCK_ROWS threads (rows), for a window of radius R. Reads
 // the pixel's three Gaussian corners (gauss_corners' corner, weight), works out the blur's reach
 // from each (gauss_reach, through the cells), then for each pixel q of the window inside the
 // image and each of q's corners u, adds w_p(v) * reach_v(u) * w_q(u) over the pixel's corners v.
 // Sums into its row of the block's shared memory and writes norm[p] = norm_factor(alpha * the
-// row's sum) (K 1 at p, as pydensecrf's norm); then with the block writes the rows to stencil
-// ((2R+1)^2, n_pixels), slot-major, so the pixels of a warp read one slot's weights from
-// consecutive floats. Slot (dy + R) * (2R+1) + dx + R is the pixel dx right and dy down; 0 where
-// q is off the image or out of reach. gauss_stencil_scale then folds the norms and weight in.
-// Terms add in a fixed order: deterministic.
+// row's sum) (K 1 at p, as pydensecrf's norm); then with the block writes the rows into stencil
+// at stencil_index (strips of `strip` pixels, the image's first strip0 of n_strips; the array
+// zeroed beforehand), slot by slot, so neighbouring threads write neighbouring pixels. Slot
+// (dy + R) * (2R+1) + dx + R is the pixel dx right and dy down; 0 where q is off the image or
+// out of reach. gauss_stencil_scale then folds the norms and weight in. Terms add in a fixed
+// order: deterministic.
 template <int R>
 static __device__ __forceinline__ void gauss_stencil(int height, int width, long long pixel0, int image_index,
-                                                     long long n_pixels, const int2* corner, const float* weight,
+                                                     int strip, long long strip0, long long n_strips,
+                                                     const int2* corner, const float* weight,
                                                      const unsigned char* cells, const GaussBox& box, float alpha,
                                                      int symmetric, float* norm, float* stencil) {
     constexpr int side = 2 * R + 1, slots = side * side;
@@ -878,8 +896,12 @@ static __device__ __forceinline__ void gauss_stencil(int height, int width, long
         __syncthreads();
         // slot by slot, the block's pixels are consecutive in stencil: consecutive threads copy them
         const int live = n - base < (long long)blockDim.y ? (int)(n - base) : (int)blockDim.y;
-        for (int k = threadIdx.y; k < live * slots; k += blockDim.y)
-            stencil[(long long)(k / live) * n_pixels + pixel0 + base + k % live] = rows[(k % live) * slots + k / live];
+        for (int k = threadIdx.y; k < live * slots; k += blockDim.y) {
+            const long long pixel = base + k % live;
+            const int s = k / live;
+            stencil[stencil_index(R, strip, n_strips, strip0, width, (int)(pixel / width), (int)(pixel % width),
+                                  s / side - R, s % side - R)] = rows[(k % live) * slots + s];
+        }
         __syncthreads();
     }
 }
@@ -888,12 +910,12 @@ static __device__ __forceinline__ void gauss_stencil(int height, int width, long
 // block's shared rows are as long as its slots need (radius 3, sigma 1: 25 KB a block).
 #define GAUSS_STENCIL_KERNEL(R)                                                                                \
     extern "C" __global__ void __launch_bounds__(STENCIL_BLOCK_ROWS) gauss_stencil_r##R(                      \
-        int height, int width, long long pixel0, int image_index, long long n_pixels, const int2* corner,      \
-        const float* weight, const unsigned char* cells, int span0, int span1, int lo0, int lo1, float alpha,  \
-        int symmetric, float* norm, float* stencil) {                                                          \
+        int height, int width, long long pixel0, int image_index, int strip, long long strip0,                 \
+        long long n_strips, const int2* corner, const float* weight, const unsigned char* cells, int span0,    \
+        int span1, int lo0, int lo1, float alpha, int symmetric, float* norm, float* stencil) {                \
         const GaussBox box = {span0, span1, lo0, lo1};                                                         \
-        gauss_stencil<R>(height, width, pixel0, image_index, n_pixels, corner, weight, cells, box, alpha,      \
-                         symmetric, norm, stencil);                                                            \
+        gauss_stencil<R>(height, width, pixel0, image_index, strip, strip0, n_strips, corner, weight, cells,   \
+                         box, alpha, symmetric, norm, stencil);                                                \
     }
 GAUSS_STENCIL_KERNEL(0)
 GAUSS_STENCIL_KERNEL(1)
@@ -901,22 +923,25 @@ GAUSS_STENCIL_KERNEL(2)
 GAUSS_STENCIL_KERNEL(3)
 GAUSS_STENCIL_KERNEL(4)
 
-// One thread: one pixel i of one image (as gauss_stencil's). Multiplies each nonzero weight of
-// its stencil row (radius `radius`) by scale * norm[p] (scale: alpha times the kernel's weight)
-// and, when symmetric, by norm[q] of the slot's pixel q (a nonzero slot is on the image).
-extern "C" __global__ void gauss_stencil_scale(int height, int width, long long pixel0, long long n_pixels,
-                                               int radius, const float* norm, int symmetric, float scale,
-                                               float* stencil) {
-    const int side = 2 * radius + 1;
+// One thread: one pixel i of one image (as gauss_stencil's, the same strips). Multiplies each
+// nonzero weight of its window (radius `radius`) by scale * norm[p] (scale: alpha times the
+// kernel's weight) and, when symmetric, by norm[q] of the slot's pixel q (a nonzero slot is on
+// the image).
+extern "C" __global__ void gauss_stencil_scale(int height, int width, long long pixel0, int radius, int strip,
+                                               long long strip0, long long n_strips, const float* norm,
+                                               int symmetric, float scale, float* stencil) {
     const long long n = (long long)height * width;
     for (long long i = grid_start(); i < n; i += grid_step()) {
         const long long p = pixel0 + i;
+        const int y = (int)(i / width), x = (int)(i % width);
         const float f = __fmul_rn(scale, norm[p]);
-        for (int s = 0; s < side * side; ++s) {
-            float* w = stencil + (long long)s * n_pixels + p;
-            if (*w == 0.0f) continue;
-            const long long q = p + (long long)(s / side - radius) * width + s % side - radius;
-            *w = symmetric ? __fmul_rn(__fmul_rn(*w, f), norm[q]) : __fmul_rn(*w, f);
+        for (int dy = -radius; dy <= radius; ++dy) {
+            for (int dx = -radius; dx <= radius; ++dx) {
+                float* w = stencil + stencil_index(radius, strip, n_strips, strip0, width, y, x, dy, dx);
+                if (*w == 0.0f) continue;
+                const long long q = p + (long long)dy * width + dx;
+                *w = symmetric ? __fmul_rn(__fmul_rn(*w, f), norm[q]) : __fmul_rn(*w, f);
+            }
         }
     }
 }

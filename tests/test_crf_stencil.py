@@ -31,13 +31,40 @@ def test_host_stencil_limits_match_the_kernel_source():
     assert radii == list(range(cuda.STENCIL_RADIUS_MAX + 1))
     assert [f for f in cuda.KERNELS["permutohedral.cu"] if re.fullmatch(r"gauss_stencil_r\d", f)] == [
         f"gauss_stencil_r{r}" for r in radii]
+    # and a slice kernel for every strip height CudaCRF takes
+    strips = sorted(int(s) for s in re.findall(r"^MF_SLICE_STENCIL_KERNEL\((\d), \d\)$",
+                                                cuda.kernel_source("meanfield.cu"), re.M))
+    assert strips == sorted(cuda.STENCIL_STRIPS)
+    assert [f for f in cuda.KERNELS["meanfield.cu"] if f.startswith("mf_slice_stencil")] == [
+        f"mf_slice_stencil_k{s}" for s in cuda.STENCIL_STRIPS]
+
+
+def stencil_rows(crf: cuda.CudaCRF, image_index: int = 0) -> np.ndarray:
+    """One image's stencil weights as rows (N, (2R+1)^2), slot (dy + R) * (2R+1) + dx + R, from the
+    strip layout (union rows of strips of S pixels, permutohedral.cu stencil_index); checks that
+    every union row a pixel's window lacks, and every pixel past the image, holds 0."""
+    h, w = crf.sizes[image_index]
+    strip, radius = crf.stencil_strip, crf._radius
+    side = 2 * radius + 1
+    weights = np.asarray(crf._stencil)  # (2R + S, 2R + 1, strips, S)
+    first = sum(-(-hh // strip) * ww for hh, ww in crf.sizes[:image_index])
+    mine = weights[:, :, first:first + -(-h // strip) * w].reshape(2 * radius + strip, side, -(-h // strip), w, strip)
+    rows = np.zeros((h, w, side, side), np.float32)
+    for k in range(strip):
+        ys = np.arange(k, h, strip)
+        rows[ys] = mine[k:k + side, :, : len(ys), :, k].transpose(2, 3, 0, 1)
+        unused = np.ones(2 * radius + strip, bool)
+        unused[k:k + side] = False
+        assert not mine[unused, :, :, :, k].any(), "a weight in a union row outside the pixel's window"
+        assert not mine[:, :, len(ys):, :, k].any(), "a weight for a pixel past the image"
+    return rows.reshape(h * w, side * side)
 
 
 def dense_stencil(crf: cuda.CudaCRF, image_index: int = 0) -> np.ndarray:
     """One image's stencil rows as a dense (N, N) matrix A, message_g = A @ Q."""
     h, w = crf.sizes[image_index]
-    n, first = h * w, crf.offsets[image_index]
-    rows = crf._stencil.T[first:first + n]
+    n = h * w
+    rows = stencil_rows(crf, image_index)
     side = int(round(rows.shape[1] ** 0.5))
     radius = side // 2
     dense = np.zeros((n, n), np.float64)
@@ -65,7 +92,7 @@ def test_stencil_rows_are_the_gaussian_lattice_filter(emulated, normalization, s
     params = DEEPLAB.replace(pos_xy_std=std, pos_w=2.5, normalization=normalization)
     crf = cuda.CudaCRF([image], [probs], params, backend=emulated, gauss_stencil=True)
     crf.prepare()
-    assert crf._stencil.shape == ((2 * radius + 1) ** 2, 37 * 29)
+    assert crf._stencil.shape == (2 * radius + 2, 2 * radius + 1, 19 * 29, 2)  # strips of 2: 19 a column
     assert crf._stencil_info[0] == 0
     gauss, _ = cpu.kernel_features(image, params)
     lattice = cpu.build_lattice(gauss)
@@ -81,7 +108,7 @@ def test_stencil_rows_are_the_gaussian_lattice_filter(emulated, normalization, s
     # a real check: rows reach as far as the window allows, and not everywhere
     reach = np.abs(np.subtract.outer(np.arange(n) % 29, np.arange(n) % 29))[want > 0]
     assert reach.max() == radius
-    assert 0.2 < (crf._stencil != 0).mean() < 0.95
+    assert 0.2 < (stencil_rows(crf) != 0).mean() < 0.95
 
 
 STENCIL_CASES = {  # crops (photo, top, left, height, width), parameters, labels
@@ -106,13 +133,13 @@ def test_emulated_stencil_matches_pydensecrf_and_the_lattice_path(emulated, case
     assert crf._stencil is not None and crf._stencil_info[0] == 0
     lattice_path = cuda.CudaCRF(images, probs, params, backend=emulated).run()
     names = [args[0] for _, args in crf._launches]
-    assert names[-1] == "mf_slice_stencil_v4"
+    assert names[-1] == "mf_slice_stencil_k2"
     if params.bi_w:
         # only the bilateral lattice is built, splatted and blurred
         assert [s.d for s in crf.lattices.specs] == [5]
         assert names[:2] == ["lattice_splat", "lattice_splat_reduce"] and names.count("lattice_blur_pair") == 3
     else:
-        assert crf.lattices is None and names == ["mf_slice_stencil_v4"]
+        assert crf.lattices is None and names == ["mf_slice_stencil_k2"]
     for image, p, ours, theirs in zip(images, probs, out, lattice_path):
         assert_close(ours, theirs, agreement=1.0, atol=1e-5)
         assert_close(ours, pydensecrf_reference(image, p, params), agreement=1.0, atol=1e-5)
@@ -150,6 +177,60 @@ def test_emulated_stencil_blocks_of_several_rows(emulated):
         weights.append(crf._stencil)
     assert np.array_equal(weights[0], weights[1])
     assert (weights[0] != 0).mean() > 0.3
+
+
+@pytest.mark.parametrize("n_labels,lanes", [(21, False), (21, True), (182, True), (2, False)])
+def test_emulated_stencil_strips_equal_single_pixels(emulated, n_labels, lanes):
+    # A lane group takes a strip of 2 or 4 pixels one above the other and loads each neighbour's
+    # Q chunk once for all of them: each pixel still adds its terms in its window's row order, so
+    # the result is that of one pixel a group, bit for bit. Heights 1, 2, 3, 5, 6 and 9 leave the
+    # last strip of an image part-full; widths 1 and 2 make the windows reach past the image on
+    # both sides, and the first and last images' past the batch (into Q's guard rows). 182
+    # labels take the path with more chunks than lanes.
+    crops = [("astronaut.jpg", 0, 0, 9, 13), ("rocket.jpg", 100, 200, 1, 17), ("coffee.jpg", 0, 0, 6, 2),
+             ("chelsea.jpg", 40, 80, 5, 1), ("chelsea.jpg", 10, 10, 2, 11), ("coffee.jpg", 30, 30, 3, 7)]
+    images, probs = case_inputs(crops, n_labels, seed=4)
+    params = DEEPLAB.replace(iterations=3, bi_w=0 if n_labels == 2 else DEEPLAB.bi_w)
+    backend = EmulatedBackend(emulated.library, lanes=True) if lanes else emulated
+    runs, rows = [], []
+    for strip in cuda.STENCIL_STRIPS:
+        crf = cuda.CudaCRF(images, probs, params, backend=backend, gauss_stencil=True, stencil_strip=strip)
+        runs.append(crf.run())
+        assert crf._launches[-1][1][0] == f"mf_slice_stencil_k{strip}"
+        assert crf._n_strips == sum(-(-h // strip) * w for _, _, _, h, w in crops)
+        rows.append([stencil_rows(crf, b) for b in range(len(crops))])
+    for other, other_rows in zip(runs[1:], rows[1:]):
+        for single, strips in zip(runs[0], other):
+            assert np.array_equal(single, strips)
+        for a, b in zip(rows[0], other_rows):  # the same weights, laid out for each strip height
+            assert np.array_equal(a, b)
+    for image, p, out in zip(images, probs, runs[-1]):  # (a crop one pixel across is a read-only view)
+        assert_close(out, pydensecrf_reference(image.copy(), p, params), agreement=1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("std,radius", [(0.2, 0), (0.4, 1), (0.6, 2), (1.25, 4)])
+def test_emulated_stencil_every_radius(emulated, std, radius):
+    # The gather is built for each window radius (R = 0 .. 4); every one, with strips of each
+    # height, matches pydensecrf, and the strips agree bit for bit.
+    images, probs = case_inputs([("coffee.jpg", 20, 30, 11, 9), ("rocket.jpg", 100, 200, 7, 12)], 21, seed=6)
+    params = DEEPLAB.replace(iterations=3, pos_xy_std=std, pos_w=4)
+    runs = []
+    for strip in cuda.STENCIL_STRIPS:
+        crf = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_stencil=True, stencil_strip=strip)
+        runs.append(crf.run())
+        assert crf._radius == radius
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert np.array_equal(a, b)
+    for image, p, out in zip(images, probs, runs[0]):
+        assert_close(out, pydensecrf_reference(image, p, params), agreement=1.0, atol=1e-5)
+        assert not np.allclose(out, p, atol=1e-3)
+
+
+def test_stencil_strip_is_checked(emulated):
+    image = crop("coffee.jpg", 0, 0, 8, 8)
+    with pytest.raises(ValueError, match="stencil_strip must be one of"):
+        cuda.CudaCRF([image], [network_like_probs(8, 8, seed=1)], DEEPLAB, backend=emulated, stencil_strip=3)
 
 
 @pytest.mark.parametrize("n_labels,group", [(21, 8), (182, 32)])

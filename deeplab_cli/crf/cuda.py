@@ -43,7 +43,11 @@ pixels' simplex corners and a grid of the lattice cells that are vertices (gauss
 gauss_stencil: no sort, no vertex ids), and the slice kernel gathers the Gaussian message from
 the previous iteration's Q around each pixel (Q alternates between two buffers). Only the
 bilateral lattice is sorted, and only it goes through memory each iteration. Its sums run in
-another order, so it equals pydensecrf up to float rounding instead of bit for bit.
+another order, so it equals pydensecrf up to float rounding instead of bit for bit. A lane
+group of the slice takes a strip of `stencil_strip` pixels one above the other, whose windows
+share most rows: the weights lie in the order the strip reads them (a vector of the strip's
+weights per window slot, 0 where a pixel's window lacks the row) and Q's buffers have zeroed
+guard rows, so the gather is loads and fused multiply-adds with no branches or bounds checks.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 
 KERNEL_FILES = ("permutohedral.cu", "meanfield.cu")
+# The strip heights the stencil slice kernel is built for (meanfield.cu mf_slice_stencil_k<S>):
+# a lane group takes S pixels one above the other and loads their shared window rows once.
+STENCIL_STRIPS = (1, 2, 4)
 KERNELS = {
     "permutohedral.cu": (
         "lattice_elevate", "lattice_mark", "lattice_vertices", "lattice_entries", "lattice_neighbours",
@@ -74,9 +81,12 @@ KERNELS = {
         "lattice_splat", "lattice_splat_reduce", "lattice_blur", "lattice_blur_pair", "gauss_grid", "gauss_neighbours",
         "gauss_corners", *(f"gauss_stencil_r{r}" for r in range(5)), "gauss_stencil_scale",
     ),
-    "meanfield.cu": ("mf_unary_rows", "mf_slice_softmax_v4", "mf_slice_stencil_v4", "mf_to_planes_rows"),
+    "meanfield.cu": ("mf_unary_rows", "mf_slice_softmax_v4", *(f"mf_slice_stencil_k{s}" for s in STENCIL_STRIPS),
+                     "mf_to_planes_rows"),
 }
-# No fused multiply-add anywhere: the lattice must round exactly as pydensecrf's SSE code.
+# No multiply-add contracted into a fused one: the lattice must round exactly as pydensecrf's SSE
+# code. (The Gaussian stencil's gather, which matches pydensecrf only up to rounding anyway, asks
+# for its fused ones by name: __fmaf_rn.)
 NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")
 NVCC_OPTIONS = ("--std=c++14", "--fmad=false")
 
@@ -92,8 +102,8 @@ _BLOCK = 256
 _GAUSS_GRID_SLOTS_PER_PIXEL = 8
 _GAUSS_GRID_SLOTS_FREE = 1 << 16
 # gauss_stencil is used up to this window radius (R = 4: 81 floats a pixel, sigma up to 1.25;
-# permutohedral.cu has a gauss_stencil_r<R> for each); a wider Gaussian has fewer lattice vertices per
-# pixel and goes through its lattice.
+# permutohedral.cu has a gauss_stencil_r<R> for each, and meanfield.cu's gather a case); a wider
+# Gaussian has fewer lattice vertices per pixel and goes through its lattice.
 STENCIL_RADIUS_MAX = 4
 STENCIL_BLOCK_ROWS = 128  # pixels a block of gauss_stencil takes (its shared memory holds their rows)
 _CONSTANTS_KEPT = 64  # constant tables a backend keeps on the device
@@ -505,7 +515,7 @@ class CudaCRF:
     def __init__(self, images: Sequence[Any], probs: Sequence[Any], params: CRFParams = CRFParams(),
                  backend: Any = None, *, spread_keys: bool = False, run_min: int = RUN_MIN,
                  gauss_grid: bool = False, spatial_order: bool = True, pair_blur: bool = True,
-                 gauss_stencil: bool = False) -> None:
+                 gauss_stencil: bool = False, stencil_strip: int = 2) -> None:
         """`spatial_order`: number the vertices image by image and the bilateral ones by
         spatial tile (pack_layout's `spatial`), so the vertices a splat, blur or slice touches
         at once lie near each other in memory and the pixels they read stay in L2. `pair_blur`:
@@ -519,8 +529,11 @@ class CudaCRF:
         the bilateral lattice is built and filtered. It applies while the window radius (below
         4 sigma) is at most STENCIL_RADIUS_MAX, the box of Gaussian lattice cells is not much
         larger than the batch, and its memory is free, and equals pydensecrf up to float
-        rounding (the sums run in another order), not bit for bit. `spread_keys` and `run_min`
-        exist for tests and benchmarks."""
+        rounding (the sums run in another order), not bit for bit. `stencil_strip` (one of
+        STENCIL_STRIPS): pixels one above the other that a lane group of the stencil's slice
+        takes together, loading the Q rows their windows share once (fewer loads, but more
+        weights to read: 2R + S window rows of S each a strip); the same result for each.
+        `spread_keys` and `run_min` exist for tests and benchmarks."""
         self.bk = backend if backend is not None else cupy_backend()
         xp = self.bk.xp
         if len(images) != len(probs) or not images:
@@ -560,6 +573,9 @@ class CudaCRF:
         self.spatial_order = bool(spatial_order)
         self.pair_blur = bool(pair_blur)
         self.gauss_stencil = bool(gauss_stencil)
+        if stencil_strip not in STENCIL_STRIPS:
+            raise ValueError(f"stencil_strip must be one of {STENCIL_STRIPS}, got {stencil_strip!r}")
+        self.stencil_strip = stencil_strip
         # The lattices built: all kernels', or the bilateral alone when the Gaussian is a stencil.
         self.lattice_specs = self.specs
         self.lattices: Lattices | None = None
@@ -567,10 +583,15 @@ class CudaCRF:
         # The launches of an iteration, (backend method, its arguments); with the stencil two
         # plans, for even and odd iterations, as Q alternates between two buffers.
         self._plans: list[list[tuple[Any, tuple]]] = [[]]
-        self._stencil: Any = None  # ((2R+1)^2, N) float32 Gaussian stencil weights, slot-major, when used
+        # the Gaussian stencil's weights, when used: float32 (2R + S, 2R + 1, strips, S) for strips of
+        # S = stencil_strip pixels (permutohedral.cu stencil_index), and its radius R
+        self._stencil: Any = None
+        self._radius = 0
         self._stencil_info: Any = None  # (1,) int32: 1 if a Gaussian corner fell outside its cell box (a bug)
         self._q_pair: tuple[Any, Any] | None = None  # with the stencil: Q's two buffers
-        self._image_start = self._image_width = None  # with the stencil: each image's first pixel, width
+        # with the stencil: each image's first pixel, first strip (of stencil_strip pixels), width
+        self._image_start = self._strip_start = self._image_width = None
+        self._n_strips = 0
         self._consts: tuple[Any, int] | None = None
 
     # -- stage 1: unary, Q0, lattices and their norms ------------------------------------------
@@ -596,7 +617,12 @@ class CudaCRF:
             bk.launch("mf_unary_rows", count, (p, _i64(count), _i32(c), _i64(self.offsets[b]), _f32(UNARY_CLIP),
                                                _i32(self.n_vec), self.neg_unary))
         # (N, ld): pad columns 0, so splatting and blurring them adds nothing anywhere
-        self.q = xp.empty((n, ld), dtype=xp.float32)
+        if radius is None:
+            self.q = xp.empty((n, ld), dtype=xp.float32)
+        else:  # two buffers, with zeroed guard rows for the stencil windows reaching past the batch
+            guard = self._q_guard(radius)
+            self._q_pair = tuple(xp.zeros((n + 2 * guard, ld), dtype=xp.float32)[guard:guard + n] for _ in range(2))
+            self.q = self._q_pair[0]
         bk.launch(*self._slice_softmax(None))
         if radius is not None:
             self._build_stencil(radius)
@@ -739,19 +765,30 @@ class CudaCRF:
         radius = math.ceil(4 * self.specs[0].stds[0]) - 1
         return radius if radius <= STENCIL_RADIUS_MAX else None
 
+    def _q_guard(self, radius: int) -> int:
+        """Zeroed rows before and after Q's with the stencil: as far as a strip's union window
+        reaches past the batch's first or last pixel."""
+        return (radius + self.stencil_strip) * (self.max_w + 1)
+
+    def _stencil_slots(self, radius: int) -> int:
+        """Floats of stencil weights per strip: (2R + S) union rows of 2R + 1, S each."""
+        return (2 * radius + self.stencil_strip) * (2 * radius + 1) * self.stencil_strip
+
     def _stencil_bytes(self, radius: int) -> int:
-        """Device bytes of the stencil weights, the second Q buffer and the build's corners,
-        norms and cells."""
+        """Device bytes of the stencil weights, the second Q buffer, both buffers' guard rows and
+        the build's corners, norms and cells."""
         span0, span1 = gauss_cells(self.specs[0], self.max_h, self.max_w)
         cells = 3 * span0 * span1 * len(self.images)  # one byte each
-        # per pixel: the weights, Q's second row, its norm, three corners (int2) and their weights
-        return 4 * self.n_pixels * ((2 * radius + 1) ** 2 + self.ld + 1 + 3 * 2 + 3) + cells
+        strips = sum(-(-h // self.stencil_strip) * w for h, w in self.sizes)
+        guards = 2 * 2 * self._q_guard(radius) * self.ld
+        # per pixel: Q's second row, its norm, three corners (int2) and their weights
+        return 4 * (strips * self._stencil_slots(radius) + self.n_pixels * (self.ld + 1 + 3 * 2 + 3) + guards) + cells
 
     def _build_stencil(self, radius: int) -> None:
         """The Gaussian kernel's filter as per-pixel stencil weights, with the norms, alpha and
         the Potts weight folded in, straight from the pixels' corners (gauss_corners, then
-        gauss_stencil and gauss_stencil_scale: no Gaussian lattice is built), and a second Q
-        buffer."""
+        gauss_stencil and gauss_stencil_scale: no Gaussian lattice is built), laid out in strips
+        of stencil_strip pixels for the slice kernel."""
         bk, xp, n, n_images = self.bk, self.bk.xp, self.n_pixels, len(self.images)
         spec = self.specs[0]
         table = constant_table([spec], self.max_h, self.max_w, n_images)[0]
@@ -765,22 +802,29 @@ class CudaCRF:
         for b, (im, (h, w)) in enumerate(zip(self.images, self.sizes)):
             bk.launch("gauss_corners", h * w, (im, _i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), consts,
                                                _i32(span0), _i32(span1), corner, weight, cells, self._stencil_info))
-        self._stencil = xp.empty(((2 * radius + 1) ** 2, n), dtype=xp.float32)
+        # each image's strips of S pixels one above the other, row-major, after the previous image's
+        strip = self.stencil_strip
+        strips = np.cumsum([0] + [-(-h // strip) * w for h, w in self.sizes]).astype(np.int64)
+        self._n_strips, self._radius = int(strips[-1]), radius
+        side = 2 * radius + 1
+        # zeroed: the union rows a pixel's window lacks, and the pixels past an image's last row
+        self._stencil = xp.zeros((2 * radius + strip, side, self._n_strips, strip), dtype=xp.float32)
         norm = xp.empty(n, dtype=xp.float32)
         symmetric = _i32(self.params.normalization == "symmetric")
         scale = np.float32(alpha(spec.d) * np.float32(spec.weight))
         for b, (h, w) in enumerate(self.sizes):  # the scale reads the norms of the image's other pixels
+            layout = (_i32(strip), _i64(strips[b]), _i64(self._n_strips))
             bk.launch(f"gauss_stencil_r{radius}", h * w,
-                      (_i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), _i64(n), corner, weight, cells, _i32(span0),
+                      (_i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), *layout, corner, weight, cells, _i32(span0),
                        _i32(span1), _i32(lo0), _i32(lo1), alpha(spec.d), symmetric, norm, self._stencil),
                       1, STENCIL_BLOCK_ROWS)
-            bk.launch("gauss_stencil_scale", h * w, (_i32(h), _i32(w), _i64(self.offsets[b]), _i64(n), _i32(radius),
+            bk.launch("gauss_stencil_scale", h * w, (_i32(h), _i32(w), _i64(self.offsets[b]), _i32(radius), *layout,
                                                      norm, symmetric, scale, self._stencil))
-        # the slice kernel finds each pixel's image (for the row step) in these
+        # the slice kernel finds each strip's image, its pixels and the row step in these
         widths = np.array([w for _, w in self.sizes], dtype=np.int32)
         self._image_start = self._upload(("image_start", tuple(self.sizes)), np.array(self.offsets, dtype=np.int64))
+        self._strip_start = self._upload(("strip_start", strip, tuple(self.sizes)), strips)
         self._image_width = self._upload(("image_width", tuple(self.sizes)), widths)
-        self._q_pair = (self.q, xp.empty_like(self.q))
 
     @property
     def _gauss_box_fits(self) -> bool:
@@ -920,7 +964,7 @@ class CudaCRF:
                        q_out: Any = None) -> tuple[str, int, tuple, int]:
         """The launch Q (into `q_out`, default self.q) = softmax(-U + the Potts messages of the
         lattices' `blurred` values, and the Gaussian's from its stencil over `q_in` when there
-        is one: mf_slice_stencil_v4); with None, Q0 = softmax(-U)."""
+        is one: mf_slice_stencil_k<strip>, a lane group a strip); with None, Q0 = softmax(-U)."""
         n, c = self.n_pixels, self.n_labels
         slots = {2: [None, None, None, None, _f32(0), _f32(0)], 5: [None, None, None, None, _f32(0), _f32(0)]}
         lat = self.lattices
@@ -930,9 +974,11 @@ class CudaCRF:
         head = (self.neg_unary, _i64(n), _i32(c), _i32(self.n_vec), _i32(self._seq))
         q_out = self.q if q_out is None else q_out
         if blurred is not None and self._stencil is not None:
-            radius = math.isqrt(self._stencil.shape[0]) // 2
-            stencil = (self._stencil, _i32(radius), q_in, self._image_start, self._image_width, _i32(len(self.images)))
-            return "mf_slice_stencil_v4", n, (*head, *stencil, *slots[5], q_out), self.group
+            head = (self.neg_unary, _i64(self._n_strips), _i32(c), _i32(self.n_vec), _i32(self._seq))
+            stencil = (self._stencil, _i32(self._radius), q_in, self._image_start, self._strip_start, self._image_width,
+                       _i32(len(self.images)))
+            return (f"mf_slice_stencil_k{self.stencil_strip}", self._n_strips, (*head, *stencil, *slots[5], q_out),
+                    self.group)
         return "mf_slice_softmax_v4", n, (*head, *slots[2], *slots[5], q_out), self.group
 
     # -- stage 3: back to (C, H, W) per image ----------------------------------------------------
