@@ -206,7 +206,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
     const float4* __restrict__ values_b, const int* __restrict__ vertex_b, const float* __restrict__ weight_b,
     const float* __restrict__ norm_b, float alpha_b, float w_b, float4* __restrict__ q) {
     const int lane = threadIdx.x, group = blockDim.x;
-    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_pixels; base += (long long)gridDim.x * blockDim.y) {
+    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_pixels; base += mf_grid_step()) {
         const long long p = base + threadIdx.y;
         const bool live = p < n_pixels;
         int vid_g[3];
@@ -220,7 +220,8 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
             const bool mine = live && lane < n_vec;
             if (mine) {
                 float4 e = neg_unary[p * n_vec + lane];
-                if (values_g) e = mf_add_message_v4<3>(e, lane, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
+                if (values_g)
+                    e = mf_add_message_v4<3>(e, lane, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
                 e = mf_add_bilateral_v4(e, p, lane, n_vec, seq, values_b, vertex_b, weight_b, norm_b, alpha_b, w_b);
                 t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
             }
@@ -231,7 +232,8 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
         if (live) {
             for (int j = lane; j < n_vec; j += group) {
                 float4 e = neg_unary[p * n_vec + j];
-                if (values_g) e = mf_add_message_v4<3>(e, j, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
+                if (values_g)
+                    e = mf_add_message_v4<3>(e, j, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
                 e = mf_add_bilateral_v4(e, p, j, n_vec, seq, values_b, vertex_b, weight_b, norm_b, alpha_b, w_b);
                 q[p * n_vec + j] = e;
                 top = mf_chunk_max(top, e, j, n_labels);
@@ -352,7 +354,8 @@ static __device__ __forceinline__ float4 mf_stencil_energy_v4(const float* a, lo
                                                               const float* __restrict__ norm_b, float alpha_b,
                                                               float w_b) {
     const float4 u = neg_unary[p * n_vec + j];
-    const float4 t = make_float4(__fadd_rn(u.x, a[0]), __fadd_rn(u.y, a[1]), __fadd_rn(u.z, a[2]), __fadd_rn(u.w, a[3]));
+    const float4 t =
+        make_float4(__fadd_rn(u.x, a[0]), __fadd_rn(u.y, a[1]), __fadd_rn(u.z, a[2]), __fadd_rn(u.w, a[3]));
     return mf_add_bilateral_v4(t, p, j, n_vec, seq, values_b, vertex_b, weight_b, norm_b, alpha_b, w_b);
 }
 
@@ -374,7 +377,7 @@ static __device__ __forceinline__ void mf_slice_stencil(
     const int* __restrict__ vertex_b, const float* __restrict__ weight_b, const float* __restrict__ norm_b,
     float alpha_b, float w_b, float4* __restrict__ q) {
     const int lane = threadIdx.x, group = blockDim.x;
-    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_rows; base += (long long)gridDim.x * blockDim.y) {
+    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_rows; base += mf_grid_step()) {
         const long long r = base + threadIdx.y;
         const bool row_live = r < n_rows;
         long long p0 = 0;

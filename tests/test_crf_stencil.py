@@ -44,7 +44,7 @@ def stencil_rows(crf: cuda.CudaCRF, image_index: int = 0) -> np.ndarray:
     strip layout (union rows of strips of S pixels, permutohedral.cu stencil_index); checks that
     every union row a pixel's window lacks, and every pixel past the image, holds 0."""
     h, w = crf.sizes[image_index]
-    strip, radius = crf.stencil_strip, crf._radius
+    strip, radius = crf.stencil_strip, crf._stencil.shape[1] // 2
     side = 2 * radius + 1
     weights = np.asarray(crf._stencil)  # (2R + S, 2R + 1, strips, S)
     first = sum(-(-hh // strip) * ww for hh, ww in crf.sizes[:image_index])
@@ -197,7 +197,7 @@ def test_emulated_stencil_strips_equal_single_pixels(emulated, n_labels, lanes):
         crf = cuda.CudaCRF(images, probs, params, backend=backend, gauss_stencil=True, stencil_strip=strip)
         runs.append(crf.run())
         assert crf._launches[-1][1][0] == f"mf_slice_stencil_k{strip}"
-        assert crf._n_strips == sum(-(-h // strip) * w for _, _, _, h, w in crops)
+        assert crf._stencil.shape[2] == sum(-(-h // strip) * w for _, _, _, h, w in crops)
         rows.append([stencil_rows(crf, b) for b in range(len(crops))])
     for other, other_rows in zip(runs[1:], rows[1:]):
         for single, strips in zip(runs[0], other):
@@ -218,7 +218,7 @@ def test_emulated_stencil_every_radius(emulated, std, radius):
     for strip in cuda.STENCIL_STRIPS:
         crf = cuda.CudaCRF(images, probs, params, backend=emulated, gauss_stencil=True, stencil_strip=strip)
         runs.append(crf.run())
-        assert crf._radius == radius
+        assert crf._stencil.shape[:2] == (2 * radius + strip, 2 * radius + 1)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert np.array_equal(a, b)

@@ -583,15 +583,13 @@ class CudaCRF:
         # The launches of an iteration, (backend method, its arguments); with the stencil two
         # plans, for even and odd iterations, as Q alternates between two buffers.
         self._plans: list[list[tuple[Any, tuple]]] = [[]]
-        # the Gaussian stencil's weights, when used: float32 (2R + S, 2R + 1, strips, S) for strips of
-        # S = stencil_strip pixels (permutohedral.cu stencil_index), and its radius R
+        # the Gaussian stencil's weights, when used: float32 (2R + S, 2R + 1, strips, S) for radius R
+        # and strips of S = stencil_strip pixels (permutohedral.cu stencil_index)
         self._stencil: Any = None
-        self._radius = 0
         self._stencil_info: Any = None  # (1,) int32: 1 if a Gaussian corner fell outside its cell box (a bug)
         self._q_pair: tuple[Any, Any] | None = None  # with the stencil: Q's two buffers
         # with the stencil: each image's first pixel, first strip (of stencil_strip pixels), width
         self._image_start = self._strip_start = self._image_width = None
-        self._n_strips = 0
         self._consts: tuple[Any, int] | None = None
 
     # -- stage 1: unary, Q0, lattices and their norms ------------------------------------------
@@ -770,19 +768,23 @@ class CudaCRF:
         reaches past the batch's first or last pixel."""
         return (radius + self.stencil_strip) * (self.max_w + 1)
 
-    def _stencil_slots(self, radius: int) -> int:
-        """Floats of stencil weights per strip: (2R + S) union rows of 2R + 1, S each."""
-        return (2 * radius + self.stencil_strip) * (2 * radius + 1) * self.stencil_strip
+    def _strip_starts(self) -> np.ndarray:
+        """Each image's first stencil strip (stencil_strip pixels one above the other; an image
+        has ceil(H / S) * W, row-major, after the previous image's), then the batch's count."""
+        s = self.stencil_strip
+        return np.cumsum([0] + [-(-h // s) * w for h, w in self.sizes]).astype(np.int64)
 
     def _stencil_bytes(self, radius: int) -> int:
         """Device bytes of the stencil weights, the second Q buffer, both buffers' guard rows and
         the build's corners, norms and cells."""
         span0, span1 = gauss_cells(self.specs[0], self.max_h, self.max_w)
         cells = 3 * span0 * span1 * len(self.images)  # one byte each
-        strips = sum(-(-h // self.stencil_strip) * w for h, w in self.sizes)
+        # per strip: (2R + S) union rows of 2R + 1 weights, S each
+        strip = self.stencil_strip
+        weights = int(self._strip_starts()[-1]) * (2 * radius + strip) * (2 * radius + 1) * strip
         guards = 2 * 2 * self._q_guard(radius) * self.ld
         # per pixel: Q's second row, its norm, three corners (int2) and their weights
-        return 4 * (strips * self._stencil_slots(radius) + self.n_pixels * (self.ld + 1 + 3 * 2 + 3) + guards) + cells
+        return 4 * (weights + self.n_pixels * (self.ld + 1 + 3 * 2 + 3) + guards) + cells
 
     def _build_stencil(self, radius: int) -> None:
         """The Gaussian kernel's filter as per-pixel stencil weights, with the norms, alpha and
@@ -802,18 +804,14 @@ class CudaCRF:
         for b, (im, (h, w)) in enumerate(zip(self.images, self.sizes)):
             bk.launch("gauss_corners", h * w, (im, _i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), consts,
                                                _i32(span0), _i32(span1), corner, weight, cells, self._stencil_info))
-        # each image's strips of S pixels one above the other, row-major, after the previous image's
-        strip = self.stencil_strip
-        strips = np.cumsum([0] + [-(-h // strip) * w for h, w in self.sizes]).astype(np.int64)
-        self._n_strips, self._radius = int(strips[-1]), radius
-        side = 2 * radius + 1
+        strip, strips = self.stencil_strip, self._strip_starts()
         # zeroed: the union rows a pixel's window lacks, and the pixels past an image's last row
-        self._stencil = xp.zeros((2 * radius + strip, side, self._n_strips, strip), dtype=xp.float32)
+        self._stencil = xp.zeros((2 * radius + strip, 2 * radius + 1, int(strips[-1]), strip), dtype=xp.float32)
         norm = xp.empty(n, dtype=xp.float32)
         symmetric = _i32(self.params.normalization == "symmetric")
         scale = np.float32(alpha(spec.d) * np.float32(spec.weight))
         for b, (h, w) in enumerate(self.sizes):  # the scale reads the norms of the image's other pixels
-            layout = (_i32(strip), _i64(strips[b]), _i64(self._n_strips))
+            layout = (_i32(strip), _i64(strips[b]), _i64(strips[-1]))
             bk.launch(f"gauss_stencil_r{radius}", h * w,
                       (_i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), *layout, corner, weight, cells, _i32(span0),
                        _i32(span1), _i32(lo0), _i32(lo1), alpha(spec.d), symmetric, norm, self._stencil),
@@ -971,15 +969,15 @@ class CudaCRF:
         for l, values in enumerate(blurred or []):
             spec = lat.specs[l]
             slots[spec.d] = [values, *lat.corners(l), lat.norms[l], alpha(spec.d), _f32(spec.weight)]
-        head = (self.neg_unary, _i64(n), _i32(c), _i32(self.n_vec), _i32(self._seq))
+        labels = (_i32(c), _i32(self.n_vec), _i32(self._seq))
         q_out = self.q if q_out is None else q_out
         if blurred is not None and self._stencil is not None:
-            head = (self.neg_unary, _i64(self._n_strips), _i32(c), _i32(self.n_vec), _i32(self._seq))
-            stencil = (self._stencil, _i32(self._radius), q_in, self._image_start, self._strip_start, self._image_width,
+            _, side, strips, _ = self._stencil.shape  # one lane group a strip
+            stencil = (self._stencil, _i32(side // 2), q_in, self._image_start, self._strip_start, self._image_width,
                        _i32(len(self.images)))
-            return (f"mf_slice_stencil_k{self.stencil_strip}", self._n_strips, (*head, *stencil, *slots[5], q_out),
-                    self.group)
-        return "mf_slice_softmax_v4", n, (*head, *slots[2], *slots[5], q_out), self.group
+            return (f"mf_slice_stencil_k{self.stencil_strip}", strips,
+                    (self.neg_unary, _i64(strips), *labels, *stencil, *slots[5], q_out), self.group)
+        return "mf_slice_softmax_v4", n, (self.neg_unary, _i64(n), *labels, *slots[2], *slots[5], q_out), self.group
 
     # -- stage 3: back to (C, H, W) per image ----------------------------------------------------
 
