@@ -324,6 +324,9 @@ VARIANTS = {  # CudaCRF options for --ab
     # the stencil's slice with one pixel a lane group, or a strip of 4, instead of 2 (the same result)
     "stencil-k1": {"gauss_stencil": True, "stencil_strip": 1},
     "stencil-k4": {"gauss_stencil": True, "stencil_strip": 4},
+    # the slice's lane groups one to each power-of-two slice of a warp, not side by side (the same result)
+    "unpacked": {"pack_lanes": False},
+    "stencil-unpacked": {"gauss_stencil": True, "pack_lanes": False},
     "run8": {"run_min": 8},
     "run64": {"run_min": 64},
 }

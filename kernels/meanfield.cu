@@ -65,11 +65,45 @@ static __device__ __forceinline__ void mf_load_corners(long long p, const int* v
 }
 
 // ---- the fused slice + Potts + softmax: one lane group per pixel -------------------------------
-// Launch shape: blocks of (G, rows) threads, G a power of two <= 32 (1 on the CPU), so a warp
-// holds 32 / G rows, each on an aligned group of G lanes; lane j of a group handles the float4
-// chunks j, j + G, ... of its row (labels 4j .. 4j+3). Rows are walked block by block with a
-// bound every thread of a block shares, so all lanes of a warp reach each shuffle together (a
-// row past the end computes nothing and stores nothing).
+// Launch shape: blocks of (L, rows) threads, L = 32 (a warp a row of lanes) or a power of two
+// (1 on the CPU). A pixel's lane group is G = min(n_vec, L) lanes, and a row of L lanes holds
+// L / G groups side by side (5 of 6 lanes for 21 labels, the 2 lanes left over idle), so no
+// lane of a group but the last of a row waits on chunks its pixel lacks. Lane j of a group
+// handles the float4 chunks j, j + G, ... of its row (labels 4j .. 4j+3). Rows are walked block
+// by block with a bound every thread of a block shares, so all lanes of a warp reach each
+// shuffle together (a row past the end, or an idle lane, computes nothing and stores nothing).
+
+// The calling lane's group in its row of blockDim.x lanes (launch shape above): `size` lanes
+// (n_vec, or the whole row when a pixel has more chunks), the lane `lane` of the group whose
+// first lane in the warp is `first` (a warp holds 32 / blockDim.x rows of lanes); `half`: half
+// of size rounded up to a power of two (the shuffle trees' first step; 0 for one lane, no
+// shuffles). A block takes `rows` = blockDim.y * (blockDim.x / size) rows
+// (pixels or strips) a pass, row by row of lanes, group by group: the group's is `index` of
+// them, -1 for a lane past its row's last group.
+struct MfGroup {
+    int size, lane, first, half, index, rows;
+};
+
+static __device__ __forceinline__ MfGroup mf_group(int n_vec) {
+    MfGroup g;
+    g.size = n_vec < (int)blockDim.x ? n_vec : (int)blockDim.x;
+    const int per = (int)blockDim.x / g.size, slot = (int)threadIdx.x / g.size;
+    g.lane = (int)threadIdx.x - slot * g.size;
+    g.first = (int)((threadIdx.y * blockDim.x) & 31u) + slot * g.size;
+    g.half = 0;
+    if (g.size > 1)
+        for (g.half = 1; 2 * g.half < g.size; g.half *= 2) {
+        }
+    g.rows = (int)blockDim.y * per;
+    g.index = slot < per ? (int)threadIdx.y * per + slot : -1;
+    return g;
+}
+
+// The row of the calling lane's group in the pass that starts at row `base`, or n (no row) for
+// an idle lane; the passes start at blockIdx.x * g.rows and step by gridDim.x * g.rows.
+static __device__ __forceinline__ long long mf_group_row(const MfGroup& g, long long base, long long n) {
+    return g.index >= 0 ? base + g.index : n;
+}
 
 static __device__ __forceinline__ float mf_f4_get(const float4& a, int k) {
     return k == 0 ? a.x : k == 1 ? a.y : k == 2 ? a.z : a.w;
@@ -117,36 +151,49 @@ static __device__ __forceinline__ float4 mf_add_bilateral_v4(float4 t, long long
     return mf_add_message_v4<6>(t, j, n_vec, seq, values_b, vid, bary, norm_b[p], alpha_b, w_b);
 }
 
-// Max and sum over one lane group (blockDim.x lanes) with a fixed xor-shuffle tree.
-static __device__ __forceinline__ float mf_group_max(float v) {
-    for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, lane));
+// Max (MAX) or sum over one lane group with a fixed xor tree over T lanes, T the group's size
+// rounded up to a power of two, the T - size lanes it lacks holding the identity (as if the
+// group had T lanes, the last idle): step `half` = T / 2 pairs lane l with l ^ half when that
+// lane exists. After it lanes l and l ^ half hold the same value (the operation commutes), so
+// the later steps pair lane l with (l mod half) ^ m, a lane of the group. Every lane of the
+// group ends with the same value, the one the full T-lane tree gives: deterministic, and the
+// same whatever the launch's lanes a row.
+template <bool MAX>
+static __device__ __forceinline__ float mf_group_reduce(float v, const MfGroup& g) {
+    const int half = g.half;
+    if (half == 0) return v;
+    const int partner = g.lane ^ half;
+    const bool has = partner < g.size;
+    // (an idle lane's reads may run past the warp's last lane: they wrap around, and go unused)
+    float o = __shfl_sync(0xffffffffu, v, g.first + (has ? partner : g.lane));
+    if (has) v = MAX ? fmaxf(v, o) : __fadd_rn(v, o);
+    const int low = g.lane & (half - 1);
+    for (int m = half >> 1; m > 0; m >>= 1) {
+        o = __shfl_sync(0xffffffffu, v, g.first + (low ^ m));
+        v = MAX ? fmaxf(v, o) : __fadd_rn(v, o);
+    }
     return v;
 }
 
-static __device__ __forceinline__ float mf_group_sum(float v) {
-    for (int lane = blockDim.x >> 1; lane > 0; lane >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, lane));
-    return v;
-}
-
-// The softmax of pixel p's energies when a row has at most one chunk per lane: lane `lane`
-// holds chunk `lane` in t (`mine`: a chunk of a live pixel). The max and the sum of
+// The softmax of pixel p's energies when a row has at most one chunk per lane: lane g.lane
+// holds chunk g.lane in t (`mine`: a chunk of a live pixel). The max and the sum of
 // exponentials go lane by lane (components in order), then across the group by the fixed
-// xor-shuffle trees: deterministic. Every lane of the group calls it; `mine` lanes store Q's
-// chunk.
-static __device__ __forceinline__ void mf_softmax_chunk(float* t, bool mine, int lane, int n_labels, long long p,
-                                                        int n_vec, float4* __restrict__ q) {
+// xor trees: deterministic. Every lane of the warp calls it; `mine` lanes store Q's chunk.
+static __device__ __forceinline__ void mf_softmax_chunk(float* t, bool mine, const MfGroup& g, int n_labels,
+                                                        long long p, int n_vec, float4* __restrict__ q) {
+    const int lane = g.lane;
     float top = MF_LOWEST;
 #pragma unroll
     for (int k = 0; k < 4; ++k)
         if (mine && 4 * lane + k < n_labels) top = fmaxf(top, t[k]);
-    top = mf_group_max(top);
+    top = mf_group_reduce<true>(top, g);
     float sum = 0.0f;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
         t[k] = mine && 4 * lane + k < n_labels ? expf(__fsub_rn(t[k], top)) : 0.0f;
         sum = __fadd_rn(sum, t[k]);
     }
-    sum = mf_group_sum(sum);
+    sum = mf_group_reduce<false>(sum, g);
     if (mine)
         q[p * n_vec + lane] = make_float4(__fdiv_rn(t[0], sum), __fdiv_rn(t[1], sum), __fdiv_rn(t[2], sum),
                                           __fdiv_rn(t[3], sum));
@@ -155,10 +202,11 @@ static __device__ __forceinline__ void mf_softmax_chunk(float* t, bool mine, int
 // The softmax of pixel p's energies when a row has more chunks than the group has lanes: the
 // energies are already in Q's row (each lane wrote chunks lane, lane + G, ... and rereads only
 // those), `top` the lane's max over them. Same order of operations as mf_softmax_chunk, chunk
-// by chunk. Every lane of the group calls it.
-static __device__ __forceinline__ void mf_softmax_row(float top, bool live, int lane, int group, int n_labels,
+// by chunk. Every lane of the warp calls it.
+static __device__ __forceinline__ void mf_softmax_row(float top, bool live, const MfGroup& g, int n_labels,
                                                       long long p, int n_vec, float4* __restrict__ q) {
-    top = mf_group_max(top);
+    const int lane = g.lane, group = g.size;
+    top = mf_group_reduce<true>(top, g);
     float sum = 0.0f;
     if (live) {
         for (int j = lane; j < n_vec; j += group) {
@@ -172,7 +220,7 @@ static __device__ __forceinline__ void mf_softmax_row(float top, bool live, int 
             q[p * n_vec + j] = make_float4(x[0], x[1], x[2], x[3]);
         }
     }
-    sum = mf_group_sum(sum);
+    sum = mf_group_reduce<false>(sum, g);
     if (live) {
         for (int j = lane; j < n_vec; j += group) {
             const float4 e = q[p * n_vec + j];
@@ -205,9 +253,10 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
     const float* __restrict__ norm_g, float alpha_g, float w_g,
     const float4* __restrict__ values_b, const int* __restrict__ vertex_b, const float* __restrict__ weight_b,
     const float* __restrict__ norm_b, float alpha_b, float w_b, float4* __restrict__ q) {
-    const int lane = threadIdx.x, group = blockDim.x;
-    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_pixels; base += mf_grid_step()) {
-        const long long p = base + threadIdx.y;
+    const MfGroup g = mf_group(n_vec);
+    const int lane = g.lane, group = g.size;
+    for (long long base = (long long)blockIdx.x * g.rows; base < n_pixels; base += (long long)gridDim.x * g.rows) {
+        const long long p = mf_group_row(g, base, n_pixels);
         const bool live = p < n_pixels;
         int vid_g[3];
         float bary_g[3], scale_g = 0.0f;
@@ -217,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
         }
         if (n_vec <= group) {
             float t[4] = {MF_LOWEST, MF_LOWEST, MF_LOWEST, MF_LOWEST};
-            const bool mine = live && lane < n_vec;
+            const bool mine = live;  // the group has n_vec lanes
             if (mine) {
                 float4 e = neg_unary[p * n_vec + lane];
                 if (values_g)
@@ -225,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
                 e = mf_add_bilateral_v4(e, p, lane, n_vec, seq, values_b, vertex_b, weight_b, norm_b, alpha_b, w_b);
                 t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
             }
-            mf_softmax_chunk(t, mine, lane, n_labels, p, n_vec, q);
+            mf_softmax_chunk(t, mine, g, n_labels, p, n_vec, q);
             continue;
         }
         float top = MF_LOWEST;
@@ -239,7 +288,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
                 top = mf_chunk_max(top, e, j, n_labels);
             }
         }
-        mf_softmax_row(top, live, lane, group, n_labels, p, n_vec, q);
+        mf_softmax_row(top, live, g, n_labels, p, n_vec, q);
     }
 }
 
@@ -376,9 +425,10 @@ static __device__ __forceinline__ void mf_slice_stencil(
     const int* __restrict__ image_width, int n_images, const float4* __restrict__ values_b,
     const int* __restrict__ vertex_b, const float* __restrict__ weight_b, const float* __restrict__ norm_b,
     float alpha_b, float w_b, float4* __restrict__ q) {
-    const int lane = threadIdx.x, group = blockDim.x;
-    for (long long base = (long long)blockIdx.x * blockDim.y; base < n_rows; base += mf_grid_step()) {
-        const long long r = base + threadIdx.y;
+    const MfGroup g = mf_group(n_vec);
+    const int lane = g.lane, group = g.size;
+    for (long long base = (long long)blockIdx.x * g.rows; base < n_rows; base += (long long)gridDim.x * g.rows) {
+        const long long r = mf_group_row(g, base, n_rows);
         const bool row_live = r < n_rows;
         long long p0 = 0;
         int width = 0, rows = 0;  // the strip's pixels on the image
@@ -393,7 +443,7 @@ static __device__ __forceinline__ void mf_slice_stencil(
         float a[STRIP][4];
         if (n_vec <= group) {
             // at most one chunk per lane: the energies stay in registers, pixel by pixel
-            const bool mine = row_live && lane < n_vec;
+            const bool mine = row_live;  // the group has n_vec lanes
             if (mine) mf_stencil_strip_v4<STRIP>(a, r, p0, n_rows, lane, n_vec, stencil, radius, width, q_old);
 #pragma unroll
             for (int k = 0; k < STRIP; ++k) {
@@ -404,7 +454,7 @@ static __device__ __forceinline__ void mf_slice_stencil(
                                                           weight_b, norm_b, alpha_b, w_b);
                     t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
                 }
-                mf_softmax_chunk(t, mine && k < rows, lane, n_labels, p, n_vec, q);
+                mf_softmax_chunk(t, mine && k < rows, g, n_labels, p, n_vec, q);
             }
             continue;
         }
@@ -428,7 +478,7 @@ static __device__ __forceinline__ void mf_slice_stencil(
         }
 #pragma unroll
         for (int k = 0; k < STRIP; ++k)
-            mf_softmax_row(top[k], k < rows, lane, group, n_labels, p0 + (long long)k * width, n_vec, q);
+            mf_softmax_row(top[k], k < rows, g, n_labels, p0 + (long long)k * width, n_vec, q);
     }
 }
 

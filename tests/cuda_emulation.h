@@ -3,10 +3,11 @@
 //
 // Every kernel is a grid-stride loop over rows with lanes striding over labels (or a block-stride
 // loop over tiles), so a launch of one block of one row covers the whole range. By default that
-// block has one lane (one "thread" walks everything). The tests can also run a block of G lanes
-// as G host threads (emu_set_lanes, then emu_enter_lane(i) on each thread before calling the
+// block has one lane (one "thread" walks everything). The tests can also run a block of L lanes
+// as L host threads (emu_set_lanes, then emu_enter_lane(i) on each thread before calling the
 // kernel): warp shuffles then exchange values between those threads at a barrier, as the lanes
-// of a warp do, so the lane-group code (xor-shuffle trees over G lanes) runs as on the GPU. The
+// of a warp do, so the lane-group code (groups side by side, their shuffle trees) runs as on
+// the GPU. The
 // round-to-nearest intrinsics become plain IEEE operations (build with -ffp-contract=off so none
 // is fused into an FMA).
 #pragma once
@@ -89,6 +90,9 @@ extern "C" __attribute__((used)) inline void emu_set_rows(int rows) {
 // On each row's thread, before the kernel: this thread is row `row` (threadIdx.y).
 extern "C" __attribute__((used)) inline void emu_enter_row(int row) { threadIdx.y = (unsigned)row; }
 
+// How many times the threads have met at a shuffle or barrier so far.
+extern "C" __attribute__((used)) inline unsigned long emu_meetings() { return emu_round; }
+
 // 1 when some thread waited 10 s at a shuffle or barrier for threads that never came.
 extern "C" __attribute__((used)) inline int emu_shuffle_failed() { return emu_failed; }
 
@@ -106,17 +110,21 @@ static inline void emu_meet(std::unique_lock<std::mutex>& lock, int threads) {
 }
 
 // Every lane of the block deposits its value and waits for all the others (a warp shuffle's
-// lockstep), then reads its partner's. Two slot sets, alternated per shuffle, so a fast lane's
-// next deposit cannot overwrite a value a slow lane has still to read.
-static inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
-    const int lanes = (int)blockDim.x;
+// lockstep), then reads lane src_lane (modulo width) of its own segment of `width` lanes, as a
+// warp's shuffle does. Two slot sets, alternated per shuffle, so a fast lane's next deposit
+// cannot overwrite a value a slow lane has still to read.
+// The block is one warp: blockDim.y rows of blockDim.x lanes, 32 threads at most, the warp
+// lane of thread (x, y) being y * blockDim.x + x.
+static inline float __shfl_sync(unsigned, float value, int src_lane, int width = 32) {
+    const int lanes = (int)(blockDim.x * blockDim.y), me = (int)(threadIdx.y * blockDim.x + threadIdx.x);
     if (lanes == 1) return value;
     float* slot = emu_slots[emu_phase];
     emu_phase ^= 1;
     std::unique_lock<std::mutex> lock(emu_mutex);
-    slot[threadIdx.x] = value;
+    slot[me] = value;
     emu_meet(lock, lanes);
-    return slot[threadIdx.x ^ lane_mask];
+    const int segment = me / width * width;
+    return slot[(segment + src_lane % width) % lanes];
 }
 
 // Every thread of the block waits here for all the others (blockDim.x * blockDim.y of them).

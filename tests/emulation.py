@@ -38,16 +38,20 @@ class EmulatedBackend:
 
     With `lanes`, a launch of `width` lanes per row runs as min(width, 32) host threads, one per
     lane, whose warp shuffles meet at a barrier (tests/cuda_emulation.h); else one lane walks all.
+    With `warp` too, a launch of fewer than 32 lanes a row runs 32 / width rows of them, a whole
+    warp, as on the GPU (its shuffles then name lanes across rows).
     With `rows`, a launch that names its rows per block (block_rows, a kernel with shared memory
     and barriers) runs min(block_rows, rows) host threads, one per row, as one block.
     """
 
     xp = np
 
-    def __init__(self, library: ctypes.CDLL, free: int = 1 << 40, lanes: bool = False, rows: int = 0) -> None:
+    def __init__(self, library: ctypes.CDLL, free: int = 1 << 40, lanes: bool = False, rows: int = 0,
+                 warp: bool = False) -> None:
         self.library = library
         self.free = free
         self.lanes = lanes
+        self.warp = warp
         self.rows = rows
         self.captures, self.replays = [], 0  # launches per captured graph, graphs replayed
         self.recording = None  # the launches being captured, if any
@@ -72,7 +76,9 @@ class EmulatedBackend:
         kernel = getattr(self.library, name)
         lanes = min(width, 32) if self.lanes else 1
         rows = min(block_rows, self.rows) if block_rows and self.rows else 1
-        assert lanes == 1 or rows == 1, "shuffles are emulated within one row"
+        if self.warp and lanes > 1 and not block_rows:
+            rows = 32 // lanes
+        assert lanes == 1 or rows == 1 or lanes * rows <= 32, "shuffles are emulated within one warp"
         self.library.emu_set_lanes(lanes)
         self.library.emu_set_rows(rows)
         if lanes == 1 and rows == 1:

@@ -3,6 +3,7 @@ GPU against the CPU oracle (marker `cuda`)."""
 
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
 from pathlib import Path
@@ -374,22 +375,66 @@ def test_emulated_spatial_order_is_bit_identical_and_local(emulated, case, gauss
     assert spread(tiled) < 0.4 * spread(key)
 
 
-@pytest.mark.parametrize("n_labels,group", [(3, 1), (21, 8), (182, 32)])
+@pytest.mark.parametrize("n_labels,group", [(3, 1), (21, 6), (182, 32)])
 def test_emulated_lane_groups_match_pydensecrf(emulated, n_labels, group):
     # Each launch's lanes as host threads, so the slice/softmax kernel's lane groups stride over
-    # the float4 chunks and meet in xor-shuffle trees as on the GPU (one chunk per lane for 21
-    # labels, the path through memory for 182). Only the softmax's summation order differs
-    # from one lane.
+    # the float4 chunks and meet in shuffle trees as on the GPU (a warp of 32 groups of one lane
+    # for 3 labels, 5 groups of 6 for 21, one chunk per lane; the path through memory for 182).
+    # Only the softmax's summation order differs from one lane.
     image = crop("astronaut.jpg", 0, 0, 13, 17)  # 221 pixels: padding corners too
     probs = network_like_probs(13, 17, n_labels=n_labels, seed=10)
     params = DEEPLAB.replace(iterations=3)
     threaded = EmulatedBackend(emulated.library, lanes=True)
     crf = cuda.CudaCRF([image], [probs], params, backend=threaded)
-    assert crf.group == group and crf.ld == 4 * -(-n_labels // 4)
+    assert crf.group == group and crf.lanes == 32 and crf.ld == 4 * -(-n_labels // 4)
     out = crf.run()[0]
     one_lane = cuda.CudaCRF([image], [probs], params, backend=emulated).run()[0]
     assert_close(out, one_lane, agreement=1.0, atol=1e-5)
     assert_close(out, pydensecrf_reference(image, probs, params), agreement=1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_labels", [3, 10, 19, 21, 27, 37, 131])
+@pytest.mark.parametrize("stencil", [False, True])
+def test_emulated_packed_lane_groups_equal_unpacked(emulated, n_labels, stencil):
+    # Lane groups side by side in the warp (pack_lanes, the default: 10 groups of 3 lanes for 10
+    # labels, 6 of 5 for 19, 5 of 6 for 21, 4 of 7 for 27, 3 of 10 for 37, lanes left over idle)
+    # or one to each power-of-two slice of it: the shuffle trees pair lanes so that every lane
+    # ends with the sum the power-of-two tree gives, so the result is the same bit for bit, on
+    # both slice kernels. Unpacked, a whole warp runs (32 / lanes rows of lanes), so the groups
+    # must find their lanes past the warp's first row. 131 labels (33 chunks) take the path
+    # with more chunks than lanes.
+    images, probs = case_inputs([("astronaut.jpg", 0, 0, 7, 9), ("coffee.jpg", 30, 30, 4, 5)], n_labels, seed=3)
+    params = DEEPLAB.replace(iterations=2)
+    runs = []
+    for pack in (True, False):
+        threaded = EmulatedBackend(emulated.library, lanes=True, warp=not pack)
+        crf = cuda.CudaCRF(images, probs, params, backend=threaded, gauss_stencil=stencil, pack_lanes=pack)
+        runs.append(crf.run())
+        n_vec = -(-n_labels // 4)
+        assert crf.group == min(n_vec, 32)
+        assert crf.lanes == (32 if pack else min(32, 1 << (n_vec - 1).bit_length()))
+        assert (crf._stencil is not None) == stencil
+    for packed, unpacked in zip(*runs):
+        assert np.array_equal(packed, unpacked)
+    assert_close(runs[0][0], pydensecrf_reference(images[0], probs[0], params), agreement=1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_labels,per_warp,steps", [(21, 5, 3), (37, 3, 4), (10, 10, 2), (3, 32, 0)])
+@pytest.mark.parametrize("pack", [True, False])
+def test_emulated_packed_warp_takes_several_pixels(emulated, n_labels, per_warp, steps, pack):
+    # A warp of lanes as host threads, counting the times they meet at a shuffle: the softmax
+    # launch passes over ceil(N / groups a warp) warps' worth of pixels, each with a max and a
+    # sum tree of `steps` shuffles (log2 of the group's size rounded up to a power of two).
+    # Unpacked, a row of lanes holds one group.
+    image = crop("astronaut.jpg", 0, 0, 7, 9)
+    threaded = EmulatedBackend(emulated.library, lanes=True)
+    crf = cuda.CudaCRF([image], [network_like_probs(7, 9, n_labels=n_labels, seed=2)], DEEPLAB.replace(iterations=0),
+                       backend=threaded, pack_lanes=pack)
+    crf.prepare()
+    threaded.library.emu_meetings.restype = ctypes.c_ulong
+    before = threaded.library.emu_meetings()
+    threaded.launch(*crf._slice_softmax(None))
+    assert threaded.library.emu_meetings() - before == 2 * steps * -(-63 // (per_warp if pack else 1))
 
 
 @pytest.mark.parametrize("gauss_grid", [False, True])

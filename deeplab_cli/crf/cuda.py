@@ -20,7 +20,9 @@ both lattices share one set of arrays, so each step below is one launch for both
      each vertex's entries, no atomics), reduce the vertices cut into several runs, blur in
      three launches (Jacobi, double buffer; each takes the Gaussian lattice's next axis and the
      bilateral lattice's next two); then one kernel slices both, adds the normalized Potts
-     messages to -U and takes the softmax over labels.
+     messages to -U and takes the softmax over labels, a lane group per pixel (a lane per
+     float4 of labels; `pack_lanes`: groups side by side in the warp, 5 groups of 6 lanes for
+     21 labels, the softmax's shuffle trees giving the same sums as a power-of-two group's).
 Per-pixel and per-vertex label rows are padded to a multiple of 4 floats (pad columns stay 0)
 so every pass moves them as float4; each label's arithmetic is pydensecrf's.
 
@@ -515,7 +517,7 @@ class CudaCRF:
     def __init__(self, images: Sequence[Any], probs: Sequence[Any], params: CRFParams = CRFParams(),
                  backend: Any = None, *, spread_keys: bool = False, run_min: int = RUN_MIN,
                  gauss_grid: bool = False, spatial_order: bool = True, pair_blur: bool = True,
-                 gauss_stencil: bool = False, stencil_strip: int = 2) -> None:
+                 gauss_stencil: bool = False, stencil_strip: int = 2, pack_lanes: bool = True) -> None:
         """`spatial_order`: number the vertices image by image and the bilateral ones by
         spatial tile (pack_layout's `spatial`), so the vertices a splat, blur or slice touches
         at once lie near each other in memory and the pixels they read stay in L2. `pair_blur`:
@@ -533,7 +535,10 @@ class CudaCRF:
         STENCIL_STRIPS): pixels one above the other that a lane group of the stencil's slice
         takes together, loading the Q rows their windows share once (fewer loads, but more
         weights to read: 2R + S window rows of S each a strip); the same result for each.
-        `spread_keys` and `run_min` exist for tests and benchmarks."""
+        `pack_lanes`: the slice kernel's lane groups (one per pixel or strip, a lane per float4
+        chunk of labels) lie side by side in a warp (5 groups of 6 lanes for 21 labels), instead
+        of one to each power-of-two slice of the warp (4 of 8, 2 lanes of each idle); the same
+        result either way. `spread_keys` and `run_min` exist for tests and benchmarks."""
         self.bk = backend if backend is not None else cupy_backend()
         xp = self.bk.xp
         if len(images) != len(probs) or not images:
@@ -566,8 +571,11 @@ class CudaCRF:
         # Label rows padded to whole float4s (pad columns 0), moved 16 bytes at a time.
         self.n_vec = -(-self.n_labels // 4)
         self.ld = 4 * self.n_vec
-        # Lanes per pixel in the slice/softmax kernel: enough for one float4 each, at most a warp.
-        self.group = min(32, 1 << max(self.n_vec - 1, 0).bit_length())
+        # The slice/softmax kernel's lanes: a row of `lanes` (a warp, or unpacked the power of two
+        # that holds a group) holds lanes // group groups of `group` lanes, one per pixel (or
+        # strip): one lane a float4 chunk, at most a warp (meanfield.cu mf_group).
+        self.lanes = 32 if pack_lanes else min(32, 1 << max(self.n_vec - 1, 0).bit_length())
+        self.group = min(self.n_vec, self.lanes)
         self.run_min = run_min
         self.gauss_grid = bool(gauss_grid)
         self.spatial_order = bool(spatial_order)
@@ -975,9 +983,15 @@ class CudaCRF:
             _, side, strips, _ = self._stencil.shape  # one lane group a strip
             stencil = (self._stencil, _i32(side // 2), q_in, self._image_start, self._strip_start, self._image_width,
                        _i32(len(self.images)))
-            return (f"mf_slice_stencil_k{self.stencil_strip}", strips,
-                    (self.neg_unary, _i64(strips), *labels, *stencil, *slots[5], q_out), self.group)
-        return "mf_slice_softmax_v4", n, (self.neg_unary, _i64(n), *labels, *slots[2], *slots[5], q_out), self.group
+            return (f"mf_slice_stencil_k{self.stencil_strip}", self._lane_rows(strips),
+                    (self.neg_unary, _i64(strips), *labels, *stencil, *slots[5], q_out), self.lanes)
+        return ("mf_slice_softmax_v4", self._lane_rows(n),
+                (self.neg_unary, _i64(n), *labels, *slots[2], *slots[5], q_out), self.lanes)
+
+    def _lane_rows(self, groups: int) -> int:
+        """Rows of self.lanes lanes that `groups` lane groups fill (the launch's row count)."""
+        per = self.lanes // self.group
+        return -(-groups // per)
 
     # -- stage 3: back to (C, H, W) per image ----------------------------------------------------
 
