@@ -485,7 +485,8 @@ static __device__ __forceinline__ void mf_slice_stencil(
 // One kernel per strip height: mf_slice_stencil_k<STRIP> (CudaCRF's stencil_strip), at most 256
 // threads a block and BLOCKS blocks per multiprocessor (registers: 65536 / (256 BLOCKS) each).
 // ptxas (sm_90): strips of 1 and 2 take 64 registers (4 blocks), a strip of 4, with 16 sums
-// live, 80 (3 blocks); each spills a few registers, none inside the gather's column loop.
+// live, 80 (3 blocks); each spills some registers (under 100 bytes stored, a few hundred
+// loaded, across all paths), none inside the gather's column loop.
 #define MF_SLICE_STENCIL_KERNEL(STRIP, BLOCKS)                                                                      \
     extern "C" __global__ void __launch_bounds__(256, BLOCKS) mf_slice_stencil_k##STRIP(                             \
         const float4* __restrict__ neg_unary, long long n_rows, int n_labels, int n_vec, int seq,                   \
