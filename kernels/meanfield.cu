@@ -264,17 +264,16 @@ extern "C" __global__ void __launch_bounds__(256, 4) mf_slice_softmax_v4(
             mf_load_corners<3>(p, vertex_g, weight_g, vid_g, bary_g);
             scale_g = norm_g[p];
         }
-        if (n_vec <= group) {
+        if (n_vec <= group) {  // the group has n_vec lanes: a chunk each
             float t[4] = {MF_LOWEST, MF_LOWEST, MF_LOWEST, MF_LOWEST};
-            const bool mine = live;  // the group has n_vec lanes
-            if (mine) {
+            if (live) {
                 float4 e = neg_unary[p * n_vec + lane];
                 if (values_g)
                     e = mf_add_message_v4<3>(e, lane, n_vec, seq, values_g, vid_g, bary_g, scale_g, alpha_g, w_g);
                 e = mf_add_bilateral_v4(e, p, lane, n_vec, seq, values_b, vertex_b, weight_b, norm_b, alpha_b, w_b);
                 t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
             }
-            mf_softmax_chunk(t, mine, g, n_labels, p, n_vec, q);
+            mf_softmax_chunk(t, live, g, n_labels, p, n_vec, q);
             continue;
         }
         float top = MF_LOWEST;
@@ -442,19 +441,18 @@ static __device__ __forceinline__ void mf_slice_stencil(
         }
         float a[STRIP][4];
         if (n_vec <= group) {
-            // at most one chunk per lane: the energies stay in registers, pixel by pixel
-            const bool mine = row_live;  // the group has n_vec lanes
-            if (mine) mf_stencil_strip_v4<STRIP>(a, r, p0, n_rows, lane, n_vec, stencil, radius, width, q_old);
+            // the group has n_vec lanes, a chunk each: the energies stay in registers, pixel by pixel
+            if (row_live) mf_stencil_strip_v4<STRIP>(a, r, p0, n_rows, lane, n_vec, stencil, radius, width, q_old);
 #pragma unroll
             for (int k = 0; k < STRIP; ++k) {
                 float t[4] = {MF_LOWEST, MF_LOWEST, MF_LOWEST, MF_LOWEST};
                 const long long p = p0 + (long long)k * width;
-                if (mine && k < rows) {
+                if (row_live && k < rows) {
                     const float4 e = mf_stencil_energy_v4(a[k], p, lane, n_vec, seq, neg_unary, values_b, vertex_b,
                                                           weight_b, norm_b, alpha_b, w_b);
                     t[0] = e.x, t[1] = e.y, t[2] = e.z, t[3] = e.w;
                 }
-                mf_softmax_chunk(t, mine && k < rows, g, n_labels, p, n_vec, q);
+                mf_softmax_chunk(t, row_live && k < rows, g, n_labels, p, n_vec, q);
             }
             continue;
         }

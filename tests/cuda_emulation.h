@@ -7,9 +7,8 @@
 // as L host threads (emu_set_lanes, then emu_enter_lane(i) on each thread before calling the
 // kernel): warp shuffles then exchange values between those threads at a barrier, as the lanes
 // of a warp do, so the lane-group code (groups side by side, their shuffle trees) runs as on
-// the GPU. The
-// round-to-nearest intrinsics become plain IEEE operations (build with -ffp-contract=off so none
-// is fused into an FMA).
+// the GPU. The round-to-nearest intrinsics become plain IEEE operations (build with
+// -ffp-contract=off so none is fused into an FMA).
 #pragma once
 #include <math.h>
 
@@ -109,12 +108,11 @@ static inline void emu_meet(std::unique_lock<std::mutex>& lock, int threads) {
     }
 }
 
-// Every lane of the block deposits its value and waits for all the others (a warp shuffle's
-// lockstep), then reads lane src_lane (modulo width) of its own segment of `width` lanes, as a
-// warp's shuffle does. Two slot sets, alternated per shuffle, so a fast lane's next deposit
-// cannot overwrite a value a slow lane has still to read.
 // The block is one warp: blockDim.y rows of blockDim.x lanes, 32 threads at most, the warp
-// lane of thread (x, y) being y * blockDim.x + x.
+// lane of thread (x, y) being y * blockDim.x + x. Every lane deposits its value and waits for
+// all the others (a warp shuffle's lockstep), then reads lane src_lane (modulo width) of its own
+// segment of `width` lanes, as a warp's shuffle does. Two slot sets, alternated per shuffle, so
+// a fast lane's next deposit cannot overwrite a value a slow lane has still to read.
 static inline float __shfl_sync(unsigned, float value, int src_lane, int width = 32) {
     const int lanes = (int)(blockDim.x * blockDim.y), me = (int)(threadIdx.y * blockDim.x + threadIdx.x);
     if (lanes == 1) return value;

@@ -78,7 +78,7 @@ class EmulatedBackend:
         rows = min(block_rows, self.rows) if block_rows and self.rows else 1
         if self.warp and lanes > 1 and not block_rows:
             rows = 32 // lanes
-        assert lanes == 1 or rows == 1 or lanes * rows <= 32, "shuffles are emulated within one warp"
+        assert lanes == 1 or lanes * rows <= 32, "shuffles are emulated within one warp"
         self.library.emu_set_lanes(lanes)
         self.library.emu_set_rows(rows)
         if lanes == 1 and rows == 1:

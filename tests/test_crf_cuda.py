@@ -405,12 +405,12 @@ def test_emulated_packed_lane_groups_equal_unpacked(emulated, n_labels, stencil)
     # with more chunks than lanes.
     images, probs = case_inputs([("astronaut.jpg", 0, 0, 7, 9), ("coffee.jpg", 30, 30, 4, 5)], n_labels, seed=3)
     params = DEEPLAB.replace(iterations=2)
+    n_vec = -(-n_labels // 4)
     runs = []
     for pack in (True, False):
         threaded = EmulatedBackend(emulated.library, lanes=True, warp=not pack)
         crf = cuda.CudaCRF(images, probs, params, backend=threaded, gauss_stencil=stencil, pack_lanes=pack)
         runs.append(crf.run())
-        n_vec = -(-n_labels // 4)
         assert crf.group == min(n_vec, 32)
         assert crf.lanes == (32 if pack else min(32, 1 << (n_vec - 1).bit_length()))
         assert (crf._stencil is not None) == stencil
