@@ -462,22 +462,42 @@ extern "C" __global__ void norm_splat_reduce(const float* partial, const int* ru
     }
 }
 
+// One blur pass of the norms at vertex u along the axis whose neighbour ids are nbr[u]:
+// src[u] + 0.5 * (n1 + n2), a missing neighbour counting 0, rounded once through double as
+// pydensecrf's scalar path (one value per vertex) does.
+static __device__ __forceinline__ float norm_blur_at(const float* src, const int2* nbr, long long u) {
+    const int2 pair = nbr[u];
+    const float a = pair.x >= 0 ? src[pair.x] : 0.0f;
+    const float b = pair.y >= 0 ? src[pair.y] : 0.0f;
+    return __double2float_rn(__dadd_rn((double)src[u], __dmul_rn(0.5, (double)__fadd_rn(a, b))));
+}
+
 // One thread: one vertex v in [v0, v1) of one blur pass along one axis (Jacobi: src is never
-// written). Reads its two neighbour ids nbr[v] and the three values; writes
-// dst[v] = src[v] + 0.5 * (n1 + n2), a missing neighbour counting 0, rounded once through double
-// as pydensecrf's scalar path (one value per vertex) does.
+// written). Reads its two neighbour ids nbr[v] and the three values; writes dst[v].
 extern "C" __global__ void norm_blur(const float* src, float* dst, const int2* nbr, long long v0, long long v1) {
+    for (long long v = v0 + grid_start(); v < v1; v += grid_step()) dst[v] = norm_blur_at(src, nbr, v);
+}
+
+// One thread: one vertex v in [v0, v1) of one launch of norm blur passes, as lattice_blur_pair
+// takes them (same plan, same arguments): one pass along nbr_s below vb, two from vb on (along
+// nbr_a, then nbr_b; one when nbr_b is null), the second combining pass a's results at v and
+// at its axis-b neighbours, each worked out from src as norm_blur does: bit-identical to two
+// launches of norm_blur. The build's norms take 3 launches instead of 6.
+extern "C" __global__ void norm_blur_pair(const float* src, float* dst, const int2* nbr_s, const int2* nbr_a,
+                                          const int2* nbr_b, long long v0, long long vb, long long v1) {
     for (long long v = v0 + grid_start(); v < v1; v += grid_step()) {
-        const int2 pair = nbr[v];
-        const float a = pair.x >= 0 ? src[pair.x] : 0.0f;
-        const float b = pair.y >= 0 ? src[pair.y] : 0.0f;
-        dst[v] = __double2float_rn(__dadd_rn((double)src[v], __dmul_rn(0.5, (double)__fadd_rn(a, b))));
+        const float own = norm_blur_at(src, v < vb ? nbr_s : nbr_a, v);
+        if (v < vb || !nbr_b) {
+            dst[v] = own;
+            continue;
+        }
+        const int2 pair = nbr_b[v];
+        const float a = pair.x >= 0 ? norm_blur_at(src, nbr_a, pair.x) : 0.0f;
+        const float b = pair.y >= 0 ? norm_blur_at(src, nbr_a, pair.y) : 0.0f;
+        dst[v] = __double2float_rn(__dadd_rn((double)own, __dmul_rn(0.5, (double)__fadd_rn(a, b))));
     }
 }
 
-// The norm factor of pixel p on one lattice: slice raw = alpha * sum_r w_r * values[v_r] in
-// pydensecrf's scalar order ((w * v) * alpha), then 1 / sqrt(raw + 1e-20) (symmetric) or
-// 1 / (raw + 1e-20) (after), in double and rounded to float once, as pydensecrf does.
 // pydensecrf's norm factor from K 1 at a pixel: 1 / sqrt(raw + 1e-20) (symmetric) or
 // 1 / (raw + 1e-20) (after), in double and rounded to float once.
 static __device__ __forceinline__ float norm_factor(float raw, int symmetric) {
@@ -485,6 +505,8 @@ static __device__ __forceinline__ float norm_factor(float raw, int symmetric) {
     return __double2float_rn(__ddiv_rn(1.0, symmetric ? __dsqrt_rn(total) : total));
 }
 
+// The norm factor of pixel p on one lattice: slice raw = alpha * sum_r w_r * values[v_r] in
+// pydensecrf's scalar order ((w * v) * alpha), then norm_factor.
 template <int DP1>
 static __device__ __forceinline__ float norm_of(long long p, const float* values, const int* vertex,
                                                 const float* weight, float alpha, int symmetric) {

@@ -307,19 +307,29 @@ PAIR_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(PAIR_CASES))
-def test_emulated_pair_blur_is_bit_identical(emulated, case):
+def test_emulated_pair_blur_is_bit_identical(emulated, case, monkeypatch):
     # Two blur passes a launch work out the first pass at the vertex and at its two neighbours
-    # along the second axis from the same rows: every output bit equals one pass a launch.
+    # along the second axis from the same rows: every output bit equals one pass a launch, for
+    # the labels' values every iteration and for the norms the build blurs once.
     crops, params, n_labels = PAIR_CASES[case]
     images, probs = case_inputs(crops, n_labels, seed=7)
+    launched = []
+    launch = emulated.launch
+    monkeypatch.setattr(emulated, "launch", lambda name, *rest, **kw: (launched.append(name), launch(name, *rest, **kw)))
     single = cuda.CudaCRF(images, probs, params, backend=emulated, pair_blur=False)
     passes = single.run()
+    single_launched, launched[:] = launched[:], []
     paired = cuda.CudaCRF(images, probs, params, backend=emulated, pair_blur=True)
     out = paired.run()
     planned = [args[0] for _, args in paired._launches]
     assert planned.count("lattice_blur_pair") == 3 and "lattice_blur" not in planned
     # one pass a launch: the Gaussian's axes 0-2 with the bilateral's, then its 3-5 alone
-    assert [args[0] for _, args in single._launches].count("lattice_blur") == (6 if params.bi_w else 3)
+    passes_a_launch = 6 if params.bi_w else 3
+    assert [args[0] for _, args in single._launches].count("lattice_blur") == passes_a_launch
+    assert launched.count("norm_blur_pair") == 3 and "norm_blur" not in launched
+    assert single_launched.count("norm_blur") == passes_a_launch and "norm_blur_pair" not in single_launched
+    for a, b in zip(single.lattices.norms, paired.lattices.norms):
+        assert np.array_equal(a, b) and np.all(b > 0)
     for a, b, p in zip(passes, out, probs):
         assert np.array_equal(a, b)
         assert not np.allclose(b, p, atol=1e-3)  # the CRF moved the probabilities: a real check

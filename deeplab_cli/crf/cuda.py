@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib.resources
 import math
 import shutil
@@ -79,9 +80,9 @@ STENCIL_STRIPS = (1, 2, 4)
 KERNELS = {
     "permutohedral.cu": (
         "lattice_elevate", "lattice_mark", "lattice_vertices", "lattice_entries", "lattice_neighbours",
-        "lattice_run_counts", "lattice_runs", "norm_splat", "norm_splat_reduce", "norm_blur", "lattice_norms",
-        "lattice_splat", "lattice_splat_reduce", "lattice_blur", "lattice_blur_pair", "gauss_grid", "gauss_neighbours",
-        "gauss_corners", *(f"gauss_stencil_r{r}" for r in range(5)), "gauss_stencil_scale",
+        "lattice_run_counts", "lattice_runs", "norm_splat", "norm_splat_reduce", "norm_blur", "norm_blur_pair",
+        "lattice_norms", "lattice_splat", "lattice_splat_reduce", "lattice_blur", "lattice_blur_pair", "gauss_grid",
+        "gauss_neighbours", "gauss_corners", *(f"gauss_stencil_r{r}" for r in range(5)), "gauss_stencil_scale",
     ),
     "meanfield.cu": ("mf_unary_rows", "mf_slice_softmax_v4", *(f"mf_slice_stencil_k{s}" for s in STENCIL_STRIPS),
                      "mf_to_planes_rows"),
@@ -303,7 +304,14 @@ _CONST_SIZE = 78
 
 def constant_table(specs: Sequence[KernelSpec], height: int, width: int, n_images: int,
                    *, spread: bool = False, spatial: bool = False) -> tuple[np.ndarray, int]:
-    """The (78,) int32 constant table of a batch's lattices and their key word count."""
+    """The (78,) int32 constant table of a batch's lattices (read-only: one per geometry, kept
+    for the next batch of that size) and their key word count."""
+    return _constant_table(tuple(specs), height, width, n_images, spread, spatial)
+
+
+@functools.lru_cache(maxsize=_CONSTANTS_KEPT)
+def _constant_table(specs: tuple[KernelSpec, ...], height: int, width: int, n_images: int, spread: bool,
+                    spatial: bool) -> tuple[np.ndarray, int]:
     tables, words = pack_layouts(specs, height, width, n_images, spread=spread, spatial=spatial)
     table = np.zeros(_CONST_SIZE, dtype=np.int32)
     floats = table.view(np.float32)
@@ -316,6 +324,7 @@ def constant_table(specs: Sequence[KernelSpec], height: int, width: int, n_image
         floats[_CONST_SCALE[spec.d]:_CONST_SCALE[spec.d] + spec.d] = scale_factors(spec.d)
     for d in (2, 5):  # the lattice field reads alike through either table
         table[_CONST_PACK[d]:_CONST_PACK[d] + 4] = tables[0][:4]
+    table.flags.writeable = False
     return table, words
 
 
@@ -521,7 +530,8 @@ class CudaCRF:
         """`spatial_order`: number the vertices image by image and the bilateral ones by
         spatial tile (pack_layout's `spatial`), so the vertices a splat, blur or slice touches
         at once lie near each other in memory and the pixels they read stay in L2. `pair_blur`:
-        two blur passes a launch (lattice_blur_pair), one write of the values per two passes.
+        two blur passes a launch (lattice_blur_pair, and norm_blur_pair for the norms), one
+        write of the values per two passes.
         `gauss_grid`: find the Gaussian lattice's neighbours by indexing its regular grid of
         cells instead of by binary search. Each is bit-identical either way (benchmarks/crf.py
         --ab times them). `gauss_stencil`: fold the Gaussian lattice's whole filter, norms and
@@ -652,8 +662,8 @@ class CudaCRF:
         """Device bytes prepare needs before the vertex count is known (_bytes_before_lattice
         for this batch's lattices, with the Gaussian cell grid when gauss_grid applies)."""
         specs = self.lattice_specs
-        words = (pack_layouts(specs, self.max_h, self.max_w, len(self.images), spread=self.spread_keys,
-                              spatial=self.spatial_order)[1] if specs else 1)
+        words = (constant_table(specs, self.max_h, self.max_w, len(self.images), spread=self.spread_keys,
+                                spatial=self.spatial_order)[1] if specs else 1)
         need = _bytes_before_lattice(self.n_pixels, self.ld, words, sum(s.d + 1 for s in specs))
         if self._gridded:
             need += _gauss_grid_bytes(specs[0], self.max_h, self.max_w, len(self.images))
@@ -880,7 +890,8 @@ class CudaCRF:
                                                  lat.sorted_weight, lat.run_vertex, a, partial))
         bk.launch("norm_splat_reduce", lat.n_multi_max, (partial, lat.run_offset, lat.multi, lat.n_multi,
                                                          _i64(lat.n_multi_max), a))
-        launches, blurred = self._blur("norm_blur", a, b, ())
+        kernel = "norm_blur_pair" if self.pair_blur else "norm_blur"
+        launches, blurred = self._blur(kernel, a, b, (), self.pair_blur)
         for launch in launches:
             bk.launch(*launch)
         norms = xp.empty((len(lat.specs), n), dtype=xp.float32)  # (L, N)
