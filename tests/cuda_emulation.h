@@ -44,14 +44,16 @@ static inline double __dmul_rn(double a, double b) { return a * b; }
 static inline double __ddiv_rn(double a, double b) { return a / b; }
 static inline double __dsqrt_rn(double a) { return sqrt(a); }
 static inline float __double2float_rn(double a) { return (float)a; }
-struct float2 {
+// Aligned as CUDA's vector types (8 and 16 bytes), so a misaligned vector load, which faults on
+// the GPU, is undefined here too: UBSan's alignment check (test_kernels_sanitized) reports it.
+struct alignas(8) float2 {
     float x, y;
 };
-struct float4 {
+struct alignas(16) float4 {
     float x, y, z, w;
 };
 static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
-struct int2 {
+struct alignas(8) int2 {
     int x, y;
 };
 static inline int2 make_int2(int x, int y) { return int2{x, y}; }

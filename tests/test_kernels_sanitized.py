@@ -3,8 +3,9 @@ UndefinedBehaviorSanitizer.
 
 The plain emulation survives a read outside an array whose value is then weighted by 0, or a
 store into memory nobody reads back; on a GPU either can fault or corrupt another buffer.
-Here each such access, and each undefined operation (a signed overflow, a shift too far), stops
-the run. Most of these kernels have run on a GPU only some sessions, some never.
+Here each such access, each float2/float4/int2 access off its 8- or 16-byte alignment (a
+fault on the GPU; tests/cuda_emulation.h aligns the vector types as CUDA does) and each undefined
+operation (a signed overflow, a shift too far) stops the run. Most of these kernels have run on a GPU only some sessions, some never.
 """
 
 from __future__ import annotations
