@@ -462,6 +462,13 @@ extern "C" __global__ void norm_splat_reduce(const float* partial, const int* ru
     }
 }
 
+// The blur update of one value: own + 0.5 * pair (seq: pydensecrf's scalar path, through double,
+// which the norms always take; the label rows' blur_f4 below takes it for 1 or 2 labels).
+static __device__ __forceinline__ float blur_one(float own, float pair, int seq) {
+    return seq ? __double2float_rn(__dadd_rn((double)own, __dmul_rn(0.5, (double)pair)))
+               : __fadd_rn(own, __fmul_rn(0.5f, pair));
+}
+
 // One blur pass of the norms at vertex u along the axis whose neighbour ids are nbr[u]:
 // src[u] + 0.5 * (n1 + n2), a missing neighbour counting 0, rounded once through double as
 // pydensecrf's scalar path (one value per vertex) does.
@@ -469,7 +476,7 @@ static __device__ __forceinline__ float norm_blur_at(const float* src, const int
     const int2 pair = nbr[u];
     const float a = pair.x >= 0 ? src[pair.x] : 0.0f;
     const float b = pair.y >= 0 ? src[pair.y] : 0.0f;
-    return __double2float_rn(__dadd_rn((double)src[u], __dmul_rn(0.5, (double)__fadd_rn(a, b))));
+    return blur_one(src[u], __fadd_rn(a, b), 1);
 }
 
 // One thread: one vertex v in [v0, v1) of one blur pass along one axis (Jacobi: src is never
@@ -494,7 +501,7 @@ extern "C" __global__ void norm_blur_pair(const float* src, float* dst, const in
         const int2 pair = nbr_b[v];
         const float a = pair.x >= 0 ? norm_blur_at(src, nbr_a, pair.x) : 0.0f;
         const float b = pair.y >= 0 ? norm_blur_at(src, nbr_a, pair.y) : 0.0f;
-        dst[v] = __double2float_rn(__dadd_rn((double)own, __dmul_rn(0.5, (double)__fadd_rn(a, b))));
+        dst[v] = blur_one(own, __fadd_rn(a, b), 1);
     }
 }
 
@@ -546,12 +553,6 @@ static __device__ __forceinline__ float4 f4_add_scaled(float4 acc, float w, floa
 
 static __device__ __forceinline__ float4 f4_add(float4 a, float4 b) {
     return make_float4(__fadd_rn(a.x, b.x), __fadd_rn(a.y, b.y), __fadd_rn(a.z, b.z), __fadd_rn(a.w, b.w));
-}
-
-// The blur update of one value: own + 0.5 * pair (seq: pydensecrf's scalar path, through double).
-static __device__ __forceinline__ float blur_one(float own, float pair, int seq) {
-    return seq ? __double2float_rn(__dadd_rn((double)own, __dmul_rn(0.5, (double)pair)))
-               : __fadd_rn(own, __fmul_rn(0.5f, pair));
 }
 
 // Entries a splat thread loads at once: 8 measured 1.5-3% faster than 4 at 1-4 MP on an H200

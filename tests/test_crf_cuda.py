@@ -313,9 +313,13 @@ def test_emulated_pair_blur_is_bit_identical(emulated, case, monkeypatch):
     # the labels' values every iteration and for the norms the build blurs once.
     crops, params, n_labels = PAIR_CASES[case]
     images, probs = case_inputs(crops, n_labels, seed=7)
-    launched = []
-    launch = emulated.launch
-    monkeypatch.setattr(emulated, "launch", lambda name, *rest, **kw: (launched.append(name), launch(name, *rest, **kw)))
+    launched, launch = [], emulated.launch
+
+    def recording(name, *rest, **options):
+        launched.append(name)
+        launch(name, *rest, **options)
+
+    monkeypatch.setattr(emulated, "launch", recording)
     single = cuda.CudaCRF(images, probs, params, backend=emulated, pair_blur=False)
     passes = single.run()
     single_launched, launched[:] = launched[:], []
