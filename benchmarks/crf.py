@@ -327,6 +327,8 @@ VARIANTS = {  # CudaCRF options for --ab
     # the slice's lane groups one to each power-of-two slice of a warp, not side by side (the same result)
     "unpacked": {"pack_lanes": False},
     "stencil-unpacked": {"gauss_stencil": True, "pack_lanes": False},
+    # the keys argsorted (8-byte keys and indices) instead of slotted keys sorted in place (the same result)
+    "argsort": {"slot_keys": False},
     "run8": {"run_min": 8},
     "run64": {"run_min": 64},
 }

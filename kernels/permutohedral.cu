@@ -19,6 +19,12 @@
 //            the host chooses the fields' order (cuda.py pack_layout). The lattice field is the
 //            most significant, so after sorting lattice 0's entries and vertices come first:
 //            vertices [0, M0) are lattice 0's, [M0, M) lattice 1's.
+//            When one word holds the fields above its low `slot_bits` bits, those bits carry the
+//            entry's slot (a "slotted" key): the keys are then unique, one plain sort of them
+//            in place gives the stable order (slot order within a vertex, pydensecrf's splat
+//            order) with no argsort, and an entry is known from its key (lattice, slot and
+//            remainder = corner). Else the host argsorts the keys (order: sorted position ->
+//            entry) and slot_bits is 0.
 //   values   (M, C) floats, label-contiguous, so the lanes of one vertex read one row.
 // Launch shape: blocks of (lanes, rows); threadIdx.x walks the labels of one row (a vertex,
 // run or pixel), threadIdx.y and blockIdx.x walk rows in a grid-stride loop, so any grid
@@ -96,15 +102,42 @@ static __device__ __forceinline__ bool pack_tiles(u64* words, const int* pack, c
     return ok;
 }
 
-// The lattice (field 0, laid out alike in both tables) of the key at entry e.
-static __device__ __forceinline__ int key_lattice(const u64* key_lo, const u64* key_hi, long long e,
-                                                  const int* pack) {
-    const u64 words[2] = {key_lo[e], key_hi ? key_hi[e] : 0ULL};
-    return (int)pack_get(words, pack, 0);
+// The key words at sorted position s, its slot bits cleared: key_lo/hi[order[s]] after an
+// argsort; with order null the keys are slotted and sorted in place (one word), key_lo[s].
+static __device__ __forceinline__ void sorted_key(const long long* order, const u64* key_lo, const u64* key_hi,
+                                                  long long s, int slot_bits, u64* words) {
+    if (order) {
+        const long long e = order[s];
+        words[0] = key_lo[e];
+        words[1] = key_hi ? key_hi[e] : 0ULL;
+    } else {
+        words[0] = key_lo[s] & ~((1ULL << slot_bits) - 1ULL);
+        words[1] = 0ULL;
+    }
 }
 
-static __device__ __forceinline__ bool same_key(const u64* key_lo, const u64* key_hi, long long a, long long b) {
-    return key_lo[a] == key_lo[b] && (!key_hi || key_hi[a] == key_hi[b]);
+static __device__ __forceinline__ bool same_sorted_key(const long long* order, const u64* key_lo,
+                                                       const u64* key_hi, long long a, long long b, int slot_bits) {
+    u64 ka[2], kb[2];
+    sorted_key(order, key_lo, key_hi, a, slot_bits, ka);
+    sorted_key(order, key_lo, key_hi, b, slot_bits, kb);
+    return ka[0] == kb[0] && ka[1] == kb[1];
+}
+
+// The entry at sorted position s: order[s] after an argsort; else (slotted keys) lattice l's
+// entry e_first_l + slot * (d_l + 1) + remainder, from the key. The lattice field lies alike in
+// both tables; the remainder's width is the lattice's own (lattice 0 is the Gaussian when its
+// d + 1, dp1_0, is 3).
+static __device__ __forceinline__ long long sorted_entry(const long long* order, const u64* key_lo, long long s,
+                                                         int slot_bits, const int* consts, long long e_split,
+                                                         int dp1_0, int dp1_1) {
+    if (order) return order[s];
+    const u64 words[2] = {key_lo[s], 0ULL};
+    const long long slot = (long long)(words[0] & ((1ULL << slot_bits) - 1ULL));
+    const bool first = pack_get(words, consts + CONST_PACK_G, 0) == 0;
+    const int* pack = first && dp1_0 == 3 ? consts + CONST_PACK_G : consts + CONST_PACK_B;
+    const long long r = pack_get(words, pack, 1);
+    return first ? slot * dp1_0 + r : e_split + slot * dp1_1 + r;
 }
 
 // One slot's simplex on a lattice of dimension D, pydensecrf's SSE path step by step: features
@@ -192,12 +225,13 @@ static __device__ __forceinline__ int simplex_corner(const float* rem0, const in
 
 // Elevate one slot onto lattice `lattice` (dimension D, simplex_of) and write its d+1 simplex
 // corners (packed keys and barycentric weights) at entries e0 .. e0 + D. `tile`: the bilateral
-// tiles' constants (pack_tiles), null on the Gaussian lattice.
+// tiles' constants (pack_tiles), null on the Gaussian lattice; `tag`: the slot, or'ed into the
+// low bits of slotted keys (else 0).
 template <int D>
 static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, bool origin, int image_index,
                                      int lattice, const float* stds, const float* scale, const int* pack,
-                                     const int* tile, long long e0, u64* key_lo, u64* key_hi, float* weight,
-                                     int* info) {
+                                     const int* tile, long long e0, u64 tag, u64* key_lo, u64* key_hi,
+                                     float* weight, int* info) {
     float rem0[D + 1], bary[D + 2];
     int rank[D + 1];
     simplex_of<D>(x, y, rgb, origin, stds, scale, rem0, rank, bary);
@@ -215,7 +249,7 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
             ok &= pack_put(words, pack, 3 + k, (key[k] - r) / (D + 1));  // exact: key = r mod D+1
         }
         ok &= pack_tiles<D>(words, pack, tile, key);
-        key_lo[e0 + r] = words[0];
+        key_lo[e0 + r] = words[0] | tag;
         if (key_hi) key_hi[e0 + r] = words[1];
         weight[e0 + r] = bary[r];
     }
@@ -224,8 +258,9 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
 
 // One thread: one pixel i of one image (grid-stride over H*W), elevated onto each lattice
 // present (e_g / e_b: first entry of the Gaussian / bilateral lattice, -1 when absent). Reads
-// the pixel's colour and the constant table; writes its keys and barycentric weights at its
-// slot pixel0 + i, and sets info[INFO_ERROR] when a key falls outside its packing.
+// the pixel's colour and the constant table; writes its keys (slotted when `slotted`) and
+// barycentric weights at its slot pixel0 + i, and sets info[INFO_ERROR] when a key falls
+// outside its packing.
 // pydensecrf elevates points 4 at a time and fills the unused lanes of an image's last group
 // (when H*W % 4 != 0) with all-zero features; their simplex corners become real lattice
 // vertices that no pixel splats to or slices from, but the blur passes values through them.
@@ -233,7 +268,8 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
 // into slot pad_slot (past all pixels of the batch).
 extern "C" __global__ void lattice_elevate(const unsigned char* image, int height, int width, long long pixel0,
                                            int image_index, long long pad_slot, const int* consts, long long e_g,
-                                           long long e_b, u64* key_lo, u64* key_hi, float* weight, int* info) {
+                                           long long e_b, int slotted, u64* key_lo, u64* key_hi, float* weight,
+                                           int* info) {
     const long long n = (long long)height * width, rows = pad_slot >= 0 ? n + 1 : n;
     const float* fconsts = reinterpret_cast<const float*>(consts);
     for (long long i = grid_start(); i < rows; i += grid_step()) {
@@ -241,42 +277,47 @@ extern "C" __global__ void lattice_elevate(const unsigned char* image, int heigh
         const long long slot = origin ? pad_slot : pixel0 + i;
         const int x = origin ? 0 : (int)(i % width), y = origin ? 0 : (int)(i / width);
         const unsigned char* rgb = origin ? nullptr : image + i * 3;
+        const u64 tag = slotted ? (u64)slot : 0ULL;
         if (e_g >= 0)
             elevate_pixel<2>(x, y, rgb, origin, image_index, 0, fconsts + CONST_STD_G, fconsts + CONST_SCALE_G,
-                             consts + CONST_PACK_G, nullptr, e_g + slot * 3, key_lo, key_hi, weight, info);
+                             consts + CONST_PACK_G, nullptr, e_g + slot * 3, tag, key_lo, key_hi, weight, info);
         if (e_b >= 0)
             elevate_pixel<5>(x, y, rgb, origin, image_index, e_g >= 0 ? 1 : 0, fconsts + CONST_STD_B,
                              fconsts + CONST_SCALE_B, consts + CONST_PACK_B, consts + CONST_TILE_B, e_b + slot * 6,
-                             key_lo, key_hi, weight, info);
+                             tag, key_lo, key_hi, weight, info);
     }
 }
 
-// One thread: one position s of the sorted entries (order: sorted position -> entry). Reads
-// the keys of entries order[s] and order[s-1]; writes flags[s] = 1 where a new vertex starts.
+// One thread: one position s of the sorted entries (order: sorted position -> entry, or null
+// for slotted keys sorted in place, see sorted_key). Reads the keys at s and s-1; writes
+// flags[s] = 1 where a new vertex starts.
 extern "C" __global__ void lattice_mark(const long long* order, const u64* key_lo, const u64* key_hi,
-                                        long long n_entries, int* flags) {
+                                        long long n_entries, int slot_bits, int* flags) {
     for (long long s = grid_start(); s < n_entries; s += grid_step())
-        flags[s] = s == 0 || !same_key(key_lo, key_hi, order[s], order[s - 1]) ? 1 : 0;
+        flags[s] = s == 0 || !same_sorted_key(order, key_lo, key_hi, s, s - 1, slot_bits) ? 1 : 0;
 }
 
 // One thread: one sorted position s; `count` is the inclusive scan of flags, so vertex
 // v = count[s] - 1. Where a vertex starts, writes its first sorted position starts[v] = s and
-// its key, and where its lattice differs from the previous vertex's (or s = 0),
-// info[INFO_FIRST + lattice] = v; the last position writes starts[M] = E and info[INFO_VERTICES] = M.
+// its key (slot bits cleared), and where its lattice differs from the previous vertex's (or
+// s = 0), info[INFO_FIRST + lattice] = v; the last position writes starts[M] = E and
+// info[INFO_VERTICES] = M. order and slot_bits: as lattice_mark's.
 extern "C" __global__ void lattice_vertices(const int* flags, const int* count, const long long* order,
-                                            const u64* key_lo, const u64* key_hi, long long n_entries,
+                                            const u64* key_lo, const u64* key_hi, long long n_entries, int slot_bits,
                                             const int* consts, int* starts, u64* unique_lo, u64* unique_hi,
                                             int* info) {
+    const int* pack = consts + CONST_PACK_G;
     for (long long s = grid_start(); s < n_entries; s += grid_step()) {
         const int v = count[s] - 1;
         if (flags[s]) {
-            const long long e = order[s];
+            u64 own[2], prev[2];
+            sorted_key(order, key_lo, key_hi, s, slot_bits, own);
             starts[v] = (int)s;
-            unique_lo[v] = key_lo[e];
-            if (key_hi) unique_hi[v] = key_hi[e];
-            const int lattice = key_lattice(key_lo, key_hi, e, consts + CONST_PACK_G);
-            if (s == 0 || lattice != key_lattice(key_lo, key_hi, order[s - 1], consts + CONST_PACK_G))
-                info[INFO_FIRST + lattice] = v;
+            unique_lo[v] = own[0];
+            if (key_hi) unique_hi[v] = own[1];
+            const int lattice = (int)pack_get(own, pack, 0);
+            if (s > 0) sorted_key(order, key_lo, key_hi, s - 1, slot_bits, prev);
+            if (s == 0 || lattice != (int)pack_get(prev, pack, 0)) info[INFO_FIRST + lattice] = v;
         }
         if (s == n_entries - 1) {
             starts[v + 1] = (int)n_entries;
@@ -285,17 +326,19 @@ extern "C" __global__ void lattice_vertices(const int* flags, const int* count, 
     }
 }
 
-// One thread: one sorted position s. Reads the entry e = order[s], its vertex (count[s] - 1)
-// and weight; writes entry_vertex[e] (each slot's corner -> vertex, for slicing), and at s the
-// entry's pixel (-1 for the padding origins, slots >= n_pixels: nothing splats from them) and
-// weight (for splatting). Entries below e_split are lattice 0's, d+1 = dp1_0 per slot; the rest
-// lattice 1's. order is a permutation: no two threads write the same place.
-extern "C" __global__ void lattice_entries(const long long* order, const int* count, const float* weight,
+// One thread: one sorted position s. Reads the entry e there (sorted_entry: order[s], or from
+// the slotted key), its vertex (count[s] - 1) and weight; writes entry_vertex[e] (each slot's
+// corner -> vertex, for slicing), and at s the entry's pixel (-1 for the padding origins, slots
+// >= n_pixels: nothing splats from them) and weight (for splatting). Entries below e_split are
+// lattice 0's, d+1 = dp1_0 per slot; the rest lattice 1's. The sorted positions are a
+// permutation of the entries: no two threads write the same place.
+extern "C" __global__ void lattice_entries(const long long* order, const u64* key_lo, int slot_bits,
+                                           const int* consts, const int* count, const float* weight,
                                            long long n_entries, long long e_split, int dp1_0, int dp1_1,
                                            long long n_pixels, int* entry_vertex, int* sorted_pixel,
                                            float* sorted_weight) {
     for (long long s = grid_start(); s < n_entries; s += grid_step()) {
-        const long long e = order[s];
+        const long long e = sorted_entry(order, key_lo, s, slot_bits, consts, e_split, dp1_0, dp1_1);
         entry_vertex[e] = count[s] - 1;
         const long long p = e < e_split ? e / dp1_0 : (e - e_split) / dp1_1;
         sorted_pixel[s] = p < n_pixels ? (int)p : -1;

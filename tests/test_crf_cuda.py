@@ -254,6 +254,7 @@ def test_emulated_two_level_splat_two_word_keys_and_two_labels(emulated):
     probs = network_like_probs(h, w, seed=5)
     crf = cuda.CudaCRF([image], [probs], DEEPLAB, backend=emulated, spread_keys=True)
     out = crf.run()[0]
+    assert crf._consts[1] == 2, "expected keys of two words"
     assert crf.lattices.n_runs[0] > crf.lattices.n_vertices, "expected vertices split into several runs"
     assert_close(out, pydensecrf_reference(image, probs, DEEPLAB), atol=1e-5)
     two = probs[:2] / probs[:2].sum(0)
@@ -337,6 +338,68 @@ def test_emulated_pair_blur_is_bit_identical(emulated, case, monkeypatch):
     for a, b, p in zip(passes, out, probs):
         assert np.array_equal(a, b)
         assert not np.allclose(b, p, atol=1e-3)  # the CRF moved the probabilities: a real check
+
+
+SLOT_CASES = {
+    # both lattices, an image whose pixel count is not a multiple of 4 (a padding origin's slot)
+    "deeplab": ([("chelsea.jpg", 60, 120, 33, 47)], DEEPLAB.replace(iterations=3), 21),
+    # one lattice each: lattice 0 is then the bilateral (a 3-bit remainder)
+    "gaussian only": ([("rocket.jpg", 100, 200, 30, 44)], DEEPLAB.replace(bi_w=0, iterations=3), 21),
+    "bilateral only": ([("coffee.jpg", 40, 40, 26, 29)], DEEPLAB.replace(pos_w=0, iterations=3), 21),
+    # a batch of three sizes (two padded): slots run on across images
+    "batch": ([("astronaut.jpg", 0, 0, 21, 19), ("coffee.jpg", 0, 0, 8, 10), ("chelsea.jpg", 40, 80, 30, 35)],
+              README.replace(iterations=3, normalization="after"), 5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SLOT_CASES))
+def test_emulated_slotted_keys_are_bit_identical(emulated, case):
+    # With each entry's slot in its key's low bits the keys are unique and sort in place into
+    # the argsort's stable order: the same vertices, ids, runs and neighbours, every output bit.
+    crops, params, n_labels = SLOT_CASES[case]
+    images, probs = case_inputs(crops, n_labels, seed=11)
+    argsorted = cuda.CudaCRF(images, probs, params, backend=emulated, slot_keys=False)
+    plain = argsorted.run()
+    slotted = cuda.CudaCRF(images, probs, params, backend=emulated)
+    out = slotted.run()
+    n_slots = slotted.n_pixels + sum((h * w) % 4 > 0 for h, w in slotted.sizes)
+    assert argsorted._consts[2] == 0 and 2**slotted._consts[2] >= n_slots and slotted._consts[1] == 1
+    a, b = argsorted.lattices, slotted.lattices
+    assert a.first == b.first and a.entry_first == b.entry_first
+    for name in ("entry_vertex", "sorted_pixel", "sorted_weight", "run_offset"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    runs = int(a.n_runs[0]) + 1  # the rest of run_bounds is never written
+    assert np.array_equal(a.run_bounds[:runs], b.run_bounds[:runs])
+    g = a.first[1] if a.specs[0].d == 2 else 0  # Gaussian vertices have axes 0..2 only
+    assert np.array_equal(a.neighbours[:3, :g], b.neighbours[:3, :g])
+    assert np.array_equal(a.neighbours[:, g:], b.neighbours[:, g:])
+    assert (b.sorted_pixel < 0).sum() == (n_slots - slotted.n_pixels) * sum(s.d + 1 for s in slotted.specs)
+    for x, y, p in zip(plain, out, probs):
+        assert np.array_equal(x, y)
+        assert not np.allclose(y, p, atol=1e-3)  # the CRF moved the probabilities: a real check
+
+
+def test_slotted_keys_fall_back_to_argsort_when_a_word_is_full(emulated):
+    # Two-word keys (spread_keys forces them) leave no room for the slot: argsort, same result.
+    images, probs = case_inputs([("chelsea.jpg", 60, 120, 17, 23)], 21, seed=2)
+    params = DEEPLAB.replace(iterations=2)
+    spread = cuda.CudaCRF(images, probs, params, backend=emulated, spread_keys=True)
+    out = spread.run()[0]
+    assert spread._consts[1:] == (2, 0)
+    assert np.array_equal(out, cuda.CudaCRF(images, probs, params, backend=emulated).run()[0])
+
+
+def test_reserved_slot_bits_sit_below_every_field():
+    specs = geometry.kernel_specs(DEEPLAB)
+    for reserve in (0, 18, 22):
+        tables, words = cuda.pack_layouts(specs, 375, 500, 1, spatial=True, reserve=reserve)
+        assert words == 1
+        for table in tables:
+            fields = table.reshape(-1, 4)
+            used = fields[fields[:, 2] > 0]
+            assert used[:, 1].min() == reserve and (used[:, 1] + used[:, 2]).max() <= 64
+    # 23 bits of slots, the 41-bit bilateral key and the lattice bit: over a word
+    assert cuda.pack_layouts(specs, 375, 500, 1, spatial=True, reserve=23)[1] == 2
 
 
 SPATIAL_CASES = {

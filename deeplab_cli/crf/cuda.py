@@ -9,13 +9,14 @@ both lattices share one set of arrays, so each step below is one launch for both
   1. unary: -U = log(clip(p, 1e-5, 1)) into (N, ld) rows, Q = softmax(-U);
   2. build: elevate every pixel to its d+1 simplex corners on the Gaussian (d = 2) and the
      bilateral (d = 5) lattice (keys and barycentric weights, bit-identical to pydensecrf);
-     one stable sort of all keys (the lattice index tops each key); mark and number unique
-     vertices; per-entry vertex ids and per-vertex runs for the splat; the neighbour table
-     along the d+1 axes; then each lattice's norm = K 1 through the same filter. An image
-     whose H*W is not a multiple of 4 also gets the origin's d+1 corners as vertices, as in
-     pydensecrf (its 4-wide build pads the last group with all-zero features). The host waits
-     once, for the vertex count; scalars go as kernel arguments, the small constant table is
-     uploaded once per geometry;
+     one sort of all keys (the lattice index tops each key; each entry's slot below the key
+     fields when one 64-bit word holds both, so the keys sort in place, else an argsort that
+     keeps slot order within a vertex); mark and number unique vertices; per-entry vertex ids
+     and per-vertex runs for the splat; the neighbour table along the d+1 axes; then each
+     lattice's norm = K 1 through the same filter. An image whose H*W is not a multiple of 4
+     also gets the origin's d+1 corners as vertices, as in pydensecrf (its 4-wide build pads
+     the last group with all-zero features). The host waits once, for the vertex count;
+     scalars go as kernel arguments, the small constant table is uploaded once per geometry;
   3. each iteration (6 launches, or a CUDA graph of them replayed): splat both lattices (gather over
      each vertex's entries, no atomics), reduce the vertices cut into several runs, blur in
      three launches (Jacobi, double buffer; each takes the Gaussian lattice's next axis and the
@@ -201,8 +202,8 @@ def q_ranges(spec: KernelSpec, height: int, width: int) -> list[tuple[int, int]]
     return [(lo // (spec.d + 1) - 1, hi // (spec.d + 1) + 1) for lo, hi in key_bounds(spec, height, width)]
 
 
-def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int,
-                *, spread: bool = False, spatial: bool = False) -> tuple[list[tuple[int, int, int, int]], int, int]:
+def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int, *, spread: bool = False,
+                spatial: bool = False, reserve: int = 0) -> tuple[list[tuple[int, int, int, int]], int, int]:
     """How one lattice's keys pack into 64-bit words, the lattice field left out: (word, shift,
     bits, lo) per field (remainder, image, q_0 .. q_{d-1}, with coordinate = q * (d+1) +
     remainder; for the bilateral lattice then its spatial tile x and y, see tile_layout), the
@@ -213,6 +214,7 @@ def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int,
     sort then numbers vertices image by image and, on the bilateral lattice, tile by tile, so
     vertices near each other in the image get nearby ids (the result is the same either way).
     `spread` puts the last field in a second word even when one would do (tests use it).
+    `reserve`: the first word's low bits left free (for a slotted key's slot, see CudaCRF).
     """
     fields = {1: (spec.d.bit_length(), 0), 2: (max(n_images - 1, 0).bit_length(), 0)}
     for k, (q_lo, q_hi) in enumerate(q_ranges(spec, height, width)):
@@ -223,13 +225,14 @@ def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int,
             fields[3 + spec.d + k] = (max(count - 1, 0).bit_length(), 0)
     coords, tiles = list(range(3, 3 + spec.d)), [i for i in (3 + spec.d, 4 + spec.d) if i in fields]
     order = [1, *coords, *tiles, 2] if spatial else [1, 2, *coords, *tiles]
-    table, word, shift = [None] * len(fields), 0, 0
-    for position, index in enumerate(order):
+    last = [index for index in order if fields[index][0]][-1]
+    table, word, shift = [None] * len(fields), 0, reserve
+    for index in order:
         bits, lo = fields[index]
         if bits == 0:
             table[index - 1] = (0, 0, 0, lo)  # never shift by 64: empty fields sit at bit 0
             continue
-        if shift + bits > 64 or (spread and position == len(order) - 1 and word == 0):
+        if shift + bits > 64 or (spread and index == last and word == 0):
             word, shift = word + 1, 0
         if word > 1:
             raise DeeplabError(f"CRF: {spec.name} lattice keys do not fit 128 bits")
@@ -274,14 +277,14 @@ def gauss_cells(spec: KernelSpec, height: int, width: int) -> tuple[int, int]:
     return hi0 - lo0 + 1, hi1 - lo1 + 1
 
 
-def pack_layouts(specs: Sequence[KernelSpec], height: int, width: int, n_images: int,
-                 *, spread: bool = False, spatial: bool = False) -> tuple[list[np.ndarray], int]:
+def pack_layouts(specs: Sequence[KernelSpec], height: int, width: int, n_images: int, *, spread: bool = False,
+                 spatial: bool = False, reserve: int = 0) -> tuple[list[np.ndarray], int]:
     """Key packing of every lattice of a batch sharing one sort: per lattice int32 (word, shift,
     bits, lo) per field (lattice, remainder, image, q_0 .. q_{d-1}, and on the bilateral lattice
-    tile x, tile y), and the shared word count (`spread`, `spatial`: as pack_layout's).
+    tile x, tile y), and the shared word count (`spread`, `spatial`, `reserve`: as pack_layout's).
     The lattice index is the most significant field (the top bits of the last word, laid out
     alike in every table), so sorted keys group by lattice, lattice 0 first."""
-    layouts = [pack_layout(s, height, width, n_images, spread=spread, spatial=spatial) for s in specs]
+    layouts = [pack_layout(s, height, width, n_images, spread=spread, spatial=spatial, reserve=reserve) for s in specs]
     lattice_bits = max(len(specs) - 1, 0).bit_length()
     words = max((w for _, w, _ in layouts), default=1)
     if any(w == words and used + lattice_bits > 64 for _, w, used in layouts):
@@ -302,17 +305,17 @@ _CONST_SCALE = {2: 66, 5: 73}
 _CONST_SIZE = 78
 
 
-def constant_table(specs: Sequence[KernelSpec], height: int, width: int, n_images: int,
-                   *, spread: bool = False, spatial: bool = False) -> tuple[np.ndarray, int]:
+def constant_table(specs: Sequence[KernelSpec], height: int, width: int, n_images: int, *, spread: bool = False,
+                   spatial: bool = False, reserve: int = 0) -> tuple[np.ndarray, int]:
     """The (78,) int32 constant table of a batch's lattices (read-only: one per geometry, kept
-    for the next batch of that size) and their key word count."""
-    return _constant_table(tuple(specs), height, width, n_images, spread, spatial)
+    for the next batch of that size) and their key word count (pack_layouts' options)."""
+    return _constant_table(tuple(specs), height, width, n_images, spread, spatial, reserve)
 
 
 @functools.lru_cache(maxsize=_CONSTANTS_KEPT)
 def _constant_table(specs: tuple[KernelSpec, ...], height: int, width: int, n_images: int, spread: bool,
-                    spatial: bool) -> tuple[np.ndarray, int]:
-    tables, words = pack_layouts(specs, height, width, n_images, spread=spread, spatial=spatial)
+                    spatial: bool, reserve: int) -> tuple[np.ndarray, int]:
+    tables, words = pack_layouts(specs, height, width, n_images, spread=spread, spatial=spatial, reserve=reserve)
     table = np.zeros(_CONST_SIZE, dtype=np.int32)
     floats = table.view(np.float32)
     for spec, pack in zip(specs, tables):
@@ -526,7 +529,8 @@ class CudaCRF:
     def __init__(self, images: Sequence[Any], probs: Sequence[Any], params: CRFParams = CRFParams(),
                  backend: Any = None, *, spread_keys: bool = False, run_min: int = RUN_MIN,
                  gauss_grid: bool = False, spatial_order: bool = True, pair_blur: bool = True,
-                 gauss_stencil: bool = False, stencil_strip: int = 2, pack_lanes: bool = True) -> None:
+                 gauss_stencil: bool = False, stencil_strip: int = 2, pack_lanes: bool = True,
+                 slot_keys: bool = True) -> None:
         """`spatial_order`: number the vertices image by image and the bilateral ones by
         spatial tile (pack_layout's `spatial`), so the vertices a splat, blur or slice touches
         at once lie near each other in memory and the pixels they read stay in L2. `pair_blur`:
@@ -548,7 +552,12 @@ class CudaCRF:
         `pack_lanes`: the slice kernel's lane groups (one per pixel or strip, a lane per float4
         chunk of labels) lie side by side in a warp (5 groups of 6 lanes for 21 labels), instead
         of one to each power-of-two slice of the warp (4 of 8, 2 lanes of each idle); the same
-        result either way. `spread_keys` and `run_min` exist for tests and benchmarks."""
+        result either way. `slot_keys`: when the keys' fields leave room in one 64-bit word for
+        each entry's slot (pixel) below them, put it there and sort the keys themselves in place
+        (unique, so the plain sort gives the stable order) instead of argsorting them: half the
+        bytes a radix pass moves, and the steps after it read keys in order instead of through
+        the permutation; the same result either way. `spread_keys` and `run_min` exist for tests
+        and benchmarks."""
         self.bk = backend if backend is not None else cupy_backend()
         xp = self.bk.xp
         if len(images) != len(probs) or not images:
@@ -578,6 +587,7 @@ class CudaCRF:
         # Lattice 0 the Gaussian (d = 2), lattice 1 the bilateral (d = 5), when their weights are not 0.
         self.specs = [s for s in kernel_specs(params) if s.weight != 0] if params.iterations > 0 else []
         self.spread_keys = spread_keys
+        self.slot_keys = bool(slot_keys)
         # Label rows padded to whole float4s (pad columns 0), moved 16 bytes at a time.
         self.n_vec = -(-self.n_labels // 4)
         self.ld = 4 * self.n_vec
@@ -608,7 +618,7 @@ class CudaCRF:
         self._q_pair: tuple[Any, Any] | None = None  # with the stencil: Q's two buffers
         # with the stencil: each image's first pixel, first strip (of stencil_strip pixels), width
         self._image_start = self._strip_start = self._image_width = None
-        self._consts: tuple[Any, int] | None = None
+        self._consts: tuple[Any, int, int] | None = None
 
     # -- stage 1: unary, Q0, lattices and their norms ------------------------------------------
 
@@ -669,15 +679,21 @@ class CudaCRF:
             need += _gauss_grid_bytes(specs[0], self.max_h, self.max_w, len(self.images))
         return need
 
-    def _constants(self) -> tuple[Any, int]:
-        """The lattices' constant table on the device (uploaded once per geometry) and the key
-        word count; worked out once per batch."""
+    def _constants(self) -> tuple[Any, int, int]:
+        """The lattices' constant table on the device (uploaded once per geometry), the key word
+        count and the slot bits below the keys' fields (0: the keys are argsorted, see
+        slot_keys); worked out once per batch."""
         if self._consts is None:
-            specs = self.lattice_specs
-            key = (tuple(specs), self.max_h, self.max_w, len(self.images), self.spread_keys, self.spatial_order)
-            table, words = constant_table(specs, self.max_h, self.max_w, len(self.images),
-                                          spread=self.spread_keys, spatial=self.spatial_order)
-            self._consts = self._upload(key, table), words
+            specs, n_images = self.lattice_specs, len(self.images)
+            options = {"spread": self.spread_keys, "spatial": self.spatial_order}
+            # slots: every pixel of a batch this size, and each image's padding origin
+            slot_bits = (n_images * (self.max_h * self.max_w + 1) - 1).bit_length() if self.slot_keys else 0
+            table, words = constant_table(specs, self.max_h, self.max_w, n_images, **options, reserve=slot_bits)
+            if words > 1:  # no room: the fields alone, argsorted
+                slot_bits = 0
+                table, words = constant_table(specs, self.max_h, self.max_w, n_images, **options)
+            key = (tuple(specs), self.max_h, self.max_w, n_images, self.spread_keys, self.spatial_order, slot_bits)
+            self._consts = self._upload(key, table), words, slot_bits
         return self._consts
 
     def _upload(self, key: Any, host: np.ndarray) -> Any:
@@ -697,7 +713,7 @@ class CudaCRF:
         slots = n + len(padded)
         entry_first = np.cumsum([0] + [(s.d + 1) * slots for s in specs]).tolist()
         e = entry_first[-1]
-        consts, words = self._constants()
+        consts, words, slot_bits = self._constants()
         start_of = {s.d: entry_first[l] for l, s in enumerate(specs)}
         key_lo = xp.empty(e, dtype=xp.uint64)
         key_hi = xp.empty(e, dtype=xp.uint64) if words == 2 else None
@@ -708,26 +724,33 @@ class CudaCRF:
             pad_slot = n + padded.index(b) if b in padded else -1
             bk.launch("lattice_elevate", h * w + (pad_slot >= 0),
                       (im, _i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), _i64(pad_slot), consts,
-                       _i64(start_of.get(2, -1)), _i64(start_of.get(5, -1)), key_lo, key_hi, weight, info))
-        # Stable sorts keep each vertex's entries in slot order, pydensecrf's splat order.
-        order = xp.argsort(key_lo, kind="stable")  # sorted position -> entry, int64
-        if key_hi is not None:
-            order = order[xp.argsort(key_hi[order], kind="stable")]
+                       _i64(start_of.get(2, -1)), _i64(start_of.get(5, -1)), _i32(slot_bits > 0), key_lo, key_hi,
+                       weight, info))
+        # Each vertex's entries must stay in slot order, pydensecrf's splat order: slotted keys
+        # are unique and sort in that order; else stable sorts keep it.
+        if slot_bits:
+            key_lo.sort()
+            order = None
+        else:
+            order = xp.argsort(key_lo, kind="stable")  # sorted position -> entry, int64
+            if key_hi is not None:
+                order = order[xp.argsort(key_hi[order], kind="stable")]
         flags = xp.empty(e, dtype=xp.int32)
-        bk.launch("lattice_mark", e, (order, key_lo, key_hi, _i64(e), flags))
+        bk.launch("lattice_mark", e, (order, key_lo, key_hi, _i64(e), _i32(slot_bits), flags))
         count = xp.cumsum(flags, dtype=xp.int32)  # vertex id + 1 at each sorted position
         starts = xp.empty(e + 1, dtype=xp.int32)
         unique_lo = xp.empty(e, dtype=xp.uint64)
         unique_hi = xp.empty(e, dtype=xp.uint64) if key_hi is not None else None
-        bk.launch("lattice_vertices", e, (flags, count, order, key_lo, key_hi, _i64(e), consts, starts, unique_lo,
-                                          unique_hi, info))
+        bk.launch("lattice_vertices", e, (flags, count, order, key_lo, key_hi, _i64(e), _i32(slot_bits), consts,
+                                          starts, unique_lo, unique_hi, info))
         del flags
         entry_vertex = xp.empty(e, dtype=xp.int32)
         sorted_pixel = xp.empty(e, dtype=xp.int32)
         sorted_weight = xp.empty(e, dtype=xp.float32)
         dp1 = [s.d + 1 for s in specs] + [1]
-        bk.launch("lattice_entries", e, (order, count, weight, _i64(e), _i64(entry_first[1]), _i32(dp1[0]),
-                                         _i32(dp1[1]), _i64(n), entry_vertex, sorted_pixel, sorted_weight))
+        bk.launch("lattice_entries", e, (order, key_lo, _i32(slot_bits), consts, count, weight, _i64(e),
+                                         _i64(entry_first[1]), _i32(dp1[0]), _i32(dp1[1]), _i64(n), entry_vertex,
+                                         sorted_pixel, sorted_weight))
         del order, count, key_lo, key_hi
         # The build's one wait on the device: the vertex count sizes everything after.
         err, m, *first = (int(x) for x in bk.to_host(info))
