@@ -12,10 +12,11 @@
 //   entries  e in [0, E0) are lattice 0's, e = slot * (d0+1) + corner; e in [E0, E) lattice 1's,
 //            e = E0 + slot * (d1+1) + corner. A slot is a pixel of the batch, or past the N
 //            pixels an image's padding origin (see lattice_elevate).
-//   key      up to two 64-bit words packing (lattice, remainder, image, q_0 .. q_{d-1}, and on
-//            the bilateral lattice two spatial tile fields, see pack_tiles), where the lattice
-//            coordinate k_i = q_i * (d+1) + remainder (all coords of a vertex share their
-//            remainder mod d+1); a table per lattice holds, per field, (word, shift, bits, lo), so
+//   key      up to two 64-bit words packing (lattice, remainder, image, q_0 .. q_{d-1}; on the
+//            bilateral lattice in spatial order q_0 and q_1 give way to the point's position
+//            split into fine and tile fields, see pack_coords), where the lattice coordinate
+//            k_i = q_i * (d+1) + remainder (all coords of a vertex share their remainder mod
+//            d+1); a table per lattice holds, per field, (word, shift, bits, lo), so
 //            the host chooses the fields' order (cuda.py pack_layout). The lattice field is the
 //            most significant, so after sorting lattice 0's entries and vertices come first:
 //            vertices [0, M0) are lattice 0's, [M0, M) lattice 1's.
@@ -34,8 +35,9 @@
 
 // The constant table (int32) the host uploads once per geometry: each lattice's key packing
 // (4 ints per field: lattice, remainder, image, d coordinates, and on the bilateral lattice its
-// spatial tile x and y), the bilateral tiles' (lo, step) in x and y, then as float32 bits the
-// features' standard deviations and elevation scales. Offsets must match cuda.py.
+// spatial tile x and y), the bilateral position's (lo, shift) in x and y (pack_coords; shift
+// -1 in key order), then as float32 bits the features' standard deviations and elevation
+// scales. Offsets must match cuda.py.
 #define CONST_PACK_G 0
 #define CONST_PACK_B 20
 #define CONST_TILE_B 60
@@ -84,22 +86,59 @@ static __device__ __forceinline__ long long pack_get(const u64* words, const int
     return (long long)((words[word] >> shift) & mask) + pack[4 * f + 3];
 }
 
-// The bilateral key's spatial tile fields (D + 3, D + 4) of the point with stored coordinates
-// k: tile x of X = k_0 - k_1, tile y of Y = k_0 + k_1 - 2 k_2 (proportional to the point's
-// position in the image), (X - lo) / step. A field without bits is left out (the tiles are off,
-// or the image has one tile that way); none on the Gaussian lattice (tile null). False when a
-// tile does not fit its field.
+// Whether a lattice's key stores the point's position instead of q_0 and q_1 (pack_coords):
+// the bilateral lattice in spatial order, whose tile constants give a shift >= 0.
+static __device__ __forceinline__ bool spatial_key(const int* tile) {
+    return tile && tile[1] >= 0;
+}
+
+// The coordinate fields of the point with coordinates k (remainder r): field 3 + i holds
+// q_i = (k_i - r) / (d+1). With spatial_key(tile), fields 3 and 4 hold instead the low bits of
+// its position X = q_0 - q_1 and Y = q_0 + q_1 - 2 q_2 (2 cf_x and 6 cf_y of a pixel's own
+// elevated point, over d+1), counted from tile[0] and tile[2], and fields 3 + D and 4 + D the
+// rest (the tile): X - tile[0] = tile x << tile[1] | fine x, likewise Y with tile[3]. The
+// position and q_2 .. q_{D-1} give back q_0 = (X + Y + 2 q_2) / 2 and q_1 = q_0 - X
+// (unpack_coords), so each point still has one key, and X, Y span far fewer values than q_0,
+// q_1 (no colour in them). False when a field does not fit: no vertex lies there.
 template <int D>
-static __device__ __forceinline__ bool pack_tiles(u64* words, const int* pack, const int* tile, const int* k) {
-    if (!tile) return true;
-    const long long pos[2] = {(long long)k[0] - k[1], (long long)k[0] + k[1] - 2LL * k[2]};
-    bool ok = true;
+static __device__ __forceinline__ bool pack_coords(u64* words, const int* pack, const int* tile, const int* k,
+                                                   int r) {
+    long long q[D];
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {
-        if (pack[4 * (3 + D + t) + 2] == 0) continue;
-        ok = ok && pos[t] >= tile[2 * t] && pack_put(words, pack, 3 + D + t, (pos[t] - tile[2 * t]) / tile[2 * t + 1]);
+    for (int i = 0; i < D; ++i) q[i] = (k[i] - r) / (D + 1);  // exact: k = r mod D+1
+    bool ok = true;
+    int first = 0;
+    if (D >= 3 && spatial_key(tile)) {
+        const long long pos[2] = {q[0] - q[1] - tile[0], q[0] + q[1] - 2 * q[D >= 3 ? 2 : 0] - tile[2]};
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+            const int shift = tile[2 * t + 1];
+            ok = ok && pos[t] >= 0 && pack_put(words, pack, 3 + t, pos[t] & ((1LL << shift) - 1)) &&
+                 pack_put(words, pack, 3 + D + t, pos[t] >> shift);
+        }
+        first = 2;
     }
+#pragma unroll
+    for (int i = 0; i < D; ++i)
+        if (i >= first) ok = ok && pack_put(words, pack, 3 + i, q[i]);
     return ok;
+}
+
+// The coordinates k of a key packed by pack_coords (remainder r).
+template <int D>
+static __device__ __forceinline__ void unpack_coords(const u64* words, const int* pack, const int* tile, int r,
+                                                     int* k) {
+    long long q[D];
+#pragma unroll
+    for (int i = 0; i < D; ++i) q[i] = pack_get(words, pack, 3 + i);
+    if (D >= 3 && spatial_key(tile)) {
+        const long long x = (pack_get(words, pack, 3 + D) << tile[1] | q[0]) + tile[0];
+        const long long y = (pack_get(words, pack, 4 + D) << tile[3] | q[1]) + tile[2];
+        q[0] = (x + y + 2 * q[D >= 3 ? 2 : 0]) / 2;  // exact: x + y = 2 (q_0 - q_2)
+        q[1] = q[0] - x;
+    }
+#pragma unroll
+    for (int i = 0; i < D; ++i) k[i] = (int)(q[i] * (D + 1) + r);
 }
 
 // The key words at sorted position s, its slot bits cleared: key_lo/hi[order[s]] after an
@@ -225,7 +264,7 @@ static __device__ __forceinline__ int simplex_corner(const float* rem0, const in
 
 // Elevate one slot onto lattice `lattice` (dimension D, simplex_of) and write its d+1 simplex
 // corners (packed keys and barycentric weights) at entries e0 .. e0 + D. `tile`: the bilateral
-// tiles' constants (pack_tiles), null on the Gaussian lattice; `tag`: the slot, or'ed into the
+// tiles' constants (pack_coords), null on the Gaussian lattice; `tag`: the slot, or'ed into the
 // low bits of slotted keys (else 0).
 template <int D>
 static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, bool origin, int image_index,
@@ -244,11 +283,8 @@ static __device__ void elevate_pixel(int x, int y, const unsigned char* rgb, boo
         ok &= pack_put(words, pack, 2, image_index);
         int key[D];
 #pragma unroll
-        for (int k = 0; k < D; ++k) {
-            key[k] = simplex_corner<D>(rem0, rank, r, k);
-            ok &= pack_put(words, pack, 3 + k, (key[k] - r) / (D + 1));  // exact: key = r mod D+1
-        }
-        ok &= pack_tiles<D>(words, pack, tile, key);
+        for (int k = 0; k < D; ++k) key[k] = simplex_corner<D>(rem0, rank, r, k);
+        ok &= pack_coords<D>(words, pack, tile, key, r);
         key_lo[e0 + r] = words[0] | tag;
         if (key_hi) key_hi[e0 + r] = words[1];
         weight[e0 + r] = bary[r];
@@ -369,10 +405,8 @@ static __device__ __forceinline__ bool pack_point(const int* coords, int r, int 
                                                   const int* pack, const int* tile, u64* words) {
     words[0] = 0ULL;
     words[1] = 0ULL;
-    bool ok = pack_put(words, pack, 0, lattice) && pack_put(words, pack, 1, r) && pack_put(words, pack, 2, b);
-#pragma unroll
-    for (int k = 0; k < D; ++k) ok = ok && pack_put(words, pack, 3 + k, (coords[k] - r) / (D + 1));
-    return ok && pack_tiles<D>(words, pack, tile, coords);
+    const bool ok = pack_put(words, pack, 0, lattice) && pack_put(words, pack, 1, r) && pack_put(words, pack, 2, b);
+    return ok && pack_coords<D>(words, pack, tile, coords, r);
 }
 
 // Vertex v's two neighbours along each of its lattice's D+1 axes, written to
@@ -385,8 +419,7 @@ static __device__ void neighbours_of(long long v, const u64* unique_lo, const u6
     const int r = (int)pack_get(own, pack, 1);
     const long long b = pack_get(own, pack, 2);
     int key[D];
-#pragma unroll
-    for (int k = 0; k < D; ++k) key[k] = (int)pack_get(own, pack, 3 + k) * (D + 1) + r;
+    unpack_coords<D>(own, pack, tile, r, key);
     const int r1 = (r + D) % (D + 1), r2 = (r + 1) % (D + 1);
     for (int j = 0; j <= D; ++j) {
         // n1 = key - 1 everywhere but key + d on axis j; n2 the opposite (pydensecrf's blur).

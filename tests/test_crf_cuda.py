@@ -141,18 +141,19 @@ def test_spatial_packing_puts_image_then_tiles_on_top(size, n_images):
 
 
 def test_tile_layout_bounds_the_image_positions():
-    # Tiles are 4 lattice spacings wide and 8 tall in lattice units (about 3.5 and 4 sigma_xy
-    # pixels), count only the image's positions (not its colours), and stay within 256 a side.
+    # Tiles are 4 lattice spacings wide and 8 tall (about 3.5 and 4 sigma_xy pixels), count
+    # only the image's positions (not its colours), and stay within 256 a side.
     spec = geometry.kernel_specs(DEEPLAB)[1]
-    (x_lo, x_step, x_count), (y_lo, y_step, y_count) = cuda.tile_layout(spec, 1732, 2309)
-    assert (x_step, y_step) == (24, 48)
-    # X = 2 cf_x, Y = 6 cf_y, plus a margin of 3 (d+1) per coordinate on either side
-    assert 2309 / 67 * 3.46 * 2 / 24 < x_count <= (2309 / 67 * 3.47 * 2 + 72) / 24 + 1
-    assert 1732 / 67 * 2.0 * 6 / 48 < y_count <= (1732 / 67 * 2.01 * 6 + 144) / 48 + 1
+    (x_lo, x_shift, x_count), (y_lo, y_shift, y_count) = cuda.tile_layout(spec, 1732, 2309)
+    assert (x_shift, y_shift) == (2, 3) and (x_lo, y_lo) == (-6, -12)
+    # in spacings a pixel lies at X = 2 cf_x / 6, Y = 6 cf_y / 6, plus 3 spacings of margin per
+    # coordinate on either side
+    assert 2309 / 67 * 3.46 * 2 / 6 / 4 < x_count <= (2309 / 67 * 3.47 * 2 / 6 + 12) / 4 + 1
+    assert 1732 / 67 * 2.0 / 8 < y_count <= (1732 / 67 * 2.01 + 24) / 8 + 1
     assert [count for _, _, count in cuda.tile_layout(spec, 7, 9)] == [4, 4]  # the margins alone
     tiny = geometry.kernel_specs(DEEPLAB.replace(bi_xy_std=0.01))[1]
-    (_, x_step, x_count), (_, y_step, y_count) = cuda.tile_layout(tiny, 3000, 4000)
-    assert x_count <= cuda.TILE_COUNT_MAX and y_count <= cuda.TILE_COUNT_MAX and x_step > 24
+    (_, x_shift, x_count), (_, y_shift, y_count) = cuda.tile_layout(tiny, 3000, 4000)
+    assert x_count <= cuda.TILE_COUNT_MAX and y_count <= cuda.TILE_COUNT_MAX and x_shift > 2 and y_shift > 3
 
 
 def test_emulated_tiles_hold_every_corner_of_extreme_pixels(emulated):
@@ -389,17 +390,34 @@ def test_slotted_keys_fall_back_to_argsort_when_a_word_is_full(emulated):
     assert np.array_equal(out, cuda.CudaCRF(images, probs, params, backend=emulated).run()[0])
 
 
+@pytest.mark.parametrize("size,n_images", [((375, 500), 1), ((375, 500), 8), ((866, 1155), 1), ((1732, 2309), 1),
+                                           ((3000, 4000), 1)])
+def test_deeplab_keys_hold_their_slots_up_to_12_mp(size, n_images):
+    # The benchmark's sizes (0.19, 1, 4 MP, a batch of 8 small photos) and 12 MP with the DeepLab
+    # parameters sort slotted keys: the bilateral key stores its position once (X, Y split into
+    # fine and tile fields), which leaves room in the word for the slots.
+    specs = geometry.kernel_specs(DEEPLAB)
+    _, words, slot_bits = cuda.key_table(specs, *size, n_images, spatial=True)
+    assert words == 1 and 2**slot_bits >= n_images * (size[0] * size[1] + 1)
+    # the tiles cost at most a bit over key order's fields (remainder, image, q_0 .. q_4)
+    key_order = cuda.pack_layout(specs[1], *size, n_images)[2]
+    assert cuda.pack_layout(specs[1], *size, n_images, spatial=True)[2] <= key_order + 1
+    assert cuda.key_table(specs, *size, n_images, spatial=True, slots=False)[2] == 0
+
+
 def test_reserved_slot_bits_sit_below_every_field():
     specs = geometry.kernel_specs(DEEPLAB)
-    for reserve in (0, 18, 22):
+    longest = max(cuda.pack_layout(spec, 375, 500, 1, spatial=True)[2] for spec in specs)
+    room = 64 - 1 - longest  # below the fields and the lattice bit
+    assert room >= 20  # the 0.19 MP photo's 187,500 slots
+    for reserve in (0, 18, room):
         tables, words = cuda.pack_layouts(specs, 375, 500, 1, spatial=True, reserve=reserve)
         assert words == 1
         for table in tables:
             fields = table.reshape(-1, 4)
             used = fields[fields[:, 2] > 0]
             assert used[:, 1].min() == reserve and (used[:, 1] + used[:, 2]).max() <= 64
-    # 23 bits of slots, the 41-bit bilateral key and the lattice bit: over a word
-    assert cuda.pack_layouts(specs, 375, 500, 1, spatial=True, reserve=23)[1] == 2
+    assert cuda.pack_layouts(specs, 375, 500, 1, spatial=True, reserve=room + 1)[1] == 2
 
 
 SPATIAL_CASES = {

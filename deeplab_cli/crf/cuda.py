@@ -213,6 +213,10 @@ def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int, *, spr
     tile fields empty). With `spatial`, remainder, q_0 .. q_{d-1}, tile x, tile y, image: the
     sort then numbers vertices image by image and, on the bilateral lattice, tile by tile, so
     vertices near each other in the image get nearby ids (the result is the same either way).
+    There the bilateral key holds the point's position instead of q_0 and q_1 (permutohedral.cu
+    pack_coords): its fields 3 and 4 take the low bits of X and Y within their tile, the tile
+    fields the rest, so the position is stored once (about 10 bits shorter than q_0, q_1 and
+    tiles side by side).
     `spread` puts the last field in a second word even when one would do (tests use it).
     `reserve`: the first word's low bits left free (for a slotted key's slot, see CudaCRF).
     """
@@ -220,9 +224,11 @@ def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int, *, spr
     for k, (q_lo, q_hi) in enumerate(q_ranges(spec, height, width)):
         fields[3 + k] = ((q_hi - q_lo).bit_length(), q_lo)
     if spec.d == 5:
-        tiles = tile_layout(spec, height, width) if spatial else ((0, 1, 0), (0, 1, 0))
-        for k, (_, _, count) in enumerate(tiles):
+        tiles = tile_layout(spec, height, width) if spatial else ((0, -1, 0), (0, -1, 0))
+        for k, (_, shift, count) in enumerate(tiles):
             fields[3 + spec.d + k] = (max(count - 1, 0).bit_length(), 0)
+            if spatial:
+                fields[3 + k] = (shift, 0)  # the position within its tile instead of q_k
     coords, tiles = list(range(3, 3 + spec.d)), [i for i in (3 + spec.d, 4 + spec.d) if i in fields]
     order = [1, *coords, *tiles, 2] if spatial else [1, 2, *coords, *tiles]
     last = [index for index in order if fields[index][0]][-1]
@@ -241,31 +247,35 @@ def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int, *, spr
     return table, word + 1, shift
 
 
-# Spatial tiles of the bilateral lattice (pack_layout's `spatial`), in lattice units: a lattice
-# point k (k_5 = -(k_0 + ... + k_4)) lies at X = k_0 - k_1 = 2 cf_x and Y = k_0 + k_1 - 2 k_2 =
-# 6 cf_y, cf the scaled position features, so a tile is TILE_STEPS lattice spacings (d+1 units)
-# across in x and in y whatever the standard deviations: about 3.5 sigma_xy pixels wide, 4 tall.
-# At most TILE_COUNT_MAX tiles a side keep the fields short for tiny sigmas.
-TILE_STEPS = (4, 8)
+# Spatial tiles of the bilateral lattice (pack_layout's `spatial`): a lattice point k (k_5 =
+# -(k_0 + ... + k_4)) with k_i = q_i (d+1) + remainder lies at X = q_0 - q_1 and Y = q_0 + q_1 -
+# 2 q_2, in lattice spacings; a pixel's own elevated point at X = 2 cf_x / (d+1), Y = 6 cf_y /
+# (d+1), cf the scaled position features. A tile is 2^TILE_SHIFTS spacings across in x and in y
+# (4 and 8) whatever the standard deviations: about 3.5 sigma_xy pixels wide, 4 tall. At most
+# TILE_COUNT_MAX tiles a side keep the fields short for tiny sigmas.
+TILE_SHIFTS = (2, 3)
 TILE_COUNT_MAX = 256
 
 
 def tile_layout(spec: KernelSpec, height: int, width: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(lo, step, count) of the bilateral lattice's tile x and y: tile = (X - lo) // step.
+    """(lo, shift, count) of the bilateral lattice's position X and Y (lattice spacings): tile =
+    (X - lo) >> shift, the low `shift` bits the position within the tile.
 
     Every simplex corner of a pixel lies within corner_margin(d) of the pixel's elevated point
-    in each coordinate (as key_bounds allows), and that point has X = 2 cf_x in [0, 2 cf_x max],
-    Y = 6 cf_y in [0, 6 cf_y max]; so X and Y of any vertex fall in those ranges widened by
-    2 and 4 margins. A point outside them is no vertex, so a neighbour lookup there finds none,
-    as it should."""
+    in each coordinate (as key_bounds allows), and that point has (d+1) X = 2 cf_x in [0, 2 cf_x
+    max], (d+1) Y = 6 cf_y in [0, 6 cf_y max]; so (d+1) X and (d+1) Y of any vertex fall in
+    those ranges widened by 2 and 4 margins. A point outside them is no vertex, so a neighbour
+    lookup there finds none, as it should."""
     d = spec.d
     margin = corner_margin(d)
     cf_x, cf_y = scaled_feature_bounds(spec, height, width)[:2]
     spans = ((-2 * margin, math.ceil(2 * cf_x) + 2 * margin), (-4 * margin, math.ceil(6 * cf_y) + 4 * margin))
     out = []
-    for (lo, hi), steps in zip(spans, TILE_STEPS):
-        step = max(steps * (d + 1), -(-(hi - lo + 1) // TILE_COUNT_MAX))
-        out.append((lo, step, (hi - lo) // step + 1))
+    for (lo, hi), shift in zip(spans, TILE_SHIFTS):
+        lo, hi = -(-lo // (d + 1)), hi // (d + 1)  # the multiples of d+1 in [lo, hi], over d+1
+        while ((hi - lo) >> shift) + 1 > TILE_COUNT_MAX:
+            shift += 1
+        out.append((lo, shift, ((hi - lo) >> shift) + 1))
     return out[0], out[1]
 
 
@@ -296,8 +306,8 @@ def pack_layouts(specs: Sequence[KernelSpec], height: int, width: int, n_images:
 
 
 # The constant table lattice_elevate and friends read (int32; offsets as CONST_* in
-# permutohedral.cu): Gaussian and bilateral key packing, the bilateral tiles' (lo, step) in x
-# and y, then float32 stds and scales.
+# permutohedral.cu): Gaussian and bilateral key packing, the bilateral position's (lo, shift)
+# in x and y (tile_layout; shift -1 in key order), then float32 stds and scales.
 _CONST_PACK = {2: 0, 5: 20}
 _CONST_TILE = 60
 _CONST_STD = {2: 64, 5: 68}
@@ -320,15 +330,28 @@ def _constant_table(specs: tuple[KernelSpec, ...], height: int, width: int, n_im
     floats = table.view(np.float32)
     for spec, pack in zip(specs, tables):
         table[_CONST_PACK[spec.d]:_CONST_PACK[spec.d] + len(pack)] = pack
-        if spec.d == 5:
-            (x_lo, x_step, _), (y_lo, y_step, _) = tile_layout(spec, height, width)
-            table[_CONST_TILE:_CONST_TILE + 4] = (x_lo, x_step, y_lo, y_step)
+        if spec.d == 5:  # shift -1: no position fields (key order)
+            (x_lo, x_shift, _), (y_lo, y_shift, _) = tile_layout(spec, height, width) if spatial else ((0, -1, 0),) * 2
+            table[_CONST_TILE:_CONST_TILE + 4] = (x_lo, x_shift, y_lo, y_shift)
         floats[_CONST_STD[spec.d]:_CONST_STD[spec.d] + spec.d] = np.array(spec.stds, dtype=np.float32)
         floats[_CONST_SCALE[spec.d]:_CONST_SCALE[spec.d] + spec.d] = scale_factors(spec.d)
     for d in (2, 5):  # the lattice field reads alike through either table
         table[_CONST_PACK[d]:_CONST_PACK[d] + 4] = tables[0][:4]
     table.flags.writeable = False
     return table, words
+
+
+def key_table(specs: Sequence[KernelSpec], height: int, width: int, n_images: int, *, spread: bool = False,
+              spatial: bool = False, slots: bool = True) -> tuple[np.ndarray, int, int]:
+    """constant_table for a batch's build and its slot bits: with `slots`, the keys' fields
+    above room for every slot of the batch (each pixel and each image's padding origin) when
+    one word holds both, else (or without `slots`) the fields alone and 0 slot bits."""
+    slot_bits = (n_images * (height * width + 1) - 1).bit_length() if slots else 0
+    table, words = constant_table(specs, height, width, n_images, spread=spread, spatial=spatial, reserve=slot_bits)
+    if words > 1 and slot_bits:
+        slot_bits = 0
+        table, words = constant_table(specs, height, width, n_images, spread=spread, spatial=spatial)
+    return table, words, slot_bits
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,13 +708,8 @@ class CudaCRF:
         slot_keys); worked out once per batch."""
         if self._consts is None:
             specs, n_images = self.lattice_specs, len(self.images)
-            options = {"spread": self.spread_keys, "spatial": self.spatial_order}
-            # slots: every pixel of a batch this size, and each image's padding origin
-            slot_bits = (n_images * (self.max_h * self.max_w + 1) - 1).bit_length() if self.slot_keys else 0
-            table, words = constant_table(specs, self.max_h, self.max_w, n_images, **options, reserve=slot_bits)
-            if words > 1:  # no room: the fields alone, argsorted
-                slot_bits = 0
-                table, words = constant_table(specs, self.max_h, self.max_w, n_images, **options)
+            table, words, slot_bits = key_table(specs, self.max_h, self.max_w, n_images, spread=self.spread_keys,
+                                                spatial=self.spatial_order, slots=self.slot_keys)
             key = (tuple(specs), self.max_h, self.max_w, n_images, self.spread_keys, self.spatial_order, slot_bits)
             self._consts = self._upload(key, table), words, slot_bits
         return self._consts
