@@ -72,18 +72,21 @@ static __device__ __forceinline__ int run_chunk(int len, int min_chunk) {
 }
 
 // Store field `f` = value into the packed key words; false when it does not fit the field.
+// (The word is picked by a select, not an index, so two-word keys stay in registers.)
 static __device__ __forceinline__ bool pack_put(u64* words, const int* pack, int f, long long value) {
     const int word = pack[4 * f], shift = pack[4 * f + 1], bits = pack[4 * f + 2];
     const long long v = value - pack[4 * f + 3];
     if (v < 0 || v >= (1LL << bits)) return false;
-    words[word] |= (u64)v << shift;
+    const u64 put = (u64)v << shift;
+    words[0] |= word ? 0ULL : put;
+    words[1] |= word ? put : 0ULL;
     return true;
 }
 
 static __device__ __forceinline__ long long pack_get(const u64* words, const int* pack, int f) {
     const int word = pack[4 * f], shift = pack[4 * f + 1], bits = pack[4 * f + 2];
     const u64 mask = bits >= 64 ? ~0ULL : ((1ULL << bits) - 1ULL);
-    return (long long)((words[word] >> shift) & mask) + pack[4 * f + 3];
+    return (long long)(((word ? words[1] : words[0]) >> shift) & mask) + pack[4 * f + 3];
 }
 
 // Whether a lattice's key stores the point's position instead of q_0 and q_1 (pack_coords):
