@@ -939,7 +939,8 @@ static __device__ __forceinline__ long long stencil_index(int radius, int strip,
 }
 
 // One thread: one pixel i of one image (height x width, batch pixels from pixel0; the batch has
-// n_pixels), in blocks of STENCIL_BLOCK_ROWS threads (rows), for a window of radius R. Reads
+// n_pixels), in blocks of STENCIL_BLOCK_ROWS threads (rows, one lane each: the shared row is
+// threadIdx.y's, so blockDim.x must be 1, as cuda.py launches it), for a window of radius R. Reads
 // the pixel's three Gaussian corners (gauss_corners' corner, weight), works out the blur's reach
 // from each (gauss_reach, through the cells), then for each pixel q of the window inside the
 // image and each of q's corners u, adds w_p(v) * reach_v(u) * w_q(u) over the pixel's corners v.
