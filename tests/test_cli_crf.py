@@ -132,3 +132,34 @@ def test_help_lists_the_flags():
     assert result.exit_code == 0
     for flag in ("--format", "--iters", "--pos-w", "--bi-rgb-std", "--crf-norm", "--device", "-o"):
         assert flag in result.output
+
+
+def _interrupted_in_numba(*args):
+    # what numba hands back when Ctrl-C lands inside a compiled loop
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as interrupt:
+        raise SystemError("CPUDispatcher(<function _blur>) returned a result with an exception set") from interrupt
+
+
+def test_ctrl_c_inside_the_cpu_crf_is_an_interrupt(files, monkeypatch):
+    # The library raises the KeyboardInterrupt itself, so `crf` exits 130 with one line, and
+    # a batch (which goes on past a failing image) stops.
+    from deeplab_cli.crf import cpu
+
+    tmp, image, probs = files
+    monkeypatch.setattr(cpu, "_mean_field", _interrupted_in_numba)
+    with pytest.raises(KeyboardInterrupt):
+        dense_crf(image, probs, CRFParams(iterations=1))
+    out = tmp / "labels.png"
+    result = CliRunner().invoke(cli, ["crf", str(tmp / "img.png"), str(tmp / "probs.npy"), "-o", str(out),
+                                      "--device", "cpu"])
+    assert result.exit_code == 130 and result.output.strip() == "deeplab: interrupted"
+    assert not out.exists() and [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []
+
+    def other_failure(*args):
+        raise SystemError("a real bug")
+
+    monkeypatch.setattr(cpu, "_mean_field", other_failure)
+    with pytest.raises(SystemError, match="a real bug"):
+        dense_crf(image, probs, CRFParams(iterations=1))

@@ -468,8 +468,26 @@ def dense_crf_cpu(image: np.ndarray, probs: np.ndarray, params: "CRFParams", *,
         numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
     try:
         return _mean_field(image, probs, params)
+    except SystemError as exc:
+        # A Ctrl-C that lands inside a compiled loop comes back from numba as a SystemError
+        # caused by the KeyboardInterrupt: hand the interrupt on as one.
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
+            raise
+        raise interrupt from None
     finally:
         numba.set_num_threads(previous)
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt among `exc`'s causes and contexts, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _mean_field(image: np.ndarray, probs: np.ndarray, params: "CRFParams") -> np.ndarray:
