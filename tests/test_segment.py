@@ -374,6 +374,17 @@ def test_from_list_nul_separated(tmp_path, fast_load, weights_file, monkeypatch)
     assert a.is_file()
 
 
+@pytest.mark.parametrize("output", ["out", "-"])
+def test_a_nul_separated_list_without_dash_0_is_one_line(tmp_path, fast_load, weights_file, monkeypatch, output):
+    # `find -print0 | deeplab segment --from-list list` without -0: said before any work is done.
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path / "in" / "one.jpg", photo())
+    (tmp_path / "list").write_bytes(b"in/one.jpg\0")
+    result = invoke(["--from-list", "list", "-o", output, "--weights", weights_file, "--no-crf", *FAST], expect=1)
+    assert result.output == "Error: --from-list list: the list is NUL-separated (find -print0); add -0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "list"]
+
+
 @pytest.mark.parametrize("fmt", ["palette", "gray", "overlay", "probs"])
 def test_every_format(tmp_path, fast_load, weights_file, fmt):
     src = save(tmp_path / "in" / "cat.png", photo())

@@ -104,6 +104,8 @@ def read_list(spec: str, *, null: bool) -> list[str]:
         data = read_input(spec, label=f"--from-list {spec}", expected="a list of paths")
     entries = text_lines(data, label=f"--from-list {spec}", expected="a list of paths",
                          null=null, file_names=True)
+    if not null and any("\0" in entry for entry in entries):  # no path holds a NUL
+        raise DeeplabError(f"--from-list {spec}: the list is NUL-separated (find -print0); add -0")
     return [entry for entry in entries if entry]
 
 
