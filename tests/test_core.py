@@ -88,6 +88,9 @@ def test_crf_preset_round_trip(tmp_path):
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"bi_w": 6}))
     assert CRFParams.from_json_file(flat) == CRFParams(bi_w=6)
+    notepad = tmp_path / "notepad.json"  # saved by Windows Notepad: a UTF-8 byte-order mark first
+    notepad.write_bytes(b"\xef\xbb\xbf" + json.dumps({"bi_w": 7}).encode())
+    assert CRFParams.from_json_file(notepad) == CRFParams(bi_w=7)
 
 
 @pytest.mark.parametrize("text, reason", [

@@ -110,7 +110,7 @@ class CRFParams:
         'score', 'metric' and 'source' are allowed and ignored)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Notepad) is dropped
         except OSError as exc:
             raise DeeplabError(f"{path}: cannot read CRF preset ({exc.strerror or exc})") from None
         except UnicodeDecodeError:
