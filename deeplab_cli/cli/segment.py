@@ -315,7 +315,7 @@ def check_output(job: Job, out_real: str | None, inputs_real: set[str]) -> None:
               help="Network arithmetic (autocast); the CRF always runs in fp32.")
 @click.option("--skip-existing", is_flag=True, help="Leave outputs that already exist (resume a run).")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first image that fails.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary (errors are still shown).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, and no summary unless an image failed.")
 @click.pass_context
 def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_json, model,
             weights, device, no_crf, no_msc, max_size, max_pixels, batch_size, precision,
