@@ -164,6 +164,17 @@ def test_user_errors_are_one_line_through_the_group(tmp_path):
     assert result.output == "Error: a\\nb\\x1b[2J\\xff.png: not an image\n"
 
 
+@pytest.mark.parametrize("args,message", [
+    (["segment", "--alpha", "2", "x.jpg"], "Error: Invalid value for '--alpha': 2.0 is not in the range 0<=x<=1."),
+    (["crf", "--iter", "3"], "Error: No such option '--iter'. Did you mean '--iters'?"),
+    (["nosuch"], "Error: No such command 'nosuch'."),
+])
+def test_clicks_own_checks_are_one_line_and_status_1(args, message):
+    # Options click checks itself (ranges, names) fail like the tool's own checks: one line.
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and result.output == message + "\n"
+
+
 def test_ctrl_c_exits_with_status_130():
     import click
 

@@ -72,6 +72,12 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except DeeplabError as exc:
             raise click.ClickException(one_line(str(exc))) from None
+        except click.UsageError as exc:
+            # click's own checks (a missing file, a value out of range, an unknown option): one
+            # line and status 1 as well, not a usage block and 2; a bare group still shows its help
+            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                raise
+            raise click.ClickException(one_line(exc.format_message())) from None
         except KeyboardInterrupt:  # Ctrl-C: the shells' status for SIGINT, not click's 1
             click.echo("deeplab: interrupted", err=True)
             ctx.exit(130)
