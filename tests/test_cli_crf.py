@@ -163,3 +163,18 @@ def test_ctrl_c_inside_the_cpu_crf_is_an_interrupt(files, monkeypatch):
     monkeypatch.setattr(cpu, "_mean_field", other_failure)
     with pytest.raises(SystemError, match="a real bug"):
         dense_crf(image, probs, CRFParams(iterations=1))
+
+
+def test_more_than_256_classes_give_a_16_bit_png_whatever_labels_win(tmp_path):
+    # The PNG's type follows the class count, not the labels that happen to win: 300 classes
+    # where only low ids win still give 16-bit gray.
+    image = np.full((9, 11, 3), 120, dtype=np.uint8)
+    probs = np.full((300, 9, 11), 1e-4, dtype=np.float32)
+    probs[3] = 1 - 299e-4
+    Image.fromarray(image).save(tmp_path / "img.png")
+    np.save(tmp_path / "probs.npy", probs)
+    out = tmp_path / "labels.png"
+    result = run("crf", tmp_path / "img.png", tmp_path / "probs.npy", "-o", out, "--device", "cpu", "--iters", "1")
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as im:
+        assert im.mode in ("I;16", "I") and np.asarray(im).max() == 3

@@ -77,9 +77,8 @@ def crf(image: str, probs: str, output: str, fmt: str, device: str, max_pixels: 
 
     if fmt == "probs":
         data = encode_output(fmt, probs=refined)
-    else:  # encode_output picks 8- or 16-bit PNGs from the class ids
-        data = encode_output(fmt, labels=refined.argmax(axis=0),
-                             palette=palette_for(min(len(refined), 256)))
+    else:  # encode_output picks 8- or 16-bit PNGs from the class count (16-bit past 256)
+        data = encode_output(fmt, labels=refined.argmax(axis=0), palette=palette_for(len(refined)))
     if output == "-":
         try:
             write_bytes(getattr(sys.stdout, "buffer", sys.stdout), data)
