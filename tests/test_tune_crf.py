@@ -224,3 +224,6 @@ def test_tune_crf_bad_grid_is_one_line(tmp_path):
     voc = write_voc(tmp_path / "voc", LABELS)
     result = CliRunner().invoke(cli, ["tune-crf", "--root", str(voc), "--bi-xy-std", "80:50:10"])
     assert_one_line_error(result, "--bi-xy-std 80:50:10", "start <= stop")
+    # given but empty (an unset shell variable): refused, not the default grid
+    result = CliRunner().invoke(cli, ["tune-crf", "--root", str(voc), "--bi-w", ""])
+    assert_one_line_error(result, "--bi-w '': no values")

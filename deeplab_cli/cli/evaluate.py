@@ -216,7 +216,8 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
         "bi_w": ("--bi-w", grid_bi_w), "bi_xy_std": ("--bi-xy-std", grid_bi_xy_std),
         "bi_rgb_std": ("--bi-rgb-std", grid_bi_rgb_std),
     }
-    values = {field: tune.parse_values(spec or tune.DEFAULT_GRID[field], option=option)
+    # an option given but empty (an unset shell variable) is a mistake, not the default grid
+    values = {field: tune.parse_values(tune.DEFAULT_GRID[field] if spec is None else spec, option=option)
               for field, (option, spec) in grid_specs.items()}
     samples = _samples(root, split, images_dir, labels_dir)[:limit]
     preset = CRFParams.from_json_file(crf_params) if crf_params else None  # before the slow load
