@@ -554,8 +554,8 @@ def check_state_dict(state: dict[str, "torch.Tensor"], *, source: str = "weights
     """Check keys and shapes against the network; return the class count.
 
     Fills in a missing `num_batches_tracked` (it is never used). Raises a one-line
-    DeeplabError naming `source` for unknown or missing keys, wrong shapes, and ASPP
-    branches that disagree on the number of classes.
+    DeeplabError naming `source` for unknown or missing keys, wrong shapes, values that are
+    not finite, fewer than 2 classes, and ASPP branches that disagree on the number of classes.
     """
     import torch
 
@@ -593,6 +593,10 @@ def check_state_dict(state: dict[str, "torch.Tensor"], *, source: str = "weights
                                f"expected {list(shape)}")
         if not tensor.is_floating_point():
             raise DeeplabError(f"{source}: {key} has dtype {tensor.dtype}, expected floats")
+        if not bool(torch.isfinite(tensor).all()):  # a diverged or damaged training run
+            raise DeeplabError(f"{source}: {key} holds NaN or infinite values")
+    if n_classes < 2:
+        raise DeeplabError(f"{source}: {n_classes} class; segmentation needs at least 2")
     return n_classes
 
 

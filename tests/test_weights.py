@@ -371,6 +371,18 @@ def test_state_dict_validation(state21):
         W.check_state_dict({"fc.weight": torch.zeros(3)}, source="x.pth")
     assert_one_line(exc, "no ASPP")
 
+    diverged = dict(state21)
+    diverged["base.layer3.block2.conv3x3.conv.weight"] = diverged["base.layer3.block2.conv3x3.conv.weight"].clone()
+    diverged["base.layer3.block2.conv3x3.conv.weight"][0, 0, 1, 1] = float("nan")
+    with pytest.raises(DeeplabError) as exc:
+        W.check_state_dict(diverged, source="x.pth")
+    assert_one_line(exc, "x.pth", "base.layer3.block2.conv3x3.conv.weight", "NaN or infinite")
+
+    one_class = {k: (v[:1] if k.startswith("base.aspp.") else v) for k, v in state21.items()}
+    with pytest.raises(DeeplabError) as exc:
+        W.check_state_dict(one_class, source="x.pth")
+    assert_one_line(exc, "x.pth", "1 class", "at least 2")
+
 
 def test_metadata_class_count_must_match(tmp_path, files):
     from safetensors.torch import load_file, save_file
