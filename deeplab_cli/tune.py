@@ -70,7 +70,8 @@ def parse_values(spec: str, *, option: str = "grid") -> list[float]:
             raise DeeplabError(f"{option} {spec}: expected numbers or start:stop:step ranges") from None
     values = list(dict.fromkeys(values))
     if not values:
-        raise DeeplabError(f"{option} {spec!r}: no values" if not spec.strip() else f"{option} {spec}: no values")
+        shown = spec if spec.strip() else repr(spec)  # quoted when blank: --bi-w '': no values
+        raise DeeplabError(f"{option} {shown}: no values")
     if not all(math.isfinite(v) for v in values):
         raise DeeplabError(f"{option} {spec}: values must be finite")
     return values

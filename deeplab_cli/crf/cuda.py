@@ -224,7 +224,7 @@ def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int, *, spr
     for k, (q_lo, q_hi) in enumerate(q_ranges(spec, height, width)):
         fields[3 + k] = ((q_hi - q_lo).bit_length(), q_lo)
     if spec.d == 5:
-        tiles = tile_layout(spec, height, width) if spatial else ((0, -1, 0), (0, -1, 0))
+        tiles = tile_layout(spec, height, width) if spatial else _NO_TILES
         for k, (_, shift, count) in enumerate(tiles):
             fields[3 + spec.d + k] = (max(count - 1, 0).bit_length(), 0)
             if spatial:
@@ -255,6 +255,7 @@ def pack_layout(spec: KernelSpec, height: int, width: int, n_images: int, *, spr
 # TILE_COUNT_MAX tiles a side keep the fields short for tiny sigmas.
 TILE_SHIFTS = (2, 3)
 TILE_COUNT_MAX = 256
+_NO_TILES = ((0, -1, 0), (0, -1, 0))  # key order: no position fields (shift -1), no tiles
 
 
 def tile_layout(spec: KernelSpec, height: int, width: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -331,7 +332,7 @@ def _constant_table(specs: tuple[KernelSpec, ...], height: int, width: int, n_im
     for spec, pack in zip(specs, tables):
         table[_CONST_PACK[spec.d]:_CONST_PACK[spec.d] + len(pack)] = pack
         if spec.d == 5:  # shift -1: no position fields (key order)
-            (x_lo, x_shift, _), (y_lo, y_shift, _) = tile_layout(spec, height, width) if spatial else ((0, -1, 0),) * 2
+            (x_lo, x_shift, _), (y_lo, y_shift, _) = tile_layout(spec, height, width) if spatial else _NO_TILES
             table[_CONST_TILE:_CONST_TILE + 4] = (x_lo, x_shift, y_lo, y_shift)
         floats[_CONST_STD[spec.d]:_CONST_STD[spec.d] + spec.d] = np.array(spec.stds, dtype=np.float32)
         floats[_CONST_SCALE[spec.d]:_CONST_SCALE[spec.d] + spec.d] = scale_factors(spec.d)
