@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, plural
 from deeplab_cli.fsutil import read_input, text_lines
 from deeplab_cli.labels import IGNORE_INDEX
 
@@ -132,7 +132,7 @@ def paired_samples(images: str | Path, labels: str | Path) -> list[Sample]:
     if missing:
         raise DeeplabError(
             f"{labels}: no label PNG for {missing[0].name}"
-            + (f" and {len(missing) - 1} more images" if len(missing) > 1 else "")
+            + (f" and {plural(len(missing) - 1, 'more image')}" if len(missing) > 1 else "")
         )
     return [Sample(stem, label_map[stem], image_map[stem]) for stem in sorted(image_map)]
 

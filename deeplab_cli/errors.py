@@ -24,6 +24,13 @@ def short_repr(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def plural(n: int, noun: str) -> str:
+    """`n` and `noun`, the noun plural unless n is 1: '1 image', '2 images', '0 classes'."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}{'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
+
+
 def one_line(text: str) -> str:
     """`text` as one printable line: control characters (a newline in a file name),
     the undecodable bytes of a name (`\\xff`) and other unprintables escaped."""

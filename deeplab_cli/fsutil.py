@@ -219,6 +219,30 @@ def atomic_open(target: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         yield fh
 
 
+def check_writable_folder(folder: str | os.PathLike, label: str) -> None:
+    """Raise a one-line DeeplabError ("{label}: cannot write in DIR (reason)") unless a file
+    can be created in `folder`, or, where it does not exist yet, in the nearest folder above
+    it that does (where `atomic_path` would make the missing ones). Tried for real, as
+    `atomic_path` writes (a temporary beside the targets, removed at once), so it holds for
+    root, read-only mounts and ACLs alike, where os.access would guess."""
+    from deeplab_cli.errors import DeeplabError
+
+    existing = Path(folder) if str(folder) else Path(".")
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise DeeplabError(f"{label}: cannot write ({existing} is a broken link)")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DeeplabError(f"{label}: cannot write ({existing} is a file, not a folder)")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix("write-check"), suffix=TEMP_SUFFIX, dir=existing)
+    except OSError as exc:
+        raise DeeplabError(f"{label}: cannot write in {existing} ({exc.strerror or exc})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
 def read_input(path: str | os.PathLike, *, label: str | None = None, expected: str = "a file") -> bytes:
     """The whole content of an input file, or a one-line DeeplabError naming it.
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, plural
 from deeplab_cli.labels import IGNORE_INDEX
 
 
@@ -61,7 +61,7 @@ class ConfusionMatrix:
             if self.strict:
                 raise DeeplabError(
                     f"{where}: label values {_values(truth[out_of_set])} are outside the "
-                    f"{n} classes (0..{n - 1}, {self.ignore_index} = ignore)"
+                    f"{plural(n, 'class')} (0..{n - 1}, {self.ignore_index} = ignore)"
                 )
             valid &= ~out_of_set
         truth = truth[valid].astype(np.intp)
@@ -70,7 +70,7 @@ class ConfusionMatrix:
         if bad_pred.any():
             raise DeeplabError(
                 f"{where}: predicted values {_values(pred[bad_pred])} are outside the "
-                f"{n} classes (0..{n - 1})"
+                f"{plural(n, 'class')} (0..{n - 1})"
             )
         # One bincount over the flattened (truth, pred) pair index builds the matrix.
         self.matrix += np.bincount(truth * n + pred, minlength=n * n).reshape(n, n)

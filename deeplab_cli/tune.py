@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from deeplab_cli.crf.params import CRFParams
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, plural
 from deeplab_cli.fsutil import atomic_open
 from deeplab_cli.labels import IGNORE_INDEX
 from deeplab_cli.metrics import ConfusionMatrix, json_float, percent
@@ -299,8 +299,8 @@ def tune_crf(
         raise DeeplabError("tune-crf: no images to tune on")
     if result.baseline.total == 0:
         # Every score would be NaN: no setting is better than another.
-        raise DeeplabError(f"tune-crf: nothing to score: every label pixel of the {result.images} "
-                           f"images is {IGNORE_INDEX} (ignore)")
+        raise DeeplabError(f"tune-crf: nothing to score: every label pixel of the "
+                           f"{plural(result.images, 'image')} is {IGNORE_INDEX} (ignore)")
     return result
 
 

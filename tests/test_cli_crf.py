@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import load_photo
 from deeplab_cli.cli import cli
 from deeplab_cli.crf import CRFParams, dense_crf
+from helpers import assert_one_line_error
 
 
 @pytest.fixture
@@ -125,6 +126,49 @@ def test_bad_device_is_one_line(files, spec):
     assert result.exit_code == 1 and not out.exists()
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: --device {spec}: expected")
+
+
+@pytest.fixture
+def no_crf_run(monkeypatch):
+    """Make reading the probabilities or running the CRF fail loudly: what a test checks must
+    happen before either."""
+    import deeplab_cli.cli.crf as crf_cli
+    import deeplab_cli.crf as crf_lib
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the probabilities were read or refined before the output was checked")
+
+    monkeypatch.setattr(crf_cli, "_load_probs", refuse)
+    monkeypatch.setattr(crf_lib, "dense_crf", refuse)
+
+
+def test_read_only_output_folder_is_refused_before_the_crf(files, no_crf_run):
+    tmp, _, _ = files
+    ro = tmp / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        try:  # root (CAP_DAC_OVERRIDE) creates files whatever the mode says
+            (ro / "probe").touch()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this process can write in a mode 555 folder (root)")
+        for out in (ro / "x.png", ro / "sub" / "x.png"):
+            result = run("crf", tmp / "img.png", tmp / "probs.npy", "-o", out, "--device", "cpu")
+            assert result.exit_code == 1
+            assert_one_line_error(result, f"-o {out}: cannot write in {ro} (")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)  # so that pytest can clean up
+
+
+def test_output_under_a_file_is_refused_before_the_crf(files, no_crf_run):
+    tmp, _, _ = files
+    out = tmp / "img.png" / "x.png"
+    result = run("crf", tmp / "img.png", tmp / "probs.npy", "-o", out, "--device", "cpu")
+    assert result.exit_code == 1
+    assert_one_line_error(result, f"-o {out}: cannot write (", "img.png is a file, not a folder")
 
 
 def test_help_lists_the_flags():

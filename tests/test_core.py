@@ -13,7 +13,7 @@ from deeplab_cli import __version__
 from deeplab_cli.cli import COMMANDS, cli
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.device import resolve_device
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, plural
 from deeplab_cli.fsutil import atomic_open, atomic_path
 
 
@@ -214,3 +214,9 @@ def test_closed_standard_streams_get_dev_null(tmp_path):
                           capture_output=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.decode().strip() == "Error: -o -: stdout is closed"
+
+
+def test_counts_name_their_noun_in_the_plural_unless_one():
+    assert [plural(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+    assert [plural(n, "class") for n in (1, 21)] == ["1 class", "21 classes"]
+    assert plural(1, "CRF setting") == "1 CRF setting" and plural(4, "CRF setting") == "4 CRF settings"

@@ -87,8 +87,13 @@ def test_paired_folders_by_stem(voc, tmp_path):
     samples = datasets.paired_samples(voc / "JPEGImages", voc / "SegmentationClass")
     assert [(s.name, s.image.suffix) for s in samples] == [("a", ".jpg"), ("b", ".jpg")]
     (voc / "JPEGImages" / "c.jpg").write_bytes((voc / "JPEGImages" / "a.jpg").read_bytes())
-    with pytest.raises(DeeplabError, match="no label PNG for c.jpg"):
+    with pytest.raises(DeeplabError, match="no label PNG for c.jpg$"):
         datasets.paired_samples(voc / "JPEGImages", voc / "SegmentationClass")
+    for extra in ("d", "e"):
+        (voc / "JPEGImages" / f"{extra}.jpg").write_bytes((voc / "JPEGImages" / "a.jpg").read_bytes())
+        with pytest.raises(DeeplabError, match="no label PNG for c.jpg and ") as caught:
+            datasets.paired_samples(voc / "JPEGImages", voc / "SegmentationClass")
+        assert str(caught.value).endswith({"d": " and 1 more image", "e": " and 2 more images"}[extra])
 
 
 def test_rgb_label_png_is_refused(tmp_path):
@@ -248,3 +253,35 @@ def test_evaluate_bad_label_values_with_model(voc, weights_file):
 def test_model_and_weights_are_exclusive(voc, weights_file):
     result = run("evaluate", "--root", voc, "--model", "voc12", "--weights", weights_file)
     assert_one_line_error(result, "either --model NAME or --weights FILE")
+
+
+# Counts in messages: one image is "1 image"
+
+
+def one_image_split(voc: Path) -> str:
+    (voc / "ImageSets" / "Segmentation" / "one.txt").write_text("a\n")
+    return "one"
+
+
+def test_one_scored_prediction_is_singular(voc, preds):
+    result = run("evaluate", "--pred", preds, "--root", voc, "--split", one_image_split(voc),
+                 "--n-classes", N_CLASSES)
+    assert result.exit_code == 0, result.output
+    assert "deeplab: scored 1 image in " in result.stderr
+    assert "images in" not in result.stderr
+
+
+def test_one_image_through_the_network_is_singular(voc, weights_file):
+    result = run("evaluate", "--root", voc, "--split", one_image_split(voc), "--weights", weights_file,
+                 "--device", "cpu", "--no-crf", "--no-msc", "--max-size", 32)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("deeplab: 1 image, weights ")
+    assert "deeplab: scored 1 image in " in result.stderr
+    assert "1 images" not in result.stderr
+
+
+def test_one_class_is_refused(voc, preds):
+    # One class scores nothing (every pixel is class 0); weights have at least two.
+    result = run("evaluate", "--pred", preds, "--root", voc, "--n-classes", 1)
+    assert result.exit_code == 1
+    assert_one_line_error(result, "--n-classes", "1 is not in the range x>=2")

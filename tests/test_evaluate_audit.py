@@ -140,6 +140,22 @@ def test_evaluate_checks_outputs_and_crf_flags_before_the_network(voc, fake_weig
     assert_one_line_error(result, "--bi-rgb-std must be a positive number")
 
 
+@pytest.mark.parametrize("mode", ["--no-crf", "--pred"])
+def test_bad_crf_flags_are_refused_where_no_crf_runs(voc, preds, fake_weights, no_network, mode):
+    # A CRF flag that is not used is still checked, with the very message of a run that uses
+    # it: a typo shows now, not on the next run without --no-crf.
+    base = ["evaluate", "--root", voc, "--weights", fake_weights]
+    unused = [*base, *(["--no-crf"] if mode == "--no-crf" else ["--pred", preds])]
+    result = run(*unused, "--bi-rgb-std", -1)
+    assert result.exit_code == 1 and result.stdout == ""  # nothing scored
+    assert_one_line_error(result, "--bi-rgb-std must be a positive number")
+    with_crf = run(*base, "--bi-rgb-std", -1)
+    assert result.stderr.splitlines()[-1] == with_crf.stderr.splitlines()[-1]
+    result = run(*unused, "--iters", 5, "--crf-params", voc / "missing.json")
+    assert result.exit_code == 1
+    assert_one_line_error(result, "missing.json")
+
+
 def test_tune_crf_checks_outputs_and_grid_before_the_network(voc, tmp_path, fake_weights, no_network):
     base = ["tune-crf", "--root", voc, "--weights", fake_weights]
     a_file = tmp_path / "plain.txt"
@@ -233,7 +249,7 @@ def test_all_ignore_labels_give_no_best_setting():
     item, probs = _item()
     item.label[:] = 255
     grid = [CRFParams(bi_w=3), CRFParams(bi_w=4)]
-    with pytest.raises(DeeplabError, match="every label pixel of the 1 images is 255"):
+    with pytest.raises(DeeplabError, match="every label pixel of the 1 image is 255"):
         tune.tune_crf([item], grid, n_classes=3, probs_fn=lambda rgb: probs,
                       crf_fn=lambda image, p, params: p)
 

@@ -227,3 +227,18 @@ def test_tune_crf_bad_grid_is_one_line(tmp_path):
     # given but empty (an unset shell variable): refused, not the default grid
     result = CliRunner().invoke(cli, ["tune-crf", "--root", str(voc), "--bi-w", ""])
     assert_one_line_error(result, "--bi-w '': no values")
+
+
+def test_tune_crf_counts_one_image_and_one_setting_in_the_singular(tmp_path, weights_file):
+    voc = write_voc(tmp_path / "voc", {"a": LABELS["a"]})
+    preset = tmp_path / "best.json"
+    result = CliRunner().invoke(cli, [
+        "tune-crf", "--root", str(voc), "--weights", str(weights_file), "--device", "cpu",
+        "--no-msc", "--max-size", "32", "--bi-w", "4", "--bi-xy-std", "10", "--bi-rgb-std", "3",
+        "--iters", "1", "-o", str(preset),
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "deeplab: 1 CRF setting x 1 image\n" in result.stderr
+    assert ", 1 image)" in result.stdout  # the "best:" line
+    assert ", 1 image, weights " in json.loads(preset.read_text())["source"]
+    assert "1 images" not in result.output and "1 CRF settings" not in result.output

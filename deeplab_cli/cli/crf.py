@@ -17,7 +17,7 @@ import click
 from deeplab_cli.cli import options as shared
 from deeplab_cli.cli.options import check_output_file, crf_options, crf_params_from_options, device_option
 from deeplab_cli.errors import DeeplabError, first_line
-from deeplab_cli.fsutil import read_input
+from deeplab_cli.fsutil import check_writable_folder, read_input
 
 
 # What each --format writes; `-o` must carry that suffix (or none), as with `segment`.
@@ -98,7 +98,7 @@ def crf(image: str, probs: str, output: str, fmt: str, device: str, max_pixels: 
 def _check_output(output: str, fmt: str, *inputs: str) -> None:
     """Refuse, before any work, an output that must not or cannot be written: binary data to
     a terminal, a folder, an input file (it would be lost), a suffix other than the
-    format's."""
+    format's, a folder where no file can be created (no permission, a file in its path)."""
     if output == "-":
         if shared.stdout_is_tty():
             raise DeeplabError("-o -: refusing to write binary data to a terminal; redirect stdout")
@@ -113,6 +113,8 @@ def _check_output(output: str, fmt: str, *inputs: str) -> None:
             raise DeeplabError(f"-o {output}: is the input {source}; refusing to overwrite it")
     if path.suffix and path.suffix.lower() != suffix:
         raise DeeplabError(f"-o {output}: --format {fmt} writes {suffix} files; name the output *{suffix}")
+    # As evaluate's and tune-crf's outputs: known now, not after the whole CRF has run.
+    check_writable_folder(path.parent, f"-o {output}")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -19,6 +19,8 @@ import click
 from deeplab_cli.cli.options import (check_output_file, crf_options, crf_params_from_options, device_option,
                                      flag_names, load_segmenter)
 from deeplab_cli.crf.params import MAX_ITERATIONS
+from deeplab_cli.errors import plural
+from deeplab_cli.fsutil import check_writable_folder
 
 VOC_HELP = "PASCAL VOC root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)."
 
@@ -73,7 +75,7 @@ def model_options(func):
 @model_options
 @click.option("--no-crf", is_flag=True, help="Network only, no CRF.")
 @crf_options
-@click.option("--n-classes", type=click.IntRange(min=1), default=None,
+@click.option("--n-classes", type=click.IntRange(min=2), default=None,
               help="Class count of --pred files [default: the --weights' classes, else VOC's 21].")
 @click.option("--save-pred", type=click.Path(file_okay=False), default=None,
               help="Also write each prediction as a palette PNG into this folder.")
@@ -100,6 +102,9 @@ def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weight
     quiet_decoders()
     started = time.perf_counter()
     weights = _weights_choice(model, weights)
+    # A bad CRF flag or preset is refused even where no CRF runs (--no-crf, --pred): a typo
+    # that a later run without --no-crf would trip on shows now, before any weights load.
+    crf_params_from_options(dict(crf_flags))
     if pred_dir is not None:
         if images_dir is not None:
             raise DeeplabError("--pred scores saved predictions against --labels or --root; "
@@ -120,12 +125,10 @@ def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weight
             raise DeeplabError("--n-classes only applies to --pred; the weights fix the classes")
         _check_outputs(samples, json_path=json_path, save_dir=save_pred,
                        inputs=(weights, crf_flags.get("crf_params"), _split_file(root, split)))
-        if not no_crf:  # a bad CRF flag or preset shows before the weights load
-            crf_params_from_options(dict(crf_flags))
         segmenter = load_segmenter(weights, device, no_crf=no_crf, crf_flags=crf_flags,
                                    msc=not no_msc, max_size=max_size, precision=precision)
         meta, crf = segmenter.meta, segmenter.crf
-        click.echo(f"deeplab: {len(samples)} images, weights {meta.name}, "
+        click.echo(f"deeplab: {plural(len(samples), 'image')}, weights {meta.name}, "
                    f"{'multi-scale' if segmenter.msc else 'single-scale'}, CRF "
                    + (f"w1={crf.bi_w:g} xy={crf.bi_xy_std:g} rgb={crf.bi_rgb_std:g} "
                       f"w2={crf.pos_w:g} xy2={crf.pos_xy_std:g} iters={crf.iterations}"
@@ -157,7 +160,7 @@ def evaluate(root, split, images_dir, labels_dir, pred_dir, limit, model, weight
                                        segmenter)
         write_json(json_path, report)
     elapsed = time.perf_counter() - started
-    click.echo(f"deeplab: scored {confusion.images} images in {elapsed:.1f} s", err=True)
+    click.echo(f"deeplab: scored {plural(confusion.images, 'image')} in {elapsed:.1f} s", err=True)
 
 
 @click.command("tune-crf")
@@ -232,7 +235,7 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
     _check_outputs(samples, json_path=json_path, output=output,
                    inputs=(weights, crf_params, _split_file(root, split)), reread=(crf_params,))
     if cache_dir:
-        _check_writable(Path(cache_dir), f"--cache-dir {cache_dir}")
+        check_writable_folder(Path(cache_dir), f"--cache-dir {cache_dir}")
 
     segmenter = load_segmenter(weights, device, msc=not no_msc, max_size=max_size,
                                precision=precision)
@@ -255,7 +258,7 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
             key = tune.image_key(item.name, item.sample.image) if cache is not None else None
             yield tune.TuneItem(item.name, item.rgb, item.label, key)
 
-    click.echo(f"deeplab: {len(grid)} CRF settings x {len(samples)} images", err=True)
+    click.echo(f"deeplab: {plural(len(grid), 'CRF setting')} x {plural(len(samples), 'image')}", err=True)
     with _progress(len(samples), "tuning") as advance:
         result = tune.tune_crf(
             items(), grid, n_classes=n_classes, probs_fn=segmenter.probs,
@@ -267,9 +270,9 @@ def tune_crf(root, split, images_dir, labels_dir, limit, model, weights, device,
     best = result.best
     click.echo(f"best: --bi-w {best.bi_w:g} --bi-xy-std {best.bi_xy_std:g} "
                f"--bi-rgb-std {best.bi_rgb_std:g}  mIoU {100 * result.best_score:.2f} "
-               f"(no CRF {100 * result.baseline.mean_iou():.2f}, {result.images} images)")
+               f"(no CRF {100 * result.baseline.mean_iou():.2f}, {plural(result.images, 'image')})")
     source = (f"deeplab tune-crf on {_describe(root, split, images_dir, labels_dir)}, "
-              f"{result.images} images, weights {meta.name}")
+              f"{plural(result.images, 'image')}, weights {meta.name}")
     tune.write_preset(output, result, source=source)
     if json_path:
         report = result.to_dict(meta.classes)
@@ -324,7 +327,7 @@ def _check_outputs(samples, *, json_path=None, save_dir=None, output=None, input
         if real in taken and real not in rereadable:
             raise DeeplabError(f"{option}: is {taken[real]}; refusing to overwrite it")
         taken[real] = f"the {option.split()[0]} output"
-        _check_writable(Path(path).parent, option)
+        check_writable_folder(Path(path).parent, option)
     if save_dir is not None:
         option = f"--save-pred {save_dir}"
         for sample in samples:
@@ -332,7 +335,7 @@ def _check_outputs(samples, *, json_path=None, save_dir=None, output=None, input
             if real in taken:
                 raise DeeplabError(f"{option}: {sample.name}.png would overwrite {taken[real]}; "
                                    "save predictions to a folder of their own")
-        _check_writable(Path(save_dir), option)
+        check_writable_folder(Path(save_dir), option)
 
 
 def _split_file(root, split) -> Path | None:
@@ -340,27 +343,6 @@ def _split_file(root, split) -> Path | None:
     from deeplab_cli import datasets
 
     return datasets.split_path(root, split) if root is not None else None
-
-
-def _check_writable(folder: Path, option: str) -> None:
-    """One-line error unless a file can be created in `folder` (or in the nearest folder
-    that exists above it, where the missing ones will be made). Creates nothing lasting."""
-    import tempfile
-
-    from deeplab_cli.errors import DeeplabError
-
-    existing = folder if str(folder) else Path(".")
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():  # a dangling link: mkdir would fail on it
-            raise DeeplabError(f"{option}: cannot write ({existing} is a broken link)")
-        existing = existing.parent
-    if not existing.is_dir():
-        raise DeeplabError(f"{option}: cannot write ({existing} is a file, not a folder)")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise DeeplabError(f"{option}: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
 def _weights_choice(model, weights):
@@ -395,7 +377,7 @@ def _meta_for_pred(weights, n_classes):
 
         _, meta = load_state_dict(resolve(weights))
     if n_classes is not None and n_classes != len(meta.classes):
-        raise DeeplabError(f"--n-classes {n_classes}: the weights have {len(meta.classes)} classes")
+        raise DeeplabError(f"--n-classes {n_classes}: the weights have {plural(len(meta.classes), 'class')}")
     return meta
 
 
