@@ -47,6 +47,7 @@ CRF_BYTES_PER_PIXEL_LABEL = 56
 CRF_BYTES_PER_PIXEL = 256
 
 _KEEP_META_CRF = object()  # from_weights: "use the weights' own CRF parameters"
+_NOT_WRITTEN = object()  # segment_many: a write dropped after an earlier failure
 
 
 @dataclasses.dataclass
@@ -599,7 +600,7 @@ class Segmenter:
                      batch_size: int = 1, readers: int | None = None, prefetch: int | None = None,
                      keep_probs: bool = False,
                      on_result: Callable[[BatchItem], Any] | None = None,
-                     pending_writes: int = 4) -> Iterator[BatchItem]:
+                     pending_writes: int = 4, stop_on_error: bool = False) -> Iterator[BatchItem]:
         """Segment a stream of sources, yielding one `BatchItem` per source in input order.
 
         Args:
@@ -614,6 +615,13 @@ class Segmenter:
                 encode and save it); its return value becomes `item.output`, an exception
                 becomes `item.error`. Items are yielded only once it has returned.
             pending_writes: how many items may wait for the writer before the network waits.
+            stop_on_error: end the stream at the first item that fails (to read, segment or
+                write): it is the last item yielded, and `on_result` is never called for an
+                item after it, although sources after it may have been read or segmented.
+
+        Closing the stream early (leaving a loop over it) cancels the writes that have not
+        started; one already under way finishes, so `on_result` may have seen one item
+        that was never yielded.
         """
         if read is None:
             from deeplab_cli.image_io import read_image as read
@@ -632,6 +640,28 @@ class Segmenter:
         done: collections.deque[tuple[BatchItem, Future | None]] = collections.deque()
         read_pool = ThreadPoolExecutor(readers, thread_name_prefix="deeplab-read")
         write_pool = ThreadPoolExecutor(1, thread_name_prefix="deeplab-write") if on_result else None
+        # stop_on_error: the position of the first failed item, set by the main thread (read
+        # and network errors) or the writer thread (write errors).
+        first_error = math.inf
+        first_error_lock = threading.Lock()
+        handed_on = 0
+
+        def failed(index: int) -> None:
+            nonlocal first_error
+            if stop_on_error:
+                with first_error_lock:
+                    first_error = min(first_error, index)
+
+        def write(index: int, item: BatchItem):
+            # The one writer thread takes items in order, so an item after a failed one
+            # starts only once the failure is known: it is dropped, never half done.
+            if index > first_error:
+                return _NOT_WRITTEN
+            try:
+                return on_result(item)
+            except Exception:
+                failed(index)
+                raise
 
         def fill() -> None:
             while len(reads) < prefetch:
@@ -651,12 +681,24 @@ class Segmenter:
             return item
 
         def hand_on(item: BatchItem) -> None:
-            future = write_pool.submit(on_result, item) if (write_pool and item.error is None) else None
+            nonlocal handed_on
+            index, handed_on = handed_on, handed_on + 1
+            if index > first_error:
+                return  # stop_on_error: after the first failure nothing more goes out
+            future = None
+            if item.error is not None:
+                failed(index)
+            elif write_pool is not None:
+                future = write_pool.submit(write, index, item)
             done.append((item, future))
+
+        def last(item: BatchItem) -> bool:
+            """Whether the stream ends with this item (stop_on_error and it failed)."""
+            return stop_on_error and item.error is not None
 
         try:
             fill()
-            while reads:
+            while reads and first_error == math.inf:
                 source, future = reads.popleft()
                 fill()
                 try:
@@ -680,13 +722,21 @@ class Segmenter:
                     for item in self._segment_group(group, keep_probs=keep_probs):
                         hand_on(item)
                 while done and (done[0][1] is None or done[0][1].done() or len(done) > pending_writes):
-                    yield finish(done.popleft())
+                    item = finish(done.popleft())
+                    yield item
+                    if last(item):
+                        return
             while done:
-                yield finish(done.popleft())
+                item = finish(done.popleft())
+                yield item
+                if last(item):
+                    return
         finally:
             read_pool.shutdown(wait=True, cancel_futures=True)
             if write_pool is not None:
-                write_pool.shutdown(wait=True)  # writes already started finish: whole files only
+                # Writes not started are dropped (their items were never yielded); the one
+                # under way finishes: whole files only.
+                write_pool.shutdown(wait=True, cancel_futures=True)
 
     def _segment_group(self, group: list[BatchItem], *, keep_probs: bool) -> list[BatchItem]:
         """Run a same-size group; if the group fails, retry its images one by one so one

@@ -4,6 +4,7 @@ threads. CPU only, random 5-class DeepLab v2 weights, images of a few pixels."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -377,3 +378,78 @@ def test_keep_probs_with_the_crf_at_a_smaller_size_gives_a_distribution_at_the_o
     torch.testing.assert_close(result.probs.sum(0), torch.ones(height, width), atol=1e-4, rtol=0)
     np.testing.assert_array_equal(result.labels, result.probs.argmax(0).numpy())
     assert len(notes) == 1 and "the CRF runs at" in notes[0]
+
+
+# --- segment_many: stopping at the first failure, closing early -----------------------------
+
+
+@pytest.fixture(scope="module")
+def plain(model, meta):
+    """No CRF, one scale: the cheapest segmenter, for streams of several images."""
+    return Segmenter(model, meta, device="cpu", crf=None, max_size=32, msc=False)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("stage", ["read", "network", "write"])
+def test_stop_on_error_writes_and_yields_nothing_after_the_first_failure(plain, stage, batch_size):
+    """--fail-fast used to let the image after the failing one be written (the stream
+    works ahead): the written set must be exactly the items yielded as successes."""
+    def read(source):
+        if stage == "read" and source == "c":
+            raise DeeplabError("c: truncated or corrupt JPEG")
+        if stage == "network" and source == "c":  # same shape, so in a's batch: the batch fails
+            return image(13, 17).astype(np.float32)
+        return image(13, 17, seed=ord(source))
+
+    written = []
+
+    def on_result(item):
+        if stage == "write" and item.source == "c":
+            raise OSError(28, "No space left on device")
+        written.append(item.source)
+        return item.source
+
+    items = list(plain.segment_many(list("abcdef"), read=read, batch_size=batch_size,
+                                    on_result=on_result, stop_on_error=True))
+    assert [item.source for item in items] == ["a", "b", "c"]
+    assert [item.error is None for item in items] == [True, True, False]
+    assert [item.output for item in items[:2]] == ["a", "b"]
+    assert written == ["a", "b"]
+    if batch_size == 1:  # without stop_on_error the same stream goes on past the failure
+        written.clear()
+        items = list(plain.segment_many(list("abcdef"), read=read, on_result=on_result))
+        assert [item.error is None for item in items] == [True, True, False, True, True, True]
+        assert written == list("abdef")
+
+
+def test_stop_on_error_without_a_writer_ends_at_the_failure(plain):
+    def read(source):
+        if source == 1:
+            raise DeeplabError("1: empty file (0 bytes)")
+        return image(9, 11, seed=source)
+
+    items = list(plain.segment_many(range(5), read=read, stop_on_error=True))
+    assert [item.source for item in items] == [0, 1]
+    assert items[0].result.labels.shape == (9, 11) and isinstance(items[1].error, DeeplabError)
+
+
+def test_closing_the_stream_early_drops_the_writes_not_started(plain):
+    """Leaving the loop (a broken pipe, a failed stdout) used to let every queued write
+    finish, so files appeared for items never reported; now only the one under way does."""
+    gate = threading.Event()
+    written = []
+
+    def on_result(item):
+        if item.source == 0:
+            time.sleep(0.5)  # meanwhile the network hands on the next images
+        else:
+            gate.wait(10)
+        written.append(item.source)
+
+    stream = plain.segment_many(range(12), read=lambda s: image(9, 11, seed=s), on_result=on_result,
+                                pending_writes=4)
+    first = next(stream)
+    assert first.source == 0 and first.error is None
+    threading.Timer(0.3, gate.set).start()  # lets the write under way finish during close()
+    stream.close()
+    assert written[0] == 0 and written[1:] in ([], [1])

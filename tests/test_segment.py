@@ -947,24 +947,197 @@ def test_a_folder_that_cannot_be_listed_is_a_failure(tmp_path, fast_load, weight
     """A subfolder without read permission used to be skipped in silence (exit 0)."""
     src = tmp_path / "in"
     save(src / "a.jpg", photo())
+    (src / "c_empty.jpg").write_bytes(b"")
     save(src / "locked" / "b.jpg", photo("coffee.jpg"))
-    locked = str(src / "locked")
+    save(src / "shut" / "e.jpg", photo("coffee.jpg"))
+    locked, shut = str(src / "locked"), str(src / "shut")
     real_scandir = os.scandir
 
     def scandir(path="."):
-        if os.fspath(path) == locked:  # as for a folder of mode 000 (tests may run as root)
-            raise PermissionError(errno.EACCES, "Permission denied", locked)
+        if os.fspath(path) in (locked, shut):  # as for a folder of mode 000 (tests may run as root)
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
     out = tmp_path / "out"
     result = invoke([src, "-o", out, "--json", "--weights", weights_file, "--no-crf", *FAST], expect=1)
-    assert f"deeplab: {locked}: cannot list this folder (Permission denied); its images were not read" \
-        in result.stderr.splitlines()
-    assert "2 images: 1 segmented, 1 failed" in result.stderr.splitlines()[-1]
+    lines = result.stderr.splitlines()
+    assert f"deeplab: {locked}: cannot list this folder (Permission denied); its images were not read" in lines
+    # Folders are not images: counted apart, after the images' counts.
+    assert lines[-1].startswith("deeplab: 2 images: 1 segmented, 1 failed in ")
+    assert lines[-1].endswith("; 2 folders could not be read")
     records = {json.loads(line)["input"]: json.loads(line) for line in result.stdout.splitlines()}
     assert records[locked]["status"] == "error" and records[str(src / "a.jpg")]["status"] == "ok"
+    assert records[str(src / "c_empty.jpg")]["status"] == "error"
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]
-    # The input folder itself unreadable: a failure too, not "no images found".
+    # The input folder itself unreadable: a failure too (status 1, the summary even with -q),
+    # not "no images found".
     result = invoke([locked, "-o", out, "--weights", weights_file, "--no-crf", *FAST], expect=1)
     assert "cannot list this folder" in result.stderr and "no images found" not in result.stderr
+    summary = result.stderr.splitlines()[-1]
+    assert summary.startswith("deeplab: 0 images: 0 segmented in ")
+    assert summary.endswith("; 1 folder could not be read")
+    # One image and one folder: singular both.
+    result = invoke([src / "a.jpg", locked, "-o", out, "--weights", weights_file, "--no-crf", *FAST],
+                    expect=1)
+    summary = result.stderr.splitlines()[-1]
+    assert summary.startswith("deeplab: 1 image: 1 segmented in ") and summary.endswith("; 1 folder could not be read")
+
+
+# --- --fail-fast, unwritable outputs, checks made before the model loads --------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """For runs that must end before the weights are loaded: loading fails the test."""
+    import deeplab_cli.weights as weights
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(weights, "load_model", load_model)
+
+
+def truncated_jpeg() -> bytes:
+    good = io.BytesIO()  # big enough that half of it is past the JPEG header
+    Image.fromarray(load_photo("coffee.jpg")).save(good, "JPEG")
+    return good.getvalue()[: len(good.getvalue()) // 2]
+
+
+def test_fail_fast_writes_nothing_after_the_failing_image(tmp_path, fast_load, weights_file):
+    """The image after the failing one used to be written though reported as not run."""
+    src = tmp_path / "in"
+    for name in ("a.jpg", "c.jpg", "d.jpg"):
+        save(src / name, photo())
+    (src / "b.jpg").write_bytes(truncated_jpeg())
+    out = tmp_path / "out"
+    result = invoke([src, "-o", out, "--fail-fast", "--json", "--weights", weights_file, "--no-crf",
+                     *FAST], expect=1)
+    assert [(r["input"], r["status"]) for r in map(json.loads, result.stdout.splitlines())] == \
+        [(str(src / "a.jpg"), "ok"), (str(src / "b.jpg"), "error")]
+    assert "4 images: 1 segmented, 1 failed, 2 not run (--fail-fast)" in result.stderr.splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+
+
+def test_fail_fast_after_a_failed_write_writes_nothing_more(tmp_path, fast_load, weights_file):
+    # b's output is a folder: its write fails after c and d have been handed to the writer.
+    src = tmp_path / "in"
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        save(src / name, photo())
+    out = tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)
+    result = invoke([src, "-o", out, "--fail-fast", "--weights", weights_file, "--no-crf", *FAST],
+                    expect=1)
+    assert f"deeplab: {out / 'b.png'}: cannot write (Is a directory)" in result.stderr.splitlines()
+    assert "4 images: 1 segmented, 1 failed, 2 not run (--fail-fast)" in result.stderr.splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # no temporaries either
+    assert (out / "b.png").is_dir() and list((out / "b.png").iterdir()) == []
+
+
+def _root_can_write_anyway(folder: Path) -> bool:
+    """Whether this process writes into a mode-555 folder regardless (root's DAC override:
+    os.access would say yes or no without trying, so try)."""
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        return False
+    (folder / "probe").unlink()
+    return True
+
+
+def test_a_read_only_output_folder_fails_before_the_model_loads(tmp_path, no_model_load, weights_file):
+    src = save(tmp_path / "in" / "a.jpg", photo())
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if _root_can_write_anyway(ro):
+            pytest.skip("this user writes into read-only folders (root)")
+        for output, shown in ((f"{ro}/", ro), (f"{ro}/new/masks/", ro), (f"{ro}/m.png", ro)):
+            result = invoke([src, "-o", output, "--weights", weights_file, "--no-crf", *FAST], expect=1)
+            assert result.output == f"Error: -o {output}: cannot write in {shown} (Permission denied)\n"
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_an_unwritable_output_fails_before_the_model_loads_even_for_root(tmp_path, no_model_load,
+                                                                         weights_file, monkeypatch):
+    """The same check where root's DAC override hides a mode-555 folder: a folder where the
+    file system refuses new files (as a read-only mount does), and a file where a folder
+    should be. Each used to load the model, then fail every image alike."""
+    import tempfile
+
+    src = save(tmp_path / "in" / "a.jpg", photo())
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == ro:
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    for output in (f"{ro}/", f"{ro}/new/masks/", f"{ro}/m.png"):
+        result = invoke([src, "-o", output, "--weights", weights_file, "--no-crf", *FAST], expect=1)
+        assert result.output == f"Error: -o {output}: cannot write in {ro} (Read-only file system)\n"
+    assert list(ro.iterdir()) == []
+    (tmp_path / "f.txt").write_text("")
+    for output in (f"{tmp_path}/f.txt/masks/", f"{tmp_path}/f.txt/m.png"):
+        result = invoke([src, "-o", output, "--weights", weights_file, "--no-crf", *FAST], expect=1)
+        assert result.output == f"Error: -o {output}: cannot write ({tmp_path}/f.txt is a file, not a folder)\n"
+
+
+def test_nothing_to_write_needs_no_writable_output(tmp_path, no_model_load, weights_file, monkeypatch):
+    """--skip-existing with every mask there writes nothing: a read-only folder is fine."""
+    import tempfile
+
+    src = save(tmp_path / "in" / "a.jpg", photo())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"done before")
+    def mkstemp(*args, **kwargs):  # no file can be created anywhere
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    result = invoke([src.parent, "-o", out, "--skip-existing", "--weights", weights_file, "--no-crf",
+                     "--max-size", "32"])
+    assert "1 image: 0 segmented, 1 skipped (existing)" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bi-rgb-std", "-1"], "--bi-rgb-std"),
+    (["--iters", "5000"], "--iters"),
+    (["--crf-params", "missing.json"], "missing.json"),
+])
+def test_bad_crf_flags_are_refused_with_no_crf_too(tmp_path, no_model_load, weights_file, monkeypatch,
+                                                   flags, message):
+    monkeypatch.chdir(tmp_path)
+    src = save(tmp_path / "a.jpg", photo())
+    results = [invoke([src, "-o", "m.png", "--weights", weights_file, *FAST, *flags, *no_crf], expect=1)
+               for no_crf in ([], ["--no-crf"])]
+    assert results[0].output == results[1].output  # the same one line with or without --no-crf
+    assert results[1].output.startswith("Error: ") and message in results[1].output
+    assert results[1].output.count("\n") == 1
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_empty_stdin_fails_before_the_model_loads(tmp_path, no_model_load, weights_file):
+    for args in (["-", "-o", tmp_path / "m.png"], ["-"], ["-", "-o", tmp_path / "dir/"]):
+        result = invoke([*args, "--weights", weights_file, *FAST], input=b"", expect=1)
+        lines = result.stderr.splitlines()
+        assert lines[0] == "deeplab: <stdin>: empty input (0 bytes); pipe an image into it"
+        assert lines[-1].startswith("deeplab: 1 image: 0 segmented, 1 failed in ")
+        assert result.stdout_bytes == b""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_stdin_beside_other_inputs_is_one_failure(tmp_path, fast_load, weights_file):
+    src = save(tmp_path / "in" / "a.jpg", photo())
+    out = tmp_path / "out"
+    result = invoke(["-", src, "-o", out, "--weights", weights_file, "--no-crf", *FAST], input=b"",
+                    expect=1)
+    assert "deeplab: <stdin>: empty input (0 bytes); pipe an image into it" in result.stderr.splitlines()
+    assert "2 images: 1 segmented, 1 failed" in result.stderr.splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]

@@ -33,8 +33,8 @@ import click
 
 from deeplab_cli.cli import options as shared
 from deeplab_cli.cli.options import crf_options, device_option, load_segmenter
-from deeplab_cli.errors import DeeplabError, one_line
-from deeplab_cli.fsutil import read_input, text_lines
+from deeplab_cli.errors import DeeplabError, one_line, plural
+from deeplab_cli.fsutil import check_writable_folder, read_input, text_lines
 
 # image_io.FORMATS, repeated so that `deeplab segment --help` does not import NumPy.
 FORMAT_CHOICES = ("palette", "gray", "overlay", "probs")
@@ -49,6 +49,7 @@ class Job:
     rel: PurePath  # path mirrored under the output dir (before the suffix change)
     output: Path | None = None
     problem: str | None = None  # set when the output is refused (escape, overwrite)
+    folder: bool = False  # a folder that could not be listed (a failure, but not an image)
 
 
 def _binary_stream(name: str):
@@ -158,8 +159,10 @@ def collect_jobs(inputs: tuple[str, ...], from_list: str | None, null: bool,
         if entry == "-" and dash_is_stdin:
             if _stdin_is_tty():
                 raise DeeplabError("- (stdin) is a terminal: pipe an image into it, or name a file")
-            data = _read_stdin("- (stdin)")
+            data = _read_stdin("- (stdin)")  # read once, kept: stdin cannot be read again
             jobs.append(Job(source=data, name="<stdin>", rel=PurePath("stdin")))
+            if not data:  # known now, so the model need not load to say so
+                jobs[-1].problem = "<stdin>: empty input (0 bytes); pipe an image into it"
             continue
         path = Path(entry)
         if path.is_dir():
@@ -169,7 +172,8 @@ def collect_jobs(inputs: tuple[str, ...], from_list: str | None, null: bool,
                 folder = exc.filename if exc.filename is not None else entry
                 unlisted.append(Job(source=Path(folder), name=str(folder), rel=PurePath(),
                                     problem=f"{folder}: cannot list this folder "
-                                            f"({exc.strerror or exc}); its images were not read"))
+                                            f"({exc.strerror or exc}); its images were not read",
+                                    folder=True))
             if not images and not errors:
                 click.echo(f"deeplab: {one_line(entry)}: no images found in this folder", err=True)
             for image in images:
@@ -314,7 +318,7 @@ def check_output(job: Job, out_real: str | None, inputs_real: set[str]) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Network arithmetic (autocast); the CRF always runs in fp32.")
 @click.option("--skip-existing", is_flag=True, help="Leave outputs that already exist (resume a run).")
-@click.option("--fail-fast", is_flag=True, help="Stop at the first image that fails.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first image that fails; nothing after it is written.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, and no summary unless an image failed.")
 @click.pass_context
 def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_json, model,
@@ -336,6 +340,9 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
         raise DeeplabError("give either --model NAME or --weights FILE, not both")
     if weights and not Path(weights).is_file():
         raise DeeplabError(f"--weights {weights}: no such file")
+    # Bad CRF flags are a mistake even with --no-crf (which only skips the CRF): said now,
+    # before any input is read or the weights load.
+    shared.crf_params_from_options(dict(crf_flags))
     suffix = output_suffix(fmt)
     mode = choose_mode(output, inputs, from_list, suffix)
     if mode == "stdout" and as_json:
@@ -356,19 +363,23 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
         check_output(jobs[0], None, {os.path.realpath(j.source) for j in jobs
                                      if isinstance(j.source, Path)})
 
-    stats = _Stats(total=len(jobs))
-    todo = []
+    existing = {id(job) for job in jobs if job.problem is None and skip_existing
+                and job.output is not None and job.output.exists()}
+    todo = [job for job in jobs if job.problem is None and id(job) not in existing]
+    if todo and mode != "stdout":
+        # Before the model loads and every image fails alike: a read-only or misplaced -o.
+        check_writable_folder(out_dir if mode == "dir" else Path(output).parent, f"-o {output}")
+
+    stats = _Stats(total=sum(not job.folder for job in jobs))
     for job in jobs:
         if job.problem:
             stats.fail(job, job.problem, as_json=as_json)
             if fail_fast:
                 _finish(ctx, stats, quiet)
-        elif skip_existing and job.output is not None and job.output.exists():
+        elif id(job) in existing:
             stats.skipped += 1
             if as_json:
                 _emit({"input": job.name, "output": str(job.output), "status": "skipped"})
-        else:
-            todo.append(job)
 
     if todo:
         # This process reads images only through read_image, whose --max-pixels check (made
@@ -395,15 +406,19 @@ def segment(ctx: click.Context, inputs, output, from_list, null, fmt, alpha, as_
 
 @dataclasses.dataclass
 class _Stats:
-    total: int
+    total: int  # images (folders that could not be listed are counted apart)
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    folders: int = 0  # folders that could not be listed
     broken: bool = False  # stdout failed: the run stopped early
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def fail(self, job: Job, message: str, *, as_json: bool) -> None:
-        self.failed += 1
+        if job.folder:
+            self.folders += 1
+        else:
+            self.failed += 1
         click.echo(f"deeplab: {one_line(message)}", err=True)
         if as_json:
             _emit({"input": job.name, "output": str(job.output) if job.output else "-",
@@ -494,9 +509,12 @@ def _run(segmenter, jobs: list[Job], stats: _Stats, *, fmt, alpha, as_json, max_
     if not quiet and _stderr_is_tty() and len(jobs) > 1:
         bar = click.progressbar(length=len(jobs), label="segmenting", file=sys.stderr,
                                 show_eta=True, show_pos=True)
+    # stop_on_error: with --fail-fast nothing after the failing image is written, although
+    # the stream reads and segments ahead. closing(): leaving early (a broken pipe) drops
+    # the writes not started and lets the one under way finish.
     items = segmenter.segment_many(jobs, read=read, batch_size=batch_size,
-                                   keep_probs=fmt == "probs", on_result=save)
-    # closing(): leaving early (--fail-fast, a broken pipe) still lets started writes finish.
+                                   keep_probs=fmt == "probs", on_result=save,
+                                   stop_on_error=fail_fast)
     with bar if bar is not None else contextlib.nullcontext(), contextlib.closing(items):
         for item in items:
             job = item.source
@@ -506,8 +524,6 @@ def _run(segmenter, jobs: list[Job], stats: _Stats, *, fmt, alpha, as_json, max_
                 stats.fail(job, _describe_error(job, item.error), as_json=as_json)
                 if job.output is None and isinstance(item.error, OSError):
                     _abandon_stdout()
-                if fail_fast:
-                    break
             else:
                 stats.done += 1
                 if as_json:
@@ -537,9 +553,10 @@ def _record(job: Job, result, counts, meta) -> dict:
 
 
 def _finish(ctx: click.Context, stats: _Stats, quiet: bool) -> None:
-    """The summary line on stderr; exit status 1 if any image failed."""
+    """The summary line on stderr; exit status 1 if any image or folder failed."""
     elapsed = time.perf_counter() - stats.started
-    if not quiet or stats.failed or stats.broken:
+    failed = stats.failed or stats.folders or stats.broken
+    if not quiet or failed:
         rate = stats.done / elapsed if elapsed > 0 else 0.0
         parts = [f"{stats.done} segmented"]
         if stats.skipped:
@@ -550,7 +567,8 @@ def _finish(ctx: click.Context, stats: _Stats, quiet: bool) -> None:
         if not_run:
             parts.append(f"{not_run} not run ({'stdout failed' if stats.broken else '--fail-fast'})")
         speed = f" ({rate:.2f} images/s)" if stats.done else ""
-        click.echo(f"deeplab: {stats.total} image{'' if stats.total == 1 else 's'}: {', '.join(parts)} "
-                   f"in {elapsed:.1f} s{speed}", err=True)
-    ctx.exit(1 if stats.failed or stats.broken else 0)
+        folders = f"; {plural(stats.folders, 'folder')} could not be read" if stats.folders else ""
+        click.echo(f"deeplab: {plural(stats.total, 'image')}: {', '.join(parts)} "
+                   f"in {elapsed:.1f} s{speed}{folders}", err=True)
+    ctx.exit(1 if failed else 0)
 
