@@ -204,11 +204,16 @@ def test_torch_stream_wraps_with_from_external_else_external_stream():
 # nvcc: every kernel compiles to PTX (what CI can check without a GPU)
 
 
-@pytest.mark.nvcc
-def test_every_kernel_compiles_to_ptx_with_nvcc():
+@pytest.fixture(scope="module")
+def ptx() -> dict[str, str]:
+    """Every kernel file's PTX for sm_80 (nvcc, no GPU needed)."""
     if shutil.which("nvcc") is None and not Path("/usr/local/bin/nvcc").exists():
         pytest.skip("nvcc not found")
-    ptx = cuda.compile_ptx("sm_80")
+    return cuda.compile_ptx("sm_80")
+
+
+@pytest.mark.nvcc
+def test_every_kernel_compiles_to_ptx_with_nvcc(ptx):
     assert set(ptx) == set(cuda.KERNEL_FILES)
     for name, functions in cuda.KERNELS.items():
         for fn in functions:
@@ -225,6 +230,70 @@ def test_every_kernel_compiles_to_ptx_with_nvcc():
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
     return build_emulated(tmp_path_factory.mktemp("emulated"))
+
+
+# PTX parameter types as CuPy fills them: an array (a pointer) or a NumPy scalar of one width.
+_PTX_TYPE = {np.dtype(np.int32): "32", np.dtype(np.uint32): "32", np.dtype(np.float32): "f32",
+             np.dtype(np.int64): "64", np.dtype(np.uint64): "64"}
+
+
+def ptx_parameters(ptx: dict[str, str]) -> dict[str, list[str]]:
+    """Each kernel's parameters as the GPU's argument buffer lays them out: '64' (a pointer, a
+    long long or u64), '32' (int) or 'f32' (float), read from the PTX entries."""
+    out = {}
+    for text in ptx.values():
+        for name, params in re.findall(r"\.entry (\w+)\(([^)]*)\)", text):
+            kinds = re.findall(r"\.param \.(\w+) ", params)
+            assert len(kinds) == params.count(".param"), f"{name}: a parameter of a kind this test cannot read"
+            out[name] = ["f32" if k == "f32" else k[1:] for k in kinds]
+    return out
+
+
+def argument_kind(arg) -> str:
+    """How CuPy would pass `arg`: an array or None as a 64-bit pointer, a NumPy scalar by its
+    dtype; a Python int or float has no fixed width ('?': never right)."""
+    if arg is None or isinstance(arg, np.ndarray):
+        return "64"
+    if isinstance(arg, np.generic):
+        return _PTX_TYPE.get(arg.dtype, str(arg.dtype))
+    return "?"
+
+
+@pytest.mark.nvcc
+def test_every_launch_passes_the_types_its_kernel_declares(emulated, ptx):
+    # On x86-64 each emulated argument travels in its own 8-byte slot, so an int32 given to a
+    # long long parameter (or a Python float to a float) works on the CPU. CuPy packs the
+    # arguments by their own widths, so on a GPU every later argument would be read from the
+    # wrong bytes. Every launch of every path is checked against the kernels' PTX.
+    declared = ptx_parameters(ptx)
+    wrong: set[str] = set()
+    launched: set[str] = set()
+
+    class Checking(type(emulated)):
+        def launch(self, name, n, args, width=1, block_rows=0):
+            if self.recording is None:
+                launched.add(name)
+                passed = [argument_kind(a) for a in args]
+                if passed != declared[name]:
+                    wrong.add(f"{name}: passed {passed}, declared {declared[name]}")
+            return super().launch(name, n, args, width, block_rows)
+
+    checking = Checking.__new__(Checking)
+    checking.__dict__.update(emulated.__dict__)
+    images, probs = case_inputs([("chelsea.jpg", 60, 120, 7, 9), ("coffee.jpg", 10, 20, 6, 5)], 5, seed=1)
+    options = [{}, {"slot_keys": False}, {"spread_keys": True}, {"gauss_grid": True}, {"pair_blur": False},
+               {"pack_lanes": False}, {"spatial_order": False}]
+    options += [{"gauss_stencil": True, "stencil_strip": s} for s in cuda.STENCIL_STRIPS]
+    for option in options:
+        for params in (DEEPLAB.replace(iterations=2), DEEPLAB.replace(iterations=2, bi_w=0, normalization="after")):
+            cuda.CudaCRF(images, probs, params, backend=checking, **option).run()
+            cuda.CudaCRF(images[:1], [p[:2] / p[:2].sum(0) for p in probs[:1]], params, backend=checking,
+                         **option).run(graph=True)
+    for std in (0.2, 0.4, 0.6, 1.25):  # the other stencil radii
+        cuda.CudaCRF(images, probs, DEEPLAB.replace(iterations=1, pos_xy_std=std), backend=checking,
+                     gauss_stencil=True).run()
+    assert not wrong, "\n".join(sorted(wrong))
+    assert launched == {f for fs in cuda.KERNELS.values() for f in fs}  # every kernel was checked
 
 
 def crop(name: str, top: int, left: int, height: int, width: int) -> np.ndarray:
@@ -715,14 +784,16 @@ def test_gpu_is_deterministic_and_batch_equals_singles(photos_on_gpu):
 
 
 @pytest.mark.cuda
-def test_gpu_vertex_order_blur_launches_and_grid_equal_each_other(photos_on_gpu):
+def test_gpu_options_equal_each_other(photos_on_gpu):
     # Each option is bit-identical on the device too: the default (spatial order, two blur
-    # passes a launch), key order, one pass a launch, and the Gaussian cell grid.
+    # passes a launch, slotted keys sorted in place, lane groups side by side), key order, one
+    # pass a launch, the Gaussian cell grid, argsorted keys and power-of-two lane groups.
     images, probs = photos_on_gpu
     for params in (DEEPLAB, README.replace(normalization="after"), DEEPLAB.replace(bi_w=0)):
         default = [o.get() for o in cuda.CudaCRF(images, probs, params).run()]
         for options in ({"spatial_order": False}, {"pair_blur": False}, {"gauss_grid": True},
-                        {"spatial_order": False, "pair_blur": False}):
+                        {"spatial_order": False, "pair_blur": False}, {"slot_keys": False},
+                        {"slot_keys": False, "spatial_order": False}, {"pack_lanes": False}):
             other = [o.get() for o in cuda.CudaCRF(images, probs, params, **options).run(graph=True)]
             for a, b in zip(default, other):
                 assert np.array_equal(a, b), options

@@ -271,6 +271,29 @@ def test_emulated_stencil_falls_back_to_the_lattice(emulated, monkeypatch):
     assert bilateral_only._stencil is None
 
 
+@pytest.mark.parametrize("params", [DEEPLAB, DEEPLAB.replace(bi_w=0)], ids=["with-lattice", "stencil-alone"])
+def test_a_corner_outside_its_cell_box_stops_the_build(emulated, params):
+    # gauss_corners flags a corner its cell box cannot hold (a bug: the box is sized from the
+    # image's extent). The host reads that flag at the build's wait, with the lattice's own
+    # flag, or at a wait of its own when the stencil is the only kernel: the run stops rather
+    # than filter with wrong weights. The kernel's flag is forced here after its launch.
+    image = crop("chelsea.jpg", 60, 120, 9, 11)
+    probs = network_like_probs(9, 11, seed=4)
+
+    class Flagging(type(emulated)):
+        def launch(self, name, n, args, width=1, block_rows=0):
+            super().launch(name, n, args, width, block_rows)
+            if name == "gauss_corners":
+                args[-1][0] = 1
+
+    flagging = Flagging.__new__(Flagging)
+    flagging.__dict__.update(emulated.__dict__)
+    crf = cuda.CudaCRF([image], [probs], params, backend=flagging, gauss_stencil=True)
+    with pytest.raises(RuntimeError, match="Gaussian corner fell outside"):
+        crf.prepare()
+    assert crf._stencil is not None and crf.lattices is None
+
+
 # ---------------------------------------------------------------------------------------------
 # On a GPU
 

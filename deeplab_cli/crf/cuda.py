@@ -638,7 +638,7 @@ class CudaCRF:
         # the Gaussian stencil's weights, when used: float32 (2R + S, 2R + 1, strips, S) for radius R
         # and strips of S = stencil_strip pixels (permutohedral.cu stencil_index)
         self._stencil: Any = None
-        self._stencil_info: Any = None  # (1,) int32: 1 if a Gaussian corner fell outside its cell box (a bug)
+        self._stencil_info: Any = None  # the build's info: [0] = 1 if a Gaussian corner fell outside its cell box
         self._q_pair: tuple[Any, Any] | None = None  # with the stencil: Q's two buffers
         # with the stencil: each image's first pixel, first strip (of stencil_strip pixels), width
         self._image_start = self._strip_start = self._image_width = None
@@ -674,10 +674,13 @@ class CudaCRF:
             self._q_pair = tuple(xp.zeros((n + 2 * guard, ld), dtype=xp.float32)[guard:guard + n] for _ in range(2))
             self.q = self._q_pair[0]
         bk.launch(*self._slice_softmax(None))
+        # What the build tells the host, read at its one wait: INFO_ERROR (a lattice key or a
+        # Gaussian corner outside its packed range: a bug), INFO_VERTICES, INFO_FIRST + l.
+        info = xp.zeros(2 + len(self.lattice_specs), dtype=xp.int32)
         if radius is not None:
-            self._build_stencil(radius)
+            self._build_stencil(radius, info)
         if self.lattice_specs:
-            lat = self.lattices = self._build()
+            lat = self.lattices = self._build(info)
             need = _bytes_after_lattice(lat, ld)
             free = bk.free_bytes()
             if need > free:
@@ -689,6 +692,8 @@ class CudaCRF:
             lat.values = (xp.empty((m, ld), dtype=xp.float32), xp.empty((m, ld), dtype=xp.float32))
             self._partial = xp.empty((lat.n_runs_max, ld), dtype=xp.float32)  # (R, ld)
             self._norms()
+        elif radius is not None and bk.to_host(info)[0]:  # the stencil alone: its own wait
+            raise RuntimeError("CRF stencil: a Gaussian corner fell outside its cell box (a bug)")
         if self.specs:
             self._plan_iteration()
 
@@ -721,9 +726,9 @@ class CudaCRF:
         upload = getattr(self.bk, "constant", None)
         return upload(key, host) if upload else self.bk.xp.asarray(host)
 
-    def _build(self) -> Lattices:
+    def _build(self, info: Any) -> Lattices:
         """The lattices (lattice_specs) with one sort and one wait on the device (for the vertex
-        count)."""
+        count, and `info`'s error flag, which the stencil's build may have set already)."""
         bk, xp = self.bk, self.bk.xp
         n, specs = self.n_pixels, self.lattice_specs
         # Images whose pixel count is not a multiple of 4 add one slot each, past all real
@@ -737,7 +742,6 @@ class CudaCRF:
         key_lo = xp.empty(e, dtype=xp.uint64)
         key_hi = xp.empty(e, dtype=xp.uint64) if words == 2 else None
         weight = xp.empty(e, dtype=xp.float32)
-        info = xp.zeros(2 + len(specs), dtype=xp.int32)  # INFO_ERROR, INFO_VERTICES, INFO_FIRST + l
         for b, im in enumerate(self.images):
             h, w = self.sizes[b]
             pad_slot = n + padded.index(b) if b in padded else -1
@@ -774,7 +778,7 @@ class CudaCRF:
         # The build's one wait on the device: the vertex count sizes everything after.
         err, m, *first = (int(x) for x in bk.to_host(info))
         if err:
-            raise RuntimeError("CRF lattice: a key fell outside its packed range (a bug)")
+            raise RuntimeError("CRF lattice: a key or a Gaussian corner fell outside its packed range (a bug)")
         first = first + [m]
         neighbours = xp.empty((max(s.d for s in specs) + 1, m, 2), dtype=xp.int32)
         searched = 0
@@ -846,7 +850,7 @@ class CudaCRF:
         # per pixel: Q's second row, its norm, three corners (int2) and their weights
         return 4 * (weights + self.n_pixels * (self.ld + 1 + 3 * 2 + 3) + guards) + cells
 
-    def _build_stencil(self, radius: int) -> None:
+    def _build_stencil(self, radius: int, info: Any) -> None:
         """The Gaussian kernel's filter as per-pixel stencil weights, with the norms, alpha and
         the Potts weight folded in, straight from the pixels' corners (gauss_corners, then
         gauss_stencil and gauss_stencil_scale: no Gaussian lattice is built), laid out in strips
@@ -860,7 +864,7 @@ class CudaCRF:
         cells = xp.zeros(n_images * span1 * span0 * 3, dtype=xp.uint8)
         corner = xp.empty((3 * n, 2), dtype=xp.int32)
         weight = xp.empty(3 * n, dtype=xp.float32)
-        self._stencil_info = xp.zeros(1, dtype=xp.int32)
+        self._stencil_info = info  # [0]: set if a corner falls outside its cell box
         for b, (im, (h, w)) in enumerate(zip(self.images, self.sizes)):
             bk.launch("gauss_corners", h * w, (im, _i32(h), _i32(w), _i64(self.offsets[b]), _i32(b), consts,
                                                _i32(span0), _i32(span1), corner, weight, cells, self._stencil_info))
