@@ -28,9 +28,11 @@ def resolve_device(spec="auto", *, quiet: bool = False):
     """The torch.device to run on, from a string or a torch.device, or a one-line DeeplabError.
 
     Accepted: 'auto', 'cpu', 'cuda', 'cuda:N' (any case, surrounding spaces ignored; None
-    means 'auto') and torch.device objects of type cpu or cuda. 'auto' picks torch's current
-    CUDA device (cuda:0 unless set otherwise) when torch sees a GPU; else the CPU, saying so
-    on stderr once per process unless `quiet`. 'cuda' is cuda:0. Refused, naming the value:
+    means 'auto') and torch.device objects of type cpu or cuda. 'cpu:N' and
+    torch.device('cpu', N) are taken as torch takes them, as the CPU: the result is
+    torch.device('cpu') (torch has one CPU device; a tensor made on 'cpu:1' is on 'cpu').
+    'auto' picks torch's current CUDA device (cuda:0 unless set otherwise) when torch sees
+    a GPU; else the CPU, saying so on stderr once per process unless `quiet`. 'cuda' is cuda:0. Refused, naming the value:
     other backends ('mps', 'xpu': the CRF runs only on the CPU or CUDA), anything else,
     CUDA on a machine where torch sees none, and cuda:N past the GPUs there are. The CLI's
     --device, `weights.load_model` and `pipeline.Segmenter` all take devices through here.
@@ -52,7 +54,7 @@ def resolve_device(spec="auto", *, quiet: bool = False):
             print("deeplab: no CUDA device found; running on the CPU", file=sys.stderr)
             _warned_fallback = True
         return torch.device("cpu")
-    if text == "cpu":
+    if text == "cpu" or (text.startswith("cpu:") and text[4:].isascii() and text[4:].isdigit()):
         return torch.device("cpu")
     if text == "cuda" or text.startswith("cuda:"):
         index = 0

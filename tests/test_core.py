@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,7 @@ def test_crf_preset_round_trip(tmp_path):
     ("[1, 2]", "must be a JSON object"),
     ('{"bi_w": 4, "sigma": 3}', "unknown CRF parameter"),
     ('{"bi_w": "heavy"}', "could not convert"),
+    ('{"iterations": 1' + "0" * 5000 + "}", r"not a JSON CRF preset \(a number with more than"),
 ])
 def test_crf_preset_errors_name_the_file(tmp_path, text, reason):
     path = tmp_path / "bad.json"
@@ -106,6 +108,36 @@ def test_crf_preset_errors_name_the_file(tmp_path, text, reason):
         CRFParams.from_json_file(path)
     assert str(path) in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_crf_params_too_large_for_a_float_name_the_field():
+    from fractions import Fraction
+
+    for name in ("pos_w", "bi_w", "pos_xy_std", "bi_xy_std", "bi_rgb_std"):
+        for huge in (10**400, -(10**400), Fraction(10**400, 3)):
+            with pytest.raises(DeeplabError, match=f"^CRF parameter {name} is too large") as info:
+                CRFParams(**{name: huge})
+            assert len(str(info.value)) < 150
+    # An integer whose decimal form Python refuses to write (over 4300 digits).
+    with pytest.raises(DeeplabError, match="^CRF iterations must be at most 1000") as info:
+        CRFParams(iterations=10**5000)
+    assert len(str(info.value)) < 150
+    with pytest.raises(DeeplabError, match="^weights.json: CRF iterations must be at most 1000"):
+        CRFParams.from_dict({"iterations": 10**5000}, source="weights.json")
+
+
+def test_crf_params_messages_quote_odd_keys_and_sources_on_one_line(tmp_path):
+    with pytest.raises(DeeplabError) as info:
+        CRFParams.from_dict({"a\nb": 1, 7: 2, "bi_w": 1})
+    assert str(info.value) == "CRF parameters: unknown CRF parameter(s) 'a\\nb', 7"
+    with pytest.raises(DeeplabError) as info:
+        CRFParams.from_dict({"bi_w": "x"}, source="line\nbreak.json")
+    assert "\n" not in str(info.value) and str(info.value).startswith("line\\nbreak.json: bi_w")
+    odd = tmp_path / "two\nlines.json"
+    odd.write_text('{"bi_w": true}')
+    with pytest.raises(DeeplabError, match="could not convert") as info:
+        CRFParams.from_json_file(odd)
+    assert "\n" not in str(info.value) and "two\\nlines.json" in str(info.value)
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -133,6 +165,12 @@ def test_device_resolution_on_this_machine():
         resolve_device("tpu")
     with pytest.raises(DeeplabError, match="cuda:N"):
         resolve_device("cuda:x")
+    # torch takes 'cpu:N' as the CPU (its tensors land on 'cpu'); so does deeplab.
+    for spec in (torch.device("cpu", 0), torch.device("cpu:1"), "cpu:0", " CPU:3 "):
+        assert resolve_device(spec) == torch.device("cpu")
+    for spec in ("cpu:", "cpu:x", "cpu:-1", "cpu:0:0", "cpu0"):
+        with pytest.raises(DeeplabError, match=f"^--device {re.escape(spec)}: expected"):
+            resolve_device(spec)
     if not torch.cuda.is_available():
         assert resolve_device("auto", quiet=True).type == "cpu"
         with pytest.raises(DeeplabError, match="CUDA is not available"):

@@ -206,3 +206,19 @@ def test_after_a_good_first_run_cupy_errors_propagate(cuda_stand_in, capsys):
     with pytest.raises(Exception, match="cudaErrorIllegalAddress"):
         dense_crf(torch.from_numpy(image), torch.from_numpy(probs), PARAMS)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("which,message", [
+    ("probabilities", "CRF input: probabilities are on device meta; use cpu or cuda tensors"),
+    ("image", "CRF input: image is on device meta; use a cpu or cuda tensor"),
+])
+def test_tensors_on_other_devices_are_refused_in_one_line(which, message):
+    # torch's 'meta' device (like 'mps' or 'xpu') holds no data the CRF can read.
+    image, probs = inputs(h=7, w=9, c=3)
+    good = torch.from_numpy(image), torch.from_numpy(probs)
+    bad = (good[0].to("meta"), good[1]) if which == "image" else (good[0], good[1].to("meta"))
+    with pytest.raises(DeeplabError) as info:
+        dense_crf(*bad, PARAMS)
+    assert str(info.value) == message
+    with pytest.raises(DeeplabError, match=f"^CRF image 1: {which} (is|are) on device meta;"):
+        dense_crf_batch([good[0], bad[0]], [good[1], bad[1]], PARAMS)

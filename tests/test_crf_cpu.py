@@ -304,3 +304,35 @@ def test_vectorized_exp_is_accurate():
     exp_all(np.array([-88.0, -200.0, -np.inf], np.float32), out[:3])
     assert (out[:3] >= 0).all() and (out[:3] < 2e-38).all()
 
+
+
+@pytest.mark.parametrize("caller", ["main thread", "worker thread"])
+def test_first_crf_keeps_the_callers_torch_thread_count(caller):
+    # numba's OpenMP pool starts on a process's first parallel CRF and sets the calling
+    # thread's OpenMP thread count, which torch reads from the same libgomp: a fresh process.
+    import os
+    import subprocess
+    import sys
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: numba and torch would both pick 1 thread")
+    code = (
+        "import threading, numpy as np, torch\n"
+        "torch.set_num_threads(1)\n"
+        "torch.nn.functional.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3))\n"
+        "from deeplab_cli.crf import dense_crf\n"
+        "rng = np.random.default_rng(0)\n"
+        "image = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)\n"
+        "p = rng.random((3, 6, 7)).astype(np.float32); p /= p.sum(0)\n"
+        "def run():\n"
+        "    before = torch.get_num_threads(); dense_crf(image, p)\n"
+        "    print('THREADS', before, torch.get_num_threads())\n"
+        + ("run()\n" if caller == "main thread" else
+           "t = threading.Thread(target=run); t.start(); t.join()\n")
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["NUMBA_NUM_THREADS"] = "2"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "THREADS 1 1" in out.stdout, out.stdout

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from deeplab_cli.crf.params import CRFParams
-from deeplab_cli.errors import DeeplabError, first_line
+from deeplab_cli.errors import DeeplabError, first_line, one_line
 
 __all__ = ["CRFParams", "dense_crf", "dense_crf_batch", "check_size"]
 
@@ -179,15 +179,25 @@ def _kind(array: Any) -> str:
     raise DeeplabError(f"CRF: expected a NumPy array, torch tensor or CuPy array, got {type(array).__name__}")
 
 
+def _check_device(array: Any, where: str, what: str, use: str) -> str:
+    """`_kind(array)`, refusing torch tensors on devices other than the CPU and CUDA ('meta',
+    'mps', 'xpu', ...): the CPU CRF cannot read them (the meta device holds no data at
+    all), and `_kind` would send them there."""
+    kind = _kind(array)
+    if kind == "torch" and array.device.type != "cpu":
+        raise DeeplabError(f"CRF {where}: {what} on device {one_line(str(array.device))}; use {use}")
+    return kind
+
+
 def _dtype_name(array: Any) -> str:
     """'float32', 'uint8', ...: NumPy/CuPy dtype names leave out the byte order ('>f4')."""
     return getattr(array.dtype, "name", None) or str(array.dtype).replace("torch.", "")
 
 
 def _validate(image: Any, probs: Any, where: str, params: CRFParams) -> None:
-    """Shapes, dtypes and values; one DeeplabError line naming what is wrong."""
-    _kind(image)
-    kind = _kind(probs)
+    """Devices, shapes, dtypes and values; one DeeplabError line naming what is wrong."""
+    _check_device(image, where, "image is", "a cpu or cuda tensor")
+    kind = _check_device(probs, where, "probabilities are", "cpu or cuda tensors")
     if len(probs.shape) != 3:
         raise DeeplabError(f"CRF {where}: probabilities must be (C, H, W), got shape {tuple(probs.shape)}")
     n_labels, height, width = (int(s) for s in probs.shape)

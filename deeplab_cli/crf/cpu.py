@@ -69,14 +69,17 @@ by one thread by the same operations in a fixed order, so results do not depend 
 thread count. `Lattice.filter` is the plain staged NumPy form, kept as the reference.
 
 Threads: numba's pool, `threads=` of `dense_crf_cpu`, else `NUMBA_NUM_THREADS` (default:
-all cores). Compiled code is cached under `NUMBA_CACHE_DIR` if set, else next to this file,
-else in the user's cache directory (~/.cache/numba); with none writable it is compiled in
-every process. Compiling takes about 10 s (once per install); loading it about 0.2 s.
+all cores); the caller's torch thread count, which shares numba's OpenMP runtime, is left
+as it was (`_torch_threads`). Compiled code is cached under `NUMBA_CACHE_DIR` if set, else
+next to this file, else in the user's cache directory (~/.cache/numba); with none writable
+it is compiled in every process. Compiling takes about 10 s (once per install); loading it
+about 0.2 s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import TYPE_CHECKING
 
 import llvmlite.ir
@@ -448,7 +451,8 @@ def dense_crf_cpu(image: np.ndarray, probs: np.ndarray, params: "CRFParams", *,
         probs: class probabilities float32 (C, H, W) (e.g. a softmax).
         params: kernel parameters, iterations and normalization.
         threads: worker threads (at most `NUMBA_NUM_THREADS`); None keeps numba's current
-            setting. The result is the same for any thread count.
+            setting. The result is the same for any thread count. torch's thread count
+            (`torch.get_num_threads()`) is the same after the call as before it.
 
     Returns:
         Refined probabilities, float32 (C, H, W), summing to 1 over C.
@@ -463,20 +467,48 @@ def dense_crf_cpu(image: np.ndarray, probs: np.ndarray, params: "CRFParams", *,
     if image.shape != (height, width, 3):
         raise ValueError(f"image {image.shape} does not match probabilities {probs.shape}")
     check_size(height, width, params)
-    previous = numba.get_num_threads()
-    if threads is not None:
-        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    torch_threads = _torch_threads()  # before numba's pool starts (get_num_threads starts it)
     try:
-        return _mean_field(image, probs, params)
-    except SystemError as exc:
-        # A Ctrl-C that lands inside a compiled loop comes back from numba as a SystemError
-        # caused by the KeyboardInterrupt: hand the interrupt on as one.
-        interrupt = _interrupt_behind(exc)
-        if interrupt is None:
-            raise
-        raise interrupt from None
+        previous = numba.get_num_threads()
+        if threads is not None:
+            numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            return _mean_field(image, probs, params)
+        except SystemError as exc:
+            # A Ctrl-C that lands inside a compiled loop comes back from numba as a SystemError
+            # caused by the KeyboardInterrupt: hand the interrupt on as one.
+            interrupt = _interrupt_behind(exc)
+            if interrupt is None:
+                raise
+            raise interrupt from None
+        finally:
+            numba.set_num_threads(previous)
     finally:
-        numba.set_num_threads(previous)
+        _restore_torch_threads(torch_threads)
+
+
+def _torch_threads() -> int | None:
+    """torch's thread count for the calling thread, when the caller has imported torch.
+
+    numba's OpenMP threading layer, started by the first parallel call of a thread, sets
+    that thread's OpenMP thread count, and torch shares that OpenMP runtime (one libgomp):
+    a caller's torch.set_num_threads(1) would silently become NUMBA_NUM_THREADS. So the
+    count is read before each CPU CRF and put back after (`_restore_torch_threads`).
+    numba's 'workqueue' layer would leave OpenMP alone but aborts when several threads
+    run the CRF at once, as the pipeline does.
+    """
+    torch = sys.modules.get("torch")  # never imported here: a NumPy caller needs no torch
+    get = getattr(torch, "get_num_threads", None)  # None: blocked (sys.modules['torch'] = None)
+    return get() if callable(get) else None
+
+
+def _restore_torch_threads(count: int | None) -> None:
+    """Set torch's thread count back to `count` (from `_torch_threads`) if it changed."""
+    if count is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != count:
+        torch.set_num_threads(count)
 
 
 def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:

@@ -6,11 +6,12 @@ import dataclasses
 import json
 import math
 import numbers
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from deeplab_cli.errors import DeeplabError, short_repr
+from deeplab_cli.errors import DeeplabError, one_line, short_repr
 
 Normalization = Literal["symmetric", "after"]
 
@@ -50,8 +51,12 @@ class CRFParams:
         for name in ("pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise DeeplabError(f"CRF parameter {name} must be a number, got {short_repr(value)}")
-            object.__setattr__(self, name, float(value))
+                raise DeeplabError(f"CRF parameter {name} must be a number, got {_show(value)}")
+            try:
+                number = float(value)
+            except OverflowError:  # an int or Fraction beyond any float (10**400)
+                raise DeeplabError(f"CRF parameter {name} is too large, got {_show(value)}") from None
+            object.__setattr__(self, name, number)
         for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -63,15 +68,15 @@ class CRFParams:
         check_float32(self)
         iterations = self.iterations
         if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-            raise DeeplabError(f"CRF iterations must be a non-negative integer, got {short_repr(iterations)}")
+            raise DeeplabError(f"CRF iterations must be a non-negative integer, got {_show(iterations)}")
         iterations = int(iterations)
         if iterations > MAX_ITERATIONS:
             raise DeeplabError(f"CRF iterations must be at most {MAX_ITERATIONS} (5-10 is usual), "
-                               f"got {short_repr(iterations)}")
+                               f"got {_show(iterations)}")
         object.__setattr__(self, "iterations", iterations)
         if self.normalization not in ("symmetric", "after"):
             raise DeeplabError(
-                f"CRF normalization must be 'symmetric' or 'after', got {short_repr(self.normalization)}"
+                f"CRF normalization must be 'symmetric' or 'after', got {_show(self.normalization)}"
             )
 
     def replace(self, **changes: Any) -> "CRFParams":
@@ -88,15 +93,17 @@ class CRFParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "CRF parameters") -> "CRFParams":
         """CRFParams from a mapping of field names (a JSON preset, weights metadata);
-        errors are one line starting with `source`. Numbers may be JSON numbers or numeric
-        strings; `iterations` must be a whole number."""
+        errors are one line starting with `source` (control characters escaped). Numbers
+        may be JSON numbers or numeric strings; `iterations` must be a whole number."""
+        source = one_line(str(source))
         if not isinstance(data, Mapping):
             raise DeeplabError(f"{source}: expected a mapping of CRF parameter names to values, "
                                f"got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in set(data) - fields)
+        # Quoted as repr (cut short): a key may be any text ('a\nb', 5000 characters) or no text.
+        unknown = sorted((k for k in data if k not in fields), key=lambda k: (not isinstance(k, str), str(k)))
         if unknown:
-            raise DeeplabError(f"{source}: unknown CRF parameter(s) {', '.join(unknown)}")
+            raise DeeplabError(f"{source}: unknown CRF parameter(s) {', '.join(_show(k) for k in unknown)}")
         kwargs = {k: v if k == "normalization" else _number(v, k, source, whole=k == "iterations")
                   for k, v in data.items()}
         try:
@@ -109,41 +116,58 @@ class CRFParams:
         """Read a preset written by `deeplab tune-crf` (a JSON object; extra keys
         'score', 'metric' and 'source' are allowed and ignored)."""
         path = Path(path)
+        name = one_line(str(path))  # a newline in a file name stays on the message's one line
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Notepad) is dropped
         except OSError as exc:
-            raise DeeplabError(f"{path}: cannot read CRF preset ({exc.strerror or exc})") from None
+            raise DeeplabError(f"{name}: cannot read CRF preset ({one_line(str(exc.strerror or exc))})") from None
         except UnicodeDecodeError:
-            raise DeeplabError(f"{path}: not a JSON CRF preset (not UTF-8 text)") from None
+            raise DeeplabError(f"{name}: not a JSON CRF preset (not UTF-8 text)") from None
         except json.JSONDecodeError as exc:
-            raise DeeplabError(f"{path}: not a JSON CRF preset ({exc.msg} at line {exc.lineno})") from None
+            raise DeeplabError(f"{name}: not a JSON CRF preset ({exc.msg} at line {exc.lineno})") from None
+        except ValueError:
+            # Python refuses to read integers longer than its int_max_str_digits (4300).
+            raise DeeplabError(f"{name}: not a JSON CRF preset (a number with more than "
+                               f"{sys.get_int_max_str_digits()} digits)") from None
         except RecursionError:
-            raise DeeplabError(f"{path}: not a JSON CRF preset (nested too deeply)") from None
+            raise DeeplabError(f"{name}: not a JSON CRF preset (nested too deeply)") from None
         if not isinstance(data, dict):
-            raise DeeplabError(f"{path}: a CRF preset must be a JSON object")
+            raise DeeplabError(f"{name}: a CRF preset must be a JSON object")
         params = data.get("crf", data)
         if not isinstance(params, dict):
-            raise DeeplabError(f"{path}: 'crf' must be a JSON object")
+            raise DeeplabError(f"{name}: 'crf' must be a JSON object")
         params = {k: v for k, v in params.items() if k not in ("score", "metric", "source")}
-        return cls.from_dict(params, source=str(path))
+        return cls.from_dict(params, source=name)
 
 
 def _number(value: Any, name: str, source: str, *, whole: bool) -> float | int:
     """A preset's value as a float (an int when `whole`), or a one-line error naming it.
     Booleans are refused: JSON `true` is no count or weight."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
-        raise DeeplabError(f"{source}: {name}: could not convert {short_repr(value)} to a number")
+        raise DeeplabError(f"{source}: {name}: could not convert {_show(value)} to a number")
     if whole and isinstance(value, numbers.Integral):
         return int(value)
     try:
         number = float(value)
     except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
-        raise DeeplabError(f"{source}: {name}: could not convert {short_repr(value)} to a number") from None
+        raise DeeplabError(f"{source}: {name}: could not convert {_show(value)} to a number") from None
     if not whole:
         return number
     if not (math.isfinite(number) and number.is_integer()):
-        raise DeeplabError(f"{source}: {name} must be a whole number, got {short_repr(value)}")
+        raise DeeplabError(f"{source}: {name} must be a whole number, got {_show(value)}")
     return int(number)
+
+
+def _show(value: Any) -> str:
+    """A bad value as a message quotes it: its repr cut short, one line. An integer too long
+    for Python to write out (over int_max_str_digits, 4300 digits) is described instead."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        sign = "a negative" if value < 0 else "an"
+        return f"{sign} integer of about {round(value.bit_length() * math.log10(2))} digits"
+    try:
+        return one_line(short_repr(value))
+    except ValueError:  # a Fraction or other number holding such an integer
+        return f"a {type(value).__name__} too long to write out"
 
 
 def check_float32(params: Any) -> None:
