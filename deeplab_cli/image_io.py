@@ -79,9 +79,13 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None,
     Raises:
         DeeplabError: one line naming the file (`name`, else the path, else '<bytes>')
             and the reason: missing, empty, not an image, truncated, too many pixels.
+        ValueError: `max_pixels` is negative (a caller's mistake, not the file's).
     """
     from PIL import Image
 
+    if max_pixels is not None and max_pixels < 0:
+        raise ValueError(f"max_pixels {max_pixels}: expected None or 0 (no limit) or a positive "
+                         "number of pixels")
     label = _display_name(source, name)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -109,10 +113,11 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None,
     with im:
         width, height = im.size
         if max_pixels and width * height > max_pixels:
-            raise DeeplabError(
-                f"{label}: {width}x{height} is {width * height / 1e6:.1f} megapixels, "
-                f"more than the limit of {max_pixels / 1e6:g} (--max-pixels)"
-            )
+            if width * height >= 50_000 and max_pixels >= 10_000:
+                size = f"{width * height / 1e6:.1f} megapixels, more than the limit of {max_pixels / 1e6:g}"
+            else:  # in megapixels a small image or limit would read '0.0' or '1e-06'
+                size = f"{width * height} pixels, more than the limit of {max_pixels}"
+            raise DeeplabError(f"{label}: {width}x{height} is {size} (--max-pixels)")
         if width == 0 or height == 0:
             raise DeeplabError(f"{label}: image has no pixels ({width}x{height})")
         try:
@@ -269,18 +274,70 @@ def _flat_palette(palette: Sequence[Sequence[int]]) -> list[int]:
     return flat + [0] * (768 - len(flat))
 
 
+# Class ids a label map may hold: what a 16-bit PNG stores.
+MAX_LABEL = 65535
+
+
+def checked_labels(labels, where: str = "labels") -> np.ndarray:
+    """`labels` as a 2-D integer array of ids 0..65535 (`MAX_LABEL`), or a one-line ValueError
+    naming `where`: casting would wrap -1 to 255 and 70000 to 4464, and truncate floats."""
+    if labels is None:
+        raise ValueError(f"{where}: missing (expected class ids (H, W))")
+    if hasattr(labels, "detach"):  # torch tensor, maybe on the GPU
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise ValueError(f"{where}: expected integer class ids (H, W), got {labels.dtype} {labels.shape}")
+    if labels.dtype == np.bool_:
+        return labels.astype(np.uint8)  # as ids 0/1: a bool array would index as a mask
+    if labels.size:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high > MAX_LABEL:
+            bad = low if low < 0 else high
+            raise ValueError(f"{where}: class id {bad} is outside 0..{MAX_LABEL}")
+    return labels
+
+
+def _checked_palette(palette, where: str = "palette") -> np.ndarray:
+    """`palette` as uint8 (n, 3), or a one-line ValueError (values outside 0..255 would wrap)."""
+    if palette is None:
+        raise ValueError(f"{where}: missing (expected RGB colours, one per class)")
+    table = np.asarray(palette)
+    if table.ndim != 2 or table.shape[1] != 3 or not np.issubdtype(table.dtype, np.integer) \
+            or (table.size and (table.min() < 0 or table.max() > 255)):
+        raise ValueError(f"{where}: expected RGB triples of whole numbers 0..255")
+    return table.astype(np.uint8)
+
+
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """Class ids (H, W) -> RGB uint8 (H, W, 3) through `palette`; ids past its end are black."""
+    """Class ids (H, W) -> RGB uint8 (H, W, 3) through `palette`; ids past its end are black.
+
+    Raises:
+        ValueError: labels that are not integer ids 0..65535 (H, W), or a bad palette.
+    """
+    labels = checked_labels(labels)
+    colours = _checked_palette(palette)
     table = np.zeros((max(len(palette), int(labels.max(initial=0)) + 1), 3), np.uint8)
-    table[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    table[: len(palette)] = colours
     return table[labels]
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]],
             alpha: float = 0.5) -> np.ndarray:
-    """Blend the colourised mask over the image: (1 - alpha) * image + alpha * colour."""
+    """Blend the colourised mask over the image: (1 - alpha) * image + alpha * colour.
+
+    Raises:
+        ValueError: no image, an image that is not RGB uint8 (H, W, 3), labels as
+            `colorize` refuses them, or image and labels of different sizes.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise DeeplabError(f"--alpha {alpha}: expected a number from 0 to 1")
+    if image is None:
+        raise ValueError("overlay: needs the image the labels belong to (image=...)")
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"overlay: expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+    labels = checked_labels(labels)
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
     colour = colorize(labels, palette).astype(np.float32)
@@ -295,10 +352,13 @@ def encode_labels_png(labels: np.ndarray, palette: Sequence[Sequence[int]] | Non
     With a palette and at most 256 classes: a mode-P PNG carrying the dataset palette
     (viewers show colours, readers get ids). Without a palette: mode L (gray ids).
     More than 256 classes (or ids > 255) cannot fit 8 bits: a 16-bit grayscale PNG.
+
+    Raises:
+        ValueError: labels that are not integer ids 0..65535 (H, W) (see `checked_labels`).
     """
     from PIL import Image
 
-    labels = np.asarray(labels)
+    labels = checked_labels(labels)
     n = max(n_classes or 0, len(palette) if palette is not None else 0)
     if n > 256 or labels.max(initial=0) > 255:
         im = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint16, copy=False)))  # mode I;16
@@ -336,17 +396,33 @@ def encode_output(fmt: str, *, labels: np.ndarray | None = None,
     gray: labels -> mode-L PNG of class ids (16-bit for > 256 classes).
     overlay: image (H, W, 3) + labels + palette -> RGB PNG, mask blended with `alpha`.
     probs: probs (C, H, W) -> float32 .npy.
+
+    Raises:
+        ValueError: what the format needs is missing or malformed (no probs for 'probs', no
+            image or palette for 'overlay', labels that are not ids 0..65535 (H, W)).
+        DeeplabError: an unknown `fmt` or an `alpha` outside 0..1 (user options).
     """
     if fmt == "palette":
         return encode_labels_png(labels, palette)
     if fmt == "gray":
         return encode_labels_png(labels, None, n_classes=len(palette) if palette is not None else None)
     if fmt == "overlay":
+        if palette is None:
+            raise ValueError("overlay: needs a palette (one RGB colour per class)")
         return encode_rgb_png(overlay(image, labels, palette, alpha))
     if fmt == "probs":
+        if probs is None:  # np.asarray(None, float32) would be array(nan)
+            raise ValueError("probs format: no probabilities given (probs=...)")
         if hasattr(probs, "detach"):  # torch tensor, maybe on the GPU
             probs = probs.detach().float().cpu().numpy()
-        return encode_npy(np.asarray(probs, dtype=np.float32))
+        try:
+            probs = np.asarray(probs, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"probs format: expected probabilities (C, H, W), got "
+                             f"{type(probs).__name__}") from None
+        if probs.ndim != 3:
+            raise ValueError(f"probs format: expected probabilities (C, H, W), got shape {probs.shape}")
+        return encode_npy(probs)
     raise DeeplabError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
 
 

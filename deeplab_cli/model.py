@@ -224,9 +224,15 @@ def inference_copy(model: MSC, *, channels_last: bool = False) -> MSC:
     return fold_batchnorms_(copy.deepcopy(model), channels_last=channels_last)
 
 
-def preprocess(rgb) -> torch.Tensor:
+def preprocess(rgb, *, mean_bgr: Sequence[float] = MEAN_BGR) -> torch.Tensor:
     """RGB uint8 (H, W, 3) or (N, H, W, 3), NumPy or torch on any device, to the network's
-    input: float32 (N, 3, H, W), BGR, 0..255 minus the mean pixel, on the input's device."""
+    input: float32 (N, 3, H, W), BGR, 0..255 minus `mean_bgr`, on the input's device.
+
+    `mean_bgr` is the mean pixel (B, G, R) the weights were trained with (`WeightsMeta.mean_bgr`);
+    the default is the published models' ImageNet mean. Raises ValueError for a wrong shape
+    or a mean that is not three finite numbers.
+    """
+    mean_bgr = checked_mean_bgr(mean_bgr)
     if isinstance(rgb, np.ndarray):
         rgb = np.ascontiguousarray(rgb)  # torch refuses negative strides (e.g. a flipped view)
     x = torch.as_tensor(rgb)
@@ -235,8 +241,20 @@ def preprocess(rgb) -> torch.Tensor:
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3) or batch (N, H, W, 3), got {tuple(x.shape)}")
     x = x.flip(-1).permute(0, 3, 1, 2).float()  # (N, 3, H, W) BGR
-    mean = torch.tensor(MEAN_BGR, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean_bgr, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x - mean).contiguous()
+
+
+def checked_mean_bgr(mean_bgr: Sequence[float]) -> tuple[float, float, float]:
+    """`mean_bgr` as a tuple of three finite floats, or a one-line ValueError."""
+    try:
+        values = tuple(float(v) for v in mean_bgr if not isinstance(v, (bool, str, bytes)))
+        complete = len(values) == len(mean_bgr) == 3
+    except (TypeError, ValueError):
+        complete = False
+    if not complete or not all(np.isfinite(values)):
+        raise ValueError(f"mean_bgr: expected three finite numbers (B, G, R), got {mean_bgr!r}")
+    return values
 
 
 @torch.no_grad()  # not inference_mode: callers may modify the result in place

@@ -110,6 +110,30 @@ def _as_rgb(rgb, where: str = "image") -> np.ndarray:
     return rgb
 
 
+def _checked_image(rgb, where: str = "image"):
+    """`_as_rgb` for NumPy and array-likes; a torch tensor or CuPy array (which need not be on
+    the host) keeps its type and device, with the same checks of dtype and shape."""
+    dtype, shape = getattr(rgb, "dtype", None), getattr(rgb, "shape", None)
+    if isinstance(rgb, np.ndarray) or dtype is None or shape is None:
+        return _as_rgb(rgb, where)
+    shape = tuple(shape)
+    if str(dtype).removeprefix("torch.") != "uint8" or len(shape) != 3 or shape[-1] != 3:
+        raise ValueError(f"{where}: expected RGB uint8 (H, W, 3), got {dtype} {shape}; "
+                         "convert it first (e.g. PIL's Image.convert('RGB'))")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"{where}: empty image ({shape[1]}x{shape[0]})")
+    return rgb
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for messages, in the largest unit (GB, MB, kB) that keeps it at 1 or
+    more, so a small budget never reads '0.0 GB'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def crf_memory_bytes(height: int, width: int, n_labels: int) -> int:
     """Estimated peak memory of the dense CRF on an image of this size (either device)."""
     return height * width * (CRF_BYTES_PER_PIXEL_LABEL * n_labels + CRF_BYTES_PER_PIXEL)
@@ -166,12 +190,45 @@ def _cudnn_tf32_off():
                 torch.backends.cudnn.allow_tf32 = _tf32_state["before"]
 
 
+_OPTION_NAMES = ("msc", "max_size", "precision", "memory_budget", "memory_format")
+
+
+def _checked_options(*, crf: Any = None, max_size: Any = 513, precision: Any = "fp32",
+                     memory_budget: Any = None, memory_format: Any = "contiguous",
+                     msc: Any = True) -> tuple[int, CRFParams | None]:
+    """Check `Segmenter`'s options (one-line DeeplabErrors); returns (max_size, crf) as used."""
+    if precision not in PRECISIONS:
+        raise DeeplabError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    try:
+        if isinstance(max_size, bool):
+            raise TypeError
+        size = operator.index(max_size)
+    except TypeError:
+        raise DeeplabError(f"--max-size {max_size!r}: expected a whole number of pixels") from None
+    if size < 0:
+        raise DeeplabError(f"--max-size {max_size}: expected 0 (native) or a positive size")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
+            memory_budget, (int, float)) or not memory_budget >= 1):
+        raise DeeplabError(f"memory budget {memory_budget!r}: expected a positive number of bytes "
+                           "or None (automatic)")
+    if isinstance(crf, Mapping):
+        crf = CRFParams.from_dict(crf, source="crf")
+    elif crf is not None and not isinstance(crf, CRFParams):
+        raise DeeplabError(f"crf: expected CRFParams, a dict of its fields or None, "
+                           f"got {type(crf).__name__}")
+    if memory_format not in MEMORY_FORMATS:
+        raise DeeplabError(f"memory format {memory_format!r}: expected one of {', '.join(MEMORY_FORMATS)}")
+    return size, crf
+
+
 class Segmenter:
     """DeepLab v2 + dense CRF on one device, for single images or streams of them.
 
     Args:
         model: an `MSC` network (see `deeplab_cli.model`), best already on `device`.
-        meta: the weights' `WeightsMeta` (class names, palette, CRF defaults).
+        meta: the weights' `WeightsMeta` (class names, palette, CRF defaults, and the mean
+            pixel `mean_bgr` the network's input is centred with; a meta without
+            one gets the published models' `model.MEAN_BGR`).
         device: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device of type cpu or cuda
             (`deeplab_cli.device.resolve_device`: anything else is a one-line DeeplabError).
             The segmenter's copy of `model` is moved there.
@@ -202,30 +259,14 @@ class Segmenter:
         import torch
 
         from deeplab_cli.device import resolve_device
-        from deeplab_cli.model import fold_batchnorms_, inference_copy
+        from deeplab_cli.model import MEAN_BGR, checked_mean_bgr, fold_batchnorms_, inference_copy
 
-        if precision not in PRECISIONS:
-            raise DeeplabError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-        try:
-            if isinstance(max_size, bool):
-                raise TypeError
-            size = operator.index(max_size)
-        except TypeError:
-            raise DeeplabError(f"--max-size {max_size!r}: expected a whole number of pixels") from None
-        if size < 0:
-            raise DeeplabError(f"--max-size {max_size}: expected 0 (native) or a positive size")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
-                memory_budget, (int, float)) or not memory_budget >= 1):
-            raise DeeplabError(f"memory budget {memory_budget!r}: expected a positive number of bytes "
-                               "or None (automatic)")
-        if isinstance(crf, Mapping):
-            crf = CRFParams.from_dict(crf, source="crf")
-        elif crf is not None and not isinstance(crf, CRFParams):
-            raise DeeplabError(f"crf: expected CRFParams, a dict of its fields or None, "
-                               f"got {type(crf).__name__}")
-        if memory_format not in MEMORY_FORMATS:
-            raise DeeplabError(f"memory format {memory_format!r}: expected one of {', '.join(MEMORY_FORMATS)}")
+        size, crf = _checked_options(crf=crf, max_size=max_size, precision=precision,
+                                     memory_budget=memory_budget, memory_format=memory_format)
         self.meta = meta
+        # The mean pixel the weights were trained with (their metadata), else the published one.
+        mean = getattr(meta, "mean_bgr", None)
+        self.mean_bgr = MEAN_BGR if mean is None else checked_mean_bgr(mean)
         # One-line errors for what cannot run here ('cuda' without a GPU, 'mps', 'cuda:x').
         self.device = resolve_device(device)
         self.memory_format = memory_format
@@ -253,10 +294,20 @@ class Segmenter:
     def from_weights(cls, weights: str | os.PathLike | None = None, *, device="auto",
                      crf: CRFParams | None = _KEEP_META_CRF, **kw) -> "Segmenter":
         """Load weights (a registry name, a file, or None for the default) onto `device`
-        (as `Segmenter` takes it); the CRF defaults to the weights' own parameters."""
+        (as `Segmenter` takes it); the CRF defaults to the weights' own parameters, and the
+        network subtracts the weights' own mean pixel. `kw` are `Segmenter`'s other keyword
+        arguments; an unknown one (TypeError) or a bad value (DeeplabError) is refused before
+        anything is read."""
         from deeplab_cli.device import resolve_device
         from deeplab_cli.weights import load_model
 
+        unknown = sorted(set(kw) - set(_OPTION_NAMES) - {"notify"})
+        if unknown:
+            raise TypeError(f"Segmenter.from_weights() got an unexpected keyword argument "
+                            f"{unknown[0]!r} (expected device, crf, notify or one of "
+                            f"{', '.join(_OPTION_NAMES)})")
+        _checked_options(**({} if crf is _KEEP_META_CRF else {"crf": crf}),
+                         **{k: v for k, v in kw.items() if k in _OPTION_NAMES})
         dev = resolve_device(device)
         model, meta = load_model(weights, device=dev)
         if crf is _KEEP_META_CRF:
@@ -316,7 +367,7 @@ class Segmenter:
 
         height, width = x.shape[1:3]
         with torch.no_grad():
-            inp = preprocess(x)  # (N, 3, H, W) float32, BGR minus mean
+            inp = preprocess(x, mean_bgr=self.mean_bgr)  # (N, 3, H, W) float32, BGR minus mean
             net = self.network_size(height, width)
             if net != (height, width):
                 # Antialiased: plain bilinear would alias badly at 8x reductions.
@@ -435,13 +486,13 @@ class Segmenter:
             if size == net:
                 break
             scale *= 0.9
-        need = crf_memory_bytes(*net, n_labels) / 1e9
-        if crf_memory_bytes(*net, n_labels) <= budget:
+        need = crf_memory_bytes(*net, n_labels)
+        if need <= budget:
             # Memory was not the problem: the lattice cannot index the image; say why.
             check_size(*net, n_labels, self._crf_params_at(net, net))
         raise DeeplabError(
             f"{width}x{height}: not enough memory for the CRF even at the network's "
-            f"{net[1]}x{net[0]} ({need:.1f} GB needed, {budget / 1e9:.1f} GB available); "
+            f"{net[1]}x{net[0]} ({format_bytes(need)} needed, {format_bytes(budget)} available); "
             "use --no-crf or a smaller --max-size"
         )
 
@@ -464,17 +515,28 @@ class Segmenter:
 
     def refine(self, rgb: np.ndarray, probs):
         """The CRF on probabilities (C, H, W) at `rgb`'s size, with `crf_params_for(rgb)`;
-        returns (C, H, W) on the same device/type as `probs` (identity when crf is None)."""
+        returns (C, H, W) on the same device/type as `probs` (identity when crf is None).
+
+        Raises:
+            ValueError: `rgb` is not RGB uint8 (H, W, 3) with at least one pixel, as in
+                `probs` (NumPy, or a torch tensor / CuPy array on any device).
+        """
+        image = _checked_image(rgb)
         if self.crf is None:
             return probs
         import torch
 
         from deeplab_cli import crf as crf_module
 
-        # A CUDA tensor's image goes up once here; NumPy (whose .device is the string
-        # 'cpu'), CPU tensors and CuPy arrays are handed on as they are.
-        image = self._upload(_as_rgb(rgb)) if isinstance(probs, torch.Tensor) and probs.is_cuda else rgb
-        return crf_module.dense_crf(image, probs, self.crf_params_for(rgb))
+        # For CUDA tensor probabilities a NumPy image (whose .device is the string 'cpu') or a
+        # tensor elsewhere goes to their GPU once here; otherwise the image is handed on as it is.
+        if isinstance(probs, torch.Tensor) and probs.is_cuda:
+            if isinstance(image, torch.Tensor):
+                image = image.to(probs.device)
+            elif isinstance(image, np.ndarray):
+                image = self._upload(image).to(probs.device)  # no-op on the segmenter's GPU
+        size = tuple(int(side) for side in image.shape[:2])
+        return crf_module.dense_crf(image, probs, self._crf_params_at(size, self.network_size(*size)))
 
     def segment(self, rgb: np.ndarray, *, keep_probs: bool = False) -> SegmentResult:
         """Labels (H, W) for one RGB uint8 image (H, W, 3); probabilities too if asked.
@@ -542,7 +604,7 @@ class Segmenter:
         if crf_size != size:
             # Keyed without the limit, which moves with free memory: said once per size.
             self.note(f"the CRF runs at {crf_size[1]}x{crf_size[0]} for {width}x{height} "
-                      f"images to fit in memory (limit {budget / 1e9:.1f} GB); "
+                      f"images to fit in memory (limit {format_bytes(budget)}); "
                       "its result is upsampled", key=("crf_size", size, crf_size))
             if keep_probs:  # before the CRF runs, not after
                 self._check_probs_memory(size)
@@ -581,8 +643,8 @@ class Segmenter:
         budget = self.memory_budget_bytes()
         if need > budget:
             raise DeeplabError(
-                f"{size[1]}x{size[0]}: {self.n_classes}-class probabilities need {need / 1e9:.1f} GB, "
-                f"more than the {budget / 1e9:.1f} GB available; write labels instead of probs"
+                f"{size[1]}x{size[0]}: {self.n_classes}-class probabilities need {format_bytes(need)}, "
+                f"more than the {format_bytes(budget)} available; write labels instead of probs"
             )
 
     def _download_labels(self, labels) -> np.ndarray:

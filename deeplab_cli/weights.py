@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -712,29 +713,95 @@ class ClassCountError(DeeplabError):
     """`convert` was given more or fewer class names than the weights have classes."""
 
 
+# Metadata fields `convert` may change (every WeightsMeta field).
+CONVERT_FIELDS = tuple(f.name for f in dataclasses.fields(WeightsMeta))
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, **changes: Any) -> Path:
     """Convert weights (any format, or a registry name) to `.safetensors` with metadata.
 
-    `changes` overrides metadata fields (name, dataset, classes, palette, aspp, crf);
-    None values are ignored. Giving `classes` without `palette` picks a generic palette.
+    `changes` overrides metadata fields (name, dataset, classes, palette, mean_bgr, crf,
+    aspp, source); None values are ignored. Giving `classes` without `palette` picks a
+    generic palette. `crf` may be a CRFParams or a dict of its fields. The new metadata is
+    checked exactly as loading the output will check it, before anything is written, so
+    a file `convert` writes always loads.
+
+    Raises:
+        TypeError: a keyword that is not a metadata field (checked before anything is read).
+        ClassCountError: `classes` has more or fewer names than the weights have classes.
+        DeeplabError: any other bad value (one line naming the field), an unreadable `src`,
+            a `dst` not ending in .safetensors or not writable. Nothing is written.
     """
+    unknown = sorted(set(changes) - set(CONVERT_FIELDS))
+    if unknown:
+        raise TypeError(f"convert() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(metadata fields: {', '.join(CONVERT_FIELDS)})")
     dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
         raise DeeplabError(f"{dst}: the output must end in .safetensors")
-    state, meta = load_state_dict(resolve(src))
     changes = {k: v for k, v in changes.items() if v is not None}
+    for key in ("name", "dataset", "aspp", "source"):
+        if key in changes and not isinstance(changes[key], str):
+            raise DeeplabError(f"{key} {changes[key]!r}: expected a string")
+    if changes.get("aspp", "L") not in ("L", "S"):
+        raise DeeplabError(f"aspp must be L or S, got {changes['aspp']!r}")
+    if "crf" in changes:
+        crf = changes["crf"]
+        if isinstance(crf, Mapping):
+            changes["crf"] = CRFParams.from_dict(crf, source="crf")
+        elif not isinstance(crf, CRFParams):
+            raise DeeplabError(f"crf: expected CRFParams or a dict of its fields, got {type(crf).__name__}")
     if "classes" in changes:
-        changes["classes"] = list(changes["classes"])
+        classes = changes["classes"]
+        if isinstance(classes, (str, bytes)) or not all(isinstance(c, str) for c in classes):
+            raise DeeplabError("classes: expected a list of class names (strings)")
+        changes["classes"] = list(classes)
+    if "palette" in changes:
+        changes["palette"] = _palette_change(changes["palette"])
+    if "mean_bgr" in changes:
+        changes["mean_bgr"] = _mean_change(changes["mean_bgr"])
+    state, meta = load_state_dict(resolve(src))
+    if "classes" in changes:
         if len(changes["classes"]) != meta.n_classes:
             raise ClassCountError(f"{len(changes['classes'])} class names given but {src} has "
                                   f"{meta.n_classes} classes")
         changes.setdefault("palette", labels.palette_for(meta.n_classes))
-    if changes.get("aspp", "L") not in ("L", "S"):
-        raise DeeplabError(f"aspp must be L or S, got {changes['aspp']!r}")
     meta = dataclasses.replace(meta, **changes)
     if not meta.source:
         meta.source = str(src)
+    # The checks loading will apply (palette length, class count, value ranges), on the
+    # header exactly as it will be written.
+    meta = _checked_meta(dst, state, meta.to_metadata())
     return save_safetensors(state, meta, dst)
+
+
+def _palette_change(palette: Any) -> list[tuple[int, int, int]]:
+    """`convert`'s palette as RGB tuples of Python ints 0..255 (not floats, bools, strings)."""
+    import numbers
+
+    try:
+        colours = [tuple(c) for c in palette]
+    except TypeError:
+        colours = None
+    if colours is None or isinstance(palette, (str, bytes)) or not all(
+            len(c) == 3 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                and 0 <= v <= 255 for v in c) for c in colours):
+        raise DeeplabError("palette: expected RGB triples of whole numbers 0..255, one per class")
+    return [tuple(int(v) for v in c) for c in colours]
+
+
+def _mean_change(mean: Any) -> tuple[float, float, float]:
+    """`convert`'s mean_bgr as three finite floats."""
+    import numbers
+
+    try:
+        values = list(mean)
+    except TypeError:
+        values = None
+    if values is None or len(values) != 3 or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise DeeplabError(f"mean_bgr {mean!r}: expected three finite numbers (B, G, R)")
+    return tuple(float(v) for v in values)
 
 
 def sha256sum(path: Path) -> str:

@@ -376,3 +376,94 @@ def test_write_to_stream_and_failed_write_keeps_old_file(tmp_path):
         write_bytes(target, object())  # fails inside the atomic write
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+# --- caller mistakes are refused, not written as wrong data ---------------------------------
+
+
+def test_probs_format_without_probabilities_is_refused_and_writes_nothing(tmp_path):
+    """write_labels(..., "probs") without probs used to write a .npy holding array([nan])."""
+    path = tmp_path / "p.npy"
+    with pytest.raises(ValueError, match=r"^probs format: no probabilities given") as info:
+        write_labels(path, labels_map(), PALETTE, "probs")
+    assert "\n" not in str(info.value)
+    for bad, shown in [(np.zeros((H, W), np.float32), f"shape ({H}, {W})"), ("abc", "str")]:
+        with pytest.raises(ValueError, match="probs format: expected probabilities") as info:
+            encode_output("probs", probs=bad)
+        assert shown in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad_id", [-1, 65536, 70000])
+@pytest.mark.parametrize("fmt", ["palette", "gray", "overlay"])
+def test_label_ids_outside_16_bits_are_refused_not_wrapped(tmp_path, fmt, bad_id):
+    """astype used to wrap them: -1 was written as 255 (or 65535), 70000 as 4464."""
+    labels = labels_map().astype(np.int64)
+    labels[3, 4] = bad_id
+    path = tmp_path / "mask.png"
+    with pytest.raises(ValueError, match=rf"^labels: class id {bad_id} is outside 0\.\.65535$"):
+        write_labels(path, labels, PALETTE, fmt, image=rng_image(2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_label_ids_at_the_16_bit_edges_round_trip(tmp_path):
+    labels = labels_map().astype(np.int64)
+    labels[0, 0], labels[1, 1] = 65535, 0
+    path = tmp_path / "mask.png"
+    write_labels(path, labels, None, "gray")
+    with Image.open(path) as im:
+        np.testing.assert_array_equal(np.asarray(im), labels)
+
+
+@pytest.mark.parametrize("bad, shown", [
+    (np.zeros((H, W), np.float32), "float32"),  # astype would truncate 1.7 to 1
+    (np.zeros((H, W, 1), np.uint8), f"({H}, {W}, 1)"),
+    (None, "missing"),
+])
+def test_labels_that_are_not_integer_ids_h_w_are_refused(bad, shown):
+    for fmt in ("palette", "gray"):
+        with pytest.raises(ValueError, match="^labels: ") as info:
+            encode_output(fmt, labels=bad, palette=PALETTE)
+        assert shown in str(info.value) and "\n" not in str(info.value)
+
+
+def test_boolean_labels_are_ids_0_and_1():
+    mask = labels_map(2).astype(bool)
+    np.testing.assert_array_equal(colorize(mask, PALETTE), colorize(mask.astype(np.uint8), PALETTE))
+    data = encode_output("gray", labels=mask)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), mask.astype(np.uint8))
+
+
+@pytest.mark.parametrize("image, shown", [
+    (None, "needs the image"),  # used to be AttributeError: 'NoneType' has no 'shape'
+    (rng_image(3)[..., 0], f"got uint8 ({H}, {W})"),  # used to be a broadcast ValueError
+    (rng_image(3).astype(np.float32), "got float32"),
+    (np.dstack([rng_image(3), rng_image(4)[..., :1]]), f"got uint8 ({H}, {W}, 4)"),
+])
+def test_overlay_needs_an_rgb_image(tmp_path, image, shown):
+    path = tmp_path / "o.png"
+    with pytest.raises(ValueError, match="^overlay: ") as info:
+        write_labels(path, labels_map(), PALETTE, "overlay", image=image)
+    assert shown in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="^overlay: needs a palette"):
+        write_labels(path, labels_map(), None, "overlay", image=rng_image(3))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("palette", [[(0, 0, 300)] * 5, [(0, 0)] * 5, [(0.5, 0, 0)] * 5])
+def test_colorize_refuses_a_palette_it_would_wrap(palette):
+    with pytest.raises(ValueError, match="^palette: expected RGB triples"):
+        colorize(labels_map(), palette)
+
+
+def test_a_negative_max_pixels_is_a_caller_error_and_zero_means_no_limit():
+    """max_pixels=-1 used to refuse every image ('more than the limit of -1e-06')."""
+    data = encode(Image.fromarray(rng_image(9, (5, 7, 3))), "PNG")
+    with pytest.raises(ValueError, match=r"^max_pixels -1: expected None or 0 \(no limit\)"):
+        read_image(data, max_pixels=-1)
+    assert read_image(data, max_pixels=0).shape == (5, 7, 3)
+    assert read_image(data, max_pixels=None).shape == (5, 7, 3)
+    assert read_image(data, max_pixels=35).shape == (5, 7, 3)
+    # A small limit reads in pixels, not '0.0 megapixels, more than the limit of 3.4e-05'.
+    with pytest.raises(DeeplabError, match=r"^x\.png: 7x5 is 35 pixels, more than the limit of 34 \(--max-pixels\)$"):
+        read_image(data, name="x.png", max_pixels=34)

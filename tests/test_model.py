@@ -154,6 +154,26 @@ def test_preprocess_values():
         preprocess(np.zeros((4, 4), dtype=np.uint8))
 
 
+def test_preprocess_subtracts_the_mean_it_is_given():
+    """The weights carry their own mean pixel (WeightsMeta.mean_bgr); preprocess used to
+    subtract the published one whatever the weights said."""
+    rgb = np.random.default_rng(5).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    bgr = torch.from_numpy(rgb[..., ::-1].copy()).permute(2, 0, 1).float()  # (3, H, W)
+    for mean in [(0.0, 0.0, 0.0), (1.5, -2.0, 300.0), np.array([10, 20, 30]), torch.tensor([4.0, 5.0, 6.0])]:
+        expected = bgr - torch.as_tensor(np.asarray(mean, dtype=np.float32)).view(3, 1, 1)
+        torch.testing.assert_close(preprocess(rgb, mean_bgr=mean)[0], expected)
+    torch.testing.assert_close(preprocess(rgb), preprocess(rgb, mean_bgr=MEAN_BGR))
+    assert not torch.allclose(preprocess(rgb), preprocess(rgb, mean_bgr=(0, 0, 0)))
+
+
+@pytest.mark.parametrize("mean", [(1, 2), (1, 2, 3, 4), (1, float("nan"), 3), (1, 2, float("inf")),
+                                  "abc", (1, True, 3), None, 5])
+def test_preprocess_refuses_a_mean_that_is_not_three_finite_numbers(mean):
+    with pytest.raises(ValueError, match=r"^mean_bgr: expected three finite numbers") as info:
+        preprocess(np.zeros((2, 2, 3), np.uint8), mean_bgr=mean)
+    assert "\n" not in str(info.value)
+
+
 def test_predict_probs_upsamples_and_normalises(model21):
     rgb = np.random.default_rng(3).integers(0, 256, (37, 45, 3), dtype=np.uint8)
     x = preprocess(rgb)

@@ -14,7 +14,7 @@ import torch
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.model import build_model, predict_probs, preprocess
-from deeplab_cli.pipeline import Segmenter, _cudnn_tf32_off, crf_memory_bytes, network_size
+from deeplab_cli.pipeline import Segmenter, _cudnn_tf32_off, crf_memory_bytes, format_bytes, network_size
 
 N_CLASSES = 5
 
@@ -453,3 +453,139 @@ def test_closing_the_stream_early_drops_the_writes_not_started(plain):
     threading.Timer(0.3, gate.set).start()  # lets the write under way finish during close()
     stream.close()
     assert written[0] == 0 and written[1:] in ([], [1])
+
+
+# --- the weights' mean pixel, refine's checks, from_weights' keywords, size messages ---------
+
+
+@pytest.fixture(scope="module")
+def quick(seg):
+    """Segmenters sharing `seg`'s network, already in inference form: `_owns_model` folds
+    nothing more and copies nothing, so each costs nothing to build."""
+    def make(meta, **kw):
+        return Segmenter(seg.model, meta, device="cpu", _owns_model=True, **kw)
+    return make
+
+
+def manual_probs(model, rgb: np.ndarray, mean_bgr) -> torch.Tensor:
+    """Probabilities (C, H, W) written out by hand: BGR floats minus `mean_bgr`, the
+    multi-scale network, bilinear upsampling, softmax."""
+    x = torch.from_numpy(rgb[..., ::-1].copy()).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    x = x - torch.tensor(mean_bgr, dtype=torch.float32).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model(x, msc=True)  # (1, C, h, w)
+        logits = torch.nn.functional.interpolate(logits, size=rgb.shape[:2], mode="bilinear",
+                                                 align_corners=False)
+    return torch.softmax(logits, dim=1)[0]
+
+
+def test_the_segmenter_centres_the_input_with_the_weights_mean_pixel(model, quick):
+    """WeightsMeta.mean_bgr used to be ignored: the network always subtracted the
+    published mean, so weights trained with another mean gave the default's probabilities."""
+    classes = [f"c{i}" for i in range(N_CLASSES)]
+    rgb = image(11, 14, seed=4)
+    probs = {}
+    for mean in [(104.008, 116.669, 122.675), (0.0, 0.0, 0.0), (60.0, 200.0, 10.0)]:
+        meta = SimpleNamespace(classes=classes, crf=None, mean_bgr=mean)
+        seg = quick(meta, crf=None, max_size=0)
+        assert seg.mean_bgr == mean
+        probs[mean] = seg.probs(rgb)
+        torch.testing.assert_close(probs[mean], manual_probs(model, rgb, mean), atol=2e-5, rtol=1e-4)
+        # The labels (segment, with its own upsampled argmax) follow the same input.
+        np.testing.assert_array_equal(seg.segment(rgb).labels, probs[mean].argmax(0).numpy())
+    means = list(probs)
+    for other in means[1:]:
+        assert (probs[means[0]] - probs[other]).abs().max() > 1e-3
+    # A meta without a mean pixel (as the fixtures' namespaces) gets the published one.
+    no_mean = quick(SimpleNamespace(classes=classes, crf=None), crf=None, max_size=0)
+    torch.testing.assert_close(no_mean.probs(rgb), probs[means[0]])
+
+
+def test_the_weights_mean_pixel_is_used_when_the_network_sees_a_smaller_copy(quick):
+    classes = [f"c{i}" for i in range(N_CLASSES)]
+    rgb = image(23, 31, seed=6)
+    out = [quick(SimpleNamespace(classes=classes, mean_bgr=mean), crf=None, max_size=12, msc=False).probs(rgb)
+           for mean in [(104.008, 116.669, 122.675), (0, 0, 0)]]
+    assert out[0].shape == out[1].shape == (N_CLASSES, 23, 31)
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+def test_a_meta_mean_that_is_not_three_numbers_is_refused(quick):
+    meta = SimpleNamespace(classes=[f"c{i}" for i in range(N_CLASSES)], mean_bgr=(1.0, 2.0))
+    with pytest.raises(ValueError, match="mean_bgr: expected three finite numbers"):
+        quick(meta, crf=None)
+
+
+@pytest.mark.parametrize("bad, shown", [
+    (RGB[..., 0], "uint8 (13, 17)"),
+    (RGB / 255.0, "float64 (13, 17, 3)"),
+    (np.dstack([RGB, RGB[..., :1]]), "uint8 (13, 17, 4)"),
+    (torch.from_numpy(RGB[..., 0].copy()), "torch.uint8 (13, 17)"),
+    (torch.from_numpy(RGB).float(), "torch.float32 (13, 17, 3)"),
+])
+def test_refine_refuses_a_bad_image_as_probs_and_segment_do(seg, plain, bad, shown):
+    """refine used to hand a grayscale image to the CRF on the CPU, which raised a
+    DeeplabError, where probs and segment raise the documented ValueError."""
+    probs = torch.full((N_CLASSES, 13, 17), 1 / N_CLASSES)
+    for segmenter in (seg, plain):  # with a CRF and without (refine is the identity there)
+        with pytest.raises(ValueError, match=r"^image: expected RGB uint8 \(H, W, 3\), got ") as info:
+            segmenter.refine(bad, probs)
+        assert shown in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="empty image"):
+        seg.refine(RGB[:0], probs)
+
+
+def test_refine_takes_a_torch_image(seg):
+    probs = seg.probs(RGB)
+    np.testing.assert_allclose(seg.refine(torch.from_numpy(RGB), probs).numpy(),
+                               seg.refine(RGB, probs).numpy(), atol=1e-6)
+
+
+def test_from_weights_checks_its_keywords_before_reading_the_weights(tmp_path, monkeypatch):
+    """Segmenter.from_weights(..., foo=1) used to load the whole checkpoint, then fail in
+    Segmenter's constructor; a missing file proves nothing is read first."""
+    import deeplab_cli.weights as weights
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(weights, "load_model", never)
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        Segmenter.from_weights(missing, device="cpu", foo=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument '_owns_model'"):
+        Segmenter.from_weights(missing, device="cpu", _owns_model=False)
+    for kw, message in [({"precision": "fp64"}, "--precision fp64"), ({"max_size": -1}, "--max-size -1"),
+                        ({"memory_format": "nhwc"}, "memory format 'nhwc'"),
+                        ({"memory_budget": 0}, "memory budget 0"), ({"crf": {"iters": 1}}, "crf: unknown")]:
+        with pytest.raises(DeeplabError, match=message):
+            Segmenter.from_weights(missing, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 bytes"), (999, "999 bytes"), (1000, "1.0 kB"),
+                                     (714_220, "714.2 kB"), (3_500_000, "3.5 MB"),
+                                     (2_000_000_000, "2.0 GB")])
+def test_format_bytes_keeps_a_non_zero_figure(n, text):
+    assert format_bytes(n) == text
+
+
+def test_memory_messages_for_small_budgets_do_not_read_zero_gb(quick, meta):
+    """'0.0 GB needed, 0.0 GB available' / 'limit 0.0 GB' told a user nothing."""
+    height, width = 37, 53
+    net = network_size(height, width, 32)
+    floor = crf_memory_bytes(*net, N_CLASSES)
+    seg = quick(meta, crf=CRFParams(iterations=1), max_size=32, msc=False)
+    with pytest.raises(DeeplabError) as info:
+        seg.crf_size(height, width, budget=floor // 2)
+    assert f"({format_bytes(floor)} needed, {format_bytes(floor // 2)} available)" in str(info.value)
+    assert "kB needed" in str(info.value) and "0.0 GB" not in str(info.value)
+
+    notes = []
+    budget = (crf_memory_bytes(height, width, N_CLASSES) + floor) // 2
+    quick(meta, crf=CRFParams(iterations=1), max_size=32, msc=False, memory_budget=budget,
+          notify=notes.append).segment(image(height, width))
+    assert len(notes) == 1 and f"(limit {format_bytes(budget)})" in notes[0] and "kB" in notes[0]
+
+    plain = quick(meta, crf=None, max_size=32, msc=False, memory_budget=1000)
+    with pytest.raises(DeeplabError, match=r"probabilities need 8\.8 kB, more than the 1\.0 kB available"):
+        plain.segment(RGB, keep_probs=True)

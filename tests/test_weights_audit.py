@@ -4,6 +4,7 @@ reason, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 
 from deeplab_cli import weights as W
 from deeplab_cli.cli import cli
+from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.labels import palette_for
 from deeplab_cli.model import build_model
@@ -300,6 +302,92 @@ def test_convert_onto_itself_rewrites_the_metadata(tmp_path, pth3, state3):
     assert meta.name == "renamed"
     assert all(torch.equal(state[k], v) for k, v in state3.items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["self.safetensors"]
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("changes, fragments", [
+    # Loading checks these: convert used to write files that then failed to load.
+    ({"palette": [(1, 2, 3)]}, ["c.safetensors", "palette has 1 colours for 3 classes"]),
+    ({"palette": [(1, 2, 300)] * 3}, ["palette: expected RGB triples of whole numbers 0..255"]),
+    ({"palette": [(1, 2, 3.5)] * 3}, ["palette: expected RGB triples"]),
+    ({"palette": [(1, 2)] * 3}, ["palette: expected RGB triples"]),
+    ({"classes": ["a", "b", "c"], "palette": [(0, 0, 0)] * 2}, ["palette has 2 colours for 3 classes"]),
+    ({"classes": "abc"}, ["classes: expected a list of class names"]),
+    ({"classes": ["a", 2, "c"]}, ["classes: expected a list of class names"]),
+    ({"mean_bgr": (1.0, float("nan"), 3.0)}, ["mean_bgr", "three finite numbers"]),
+    ({"mean_bgr": (1.0, 2.0)}, ["mean_bgr", "three finite numbers"]),
+    ({"crf": {"iters": 2}}, ["crf: unknown CRF parameter"]),
+    ({"crf": {"iterations": -1}}, ["crf", "iterations"]),
+    ({"crf": 5}, ["crf: expected CRFParams or a dict"]),
+    ({"aspp": "M"}, ["aspp must be L or S"]),
+    ({"name": 7}, ["name 7: expected a string"]),
+])
+def test_convert_checks_the_new_metadata_before_writing(tmp_path, pth3, changes, fragments):
+    dst = tmp_path / "c.safetensors"
+    with pytest.raises(DeeplabError) as exc:
+        W.convert(pth3, dst, **changes)
+    one_line(exc, *fragments)
+    assert files_in(tmp_path) == []
+
+
+def test_convert_takes_crf_as_a_dict_or_crf_params(tmp_path, pth3):
+    """crf={"iterations": 2} used to fail with AttributeError ('dict' has no 'to_dict')."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    W.convert(pth3, a, crf={"iterations": 2, "bi_w": 5})
+    W.convert(pth3, b, crf=CRFParams(iterations=3), palette=[(1, 2, 3), (4, 5, 6), (7, 8, 9)],
+              mean_bgr=np.array([1, 2, 3]))
+    assert W.load_state_dict(a)[1].crf == CRFParams(iterations=2, bi_w=5)
+    meta = W.load_state_dict(b)[1]
+    assert meta.crf == CRFParams(iterations=3)
+    assert meta.palette == [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
+    assert meta.mean_bgr == (1.0, 2.0, 3.0)
+
+
+def test_convert_refuses_an_unknown_keyword_before_reading_anything(tmp_path):
+    """foo=1 used to reach WeightsMeta's constructor after the weights were read."""
+    missing = tmp_path / "never-read.pth"  # a read would fail with "no such file"
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'foo' \(metadata fields: name,"):
+        W.convert(missing, tmp_path / "c.safetensors", name="x", foo=1)
+    assert files_in(tmp_path) == []
+
+
+def test_weights_with_another_mean_pixel_give_other_probabilities(tmp_path, state3):
+    """The mean pixel a .safetensors carries used to be ignored: weights identical but for
+    mean_bgr gave the same probabilities. Each must equal the network run by hand on the
+    image minus its own mean."""
+    from deeplab_cli.pipeline import Segmenter
+
+    torch.manual_seed(3)
+    state = {k: v.clone() for k, v in state3.items()}
+    # Calm statistics, so the logits (and the mean's effect) stay in softmax's soft range.
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            value.fill_(1.0)
+        elif key.endswith("bn.weight"):
+            value.fill_(0.3)
+    base = W.default_meta(Path("three.pth"), 3)
+    rgb = np.random.default_rng(8).integers(0, 256, (9, 12, 3), dtype=np.uint8)
+    probs = {}
+    for mean in [(104.008, 116.669, 122.675), (0.0, 0.0, 0.0)]:
+        path = tmp_path / f"mean{int(mean[0])}.safetensors"
+        W.save_safetensors(state, dataclasses.replace(base, mean_bgr=mean), path)
+        seg = Segmenter.from_weights(path, device="cpu", crf=None, max_size=0)
+        assert seg.meta.mean_bgr == mean
+        probs[mean] = seg.probs(rgb)
+        model = build_model(3)
+        model.load_state_dict(state)
+        x = torch.from_numpy(rgb[..., ::-1].copy()).permute(2, 0, 1)[None].float()  # (1, 3, H, W) BGR
+        x = x - torch.tensor(mean).view(1, 3, 1, 1)
+        with torch.no_grad():
+            logits = torch.nn.functional.interpolate(model(x), size=(9, 12), mode="bilinear",
+                                                     align_corners=False)
+        expected = torch.softmax(logits, dim=1)[0]
+        torch.testing.assert_close(probs[mean], expected, atol=2e-5, rtol=1e-4)
+    first, second = probs.values()
+    assert (first - second).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------ library entry points
