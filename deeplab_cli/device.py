@@ -32,10 +32,11 @@ def resolve_device(spec="auto", *, quiet: bool = False):
     torch.device('cpu', N) are taken as torch takes them, as the CPU: the result is
     torch.device('cpu') (torch has one CPU device; a tensor made on 'cpu:1' is on 'cpu').
     'auto' picks torch's current CUDA device (cuda:0 unless set otherwise) when torch sees
-    a GPU; else the CPU, saying so on stderr once per process unless `quiet`. 'cuda' is cuda:0. Refused, naming the value:
-    other backends ('mps', 'xpu': the CRF runs only on the CPU or CUDA), anything else,
-    CUDA on a machine where torch sees none, and cuda:N past the GPUs there are. The CLI's
-    --device, `weights.load_model` and `pipeline.Segmenter` all take devices through here.
+    a GPU; else the CPU, saying so on stderr once per process unless `quiet`. 'cuda' is
+    cuda:0. Refused, naming the value: other backends ('mps', 'xpu': the CRF runs only on
+    the CPU or CUDA), anything else, CUDA on a machine where torch sees none, and cuda:N
+    past the GPUs there are. The CLI's --device, `weights.load_model` and
+    `pipeline.Segmenter` all take devices through here.
     """
     import torch
 

@@ -4,6 +4,8 @@ The CLI turns it into a one-line message and a non-zero exit; library callers ca
 Messages name the file (or option) and the reason, on one line.
 """
 
+import math
+
 
 class DeeplabError(Exception):
     """A user-facing error: the message is shown as is, without a traceback."""
@@ -19,9 +21,17 @@ def first_line(error: BaseException | str) -> str:
 
 
 def short_repr(value: object, limit: int = 60) -> str:
-    """repr(value) cut to `limit` characters, to show a bad value inside a one-line message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """repr(value) cut to `limit` characters, on one line (`one_line`), to show a bad value
+    inside a one-line message. An integer too long for Python to write out (over its
+    int_max_str_digits, 4300 digits) is described instead, and so is a value holding one."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        sign = "a negative" if value < 0 else "an"
+        return f"{sign} integer of about {round(value.bit_length() * math.log10(2))} digits"
+    try:
+        text = repr(value)
+    except ValueError:  # a Fraction or other number holding such an integer
+        return f"a {type(value).__name__} too long to write out"
+    return one_line(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def plural(n: int, noun: str) -> str:

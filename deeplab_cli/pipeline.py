@@ -102,11 +102,7 @@ def _as_rgb(rgb, where: str = "image") -> np.ndarray:
     RGBA or single-channel shape, or no pixels. Nothing is converted implicitly: the
     network's mean subtraction assumes 0..255 RGB."""
     rgb = np.asarray(rgb)
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
-        raise ValueError(f"{where}: expected RGB uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}; "
-                         "convert it first (e.g. PIL's Image.convert('RGB'))")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"{where}: empty image ({rgb.shape[1]}x{rgb.shape[0]})")
+    _check_rgb(rgb.dtype, rgb.shape, where)
     return rgb
 
 
@@ -116,13 +112,18 @@ def _checked_image(rgb, where: str = "image"):
     dtype, shape = getattr(rgb, "dtype", None), getattr(rgb, "shape", None)
     if isinstance(rgb, np.ndarray) or dtype is None or shape is None:
         return _as_rgb(rgb, where)
+    _check_rgb(dtype, shape, where)
+    return rgb
+
+
+def _check_rgb(dtype, shape, where: str) -> None:
+    """`_as_rgb`'s checks on a dtype (NumPy, CuPy or torch) and shape."""
     shape = tuple(shape)
     if str(dtype).removeprefix("torch.") != "uint8" or len(shape) != 3 or shape[-1] != 3:
         raise ValueError(f"{where}: expected RGB uint8 (H, W, 3), got {dtype} {shape}; "
                          "convert it first (e.g. PIL's Image.convert('RGB'))")
     if shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"{where}: empty image ({shape[1]}x{shape[0]})")
-    return rgb
 
 
 def format_bytes(n: float) -> str:

@@ -51,11 +51,11 @@ class CRFParams:
         for name in ("pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise DeeplabError(f"CRF parameter {name} must be a number, got {_show(value)}")
+                raise DeeplabError(f"CRF parameter {name} must be a number, got {short_repr(value)}")
             try:
                 number = float(value)
             except OverflowError:  # an int or Fraction beyond any float (10**400)
-                raise DeeplabError(f"CRF parameter {name} is too large, got {_show(value)}") from None
+                raise DeeplabError(f"CRF parameter {name} is too large, got {short_repr(value)}") from None
             object.__setattr__(self, name, number)
         for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
             value = getattr(self, name)
@@ -68,15 +68,15 @@ class CRFParams:
         check_float32(self)
         iterations = self.iterations
         if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-            raise DeeplabError(f"CRF iterations must be a non-negative integer, got {_show(iterations)}")
+            raise DeeplabError(f"CRF iterations must be a non-negative integer, got {short_repr(iterations)}")
         iterations = int(iterations)
         if iterations > MAX_ITERATIONS:
             raise DeeplabError(f"CRF iterations must be at most {MAX_ITERATIONS} (5-10 is usual), "
-                               f"got {_show(iterations)}")
+                               f"got {short_repr(iterations)}")
         object.__setattr__(self, "iterations", iterations)
         if self.normalization not in ("symmetric", "after"):
             raise DeeplabError(
-                f"CRF normalization must be 'symmetric' or 'after', got {_show(self.normalization)}"
+                f"CRF normalization must be 'symmetric' or 'after', got {short_repr(self.normalization)}"
             )
 
     def replace(self, **changes: Any) -> "CRFParams":
@@ -103,7 +103,7 @@ class CRFParams:
         # Quoted as repr (cut short): a key may be any text ('a\nb', 5000 characters) or no text.
         unknown = sorted((k for k in data if k not in fields), key=lambda k: (not isinstance(k, str), str(k)))
         if unknown:
-            raise DeeplabError(f"{source}: unknown CRF parameter(s) {', '.join(_show(k) for k in unknown)}")
+            raise DeeplabError(f"{source}: unknown CRF parameter(s) {', '.join(short_repr(k) for k in unknown)}")
         kwargs = {k: v if k == "normalization" else _number(v, k, source, whole=k == "iterations")
                   for k, v in data.items()}
         try:
@@ -144,30 +144,18 @@ def _number(value: Any, name: str, source: str, *, whole: bool) -> float | int:
     """A preset's value as a float (an int when `whole`), or a one-line error naming it.
     Booleans are refused: JSON `true` is no count or weight."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
-        raise DeeplabError(f"{source}: {name}: could not convert {_show(value)} to a number")
+        raise DeeplabError(f"{source}: {name}: could not convert {short_repr(value)} to a number")
     if whole and isinstance(value, numbers.Integral):
         return int(value)
     try:
         number = float(value)
     except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
-        raise DeeplabError(f"{source}: {name}: could not convert {_show(value)} to a number") from None
+        raise DeeplabError(f"{source}: {name}: could not convert {short_repr(value)} to a number") from None
     if not whole:
         return number
     if not (math.isfinite(number) and number.is_integer()):
-        raise DeeplabError(f"{source}: {name} must be a whole number, got {_show(value)}")
+        raise DeeplabError(f"{source}: {name} must be a whole number, got {short_repr(value)}")
     return int(number)
-
-
-def _show(value: Any) -> str:
-    """A bad value as a message quotes it: its repr cut short, one line. An integer too long
-    for Python to write out (over int_max_str_digits, 4300 digits) is described instead."""
-    if isinstance(value, int) and value.bit_length() > 256:
-        sign = "a negative" if value < 0 else "an"
-        return f"{sign} integer of about {round(value.bit_length() * math.log10(2))} digits"
-    try:
-        return one_line(short_repr(value))
-    except ValueError:  # a Fraction or other number holding such an integer
-        return f"a {type(value).__name__} too long to write out"
 
 
 def check_float32(params: Any) -> None:
