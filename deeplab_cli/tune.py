@@ -263,7 +263,9 @@ def tune_crf(
         n_classes: number of classes of the probabilities.
         probs_fn: RGB uint8 (H, W, 3) -> probabilities (C, H, W), NumPy or torch on any
             device (a `Segmenter.probs`); called once per image unless cached.
-        crf_fn: (image, probs, params) -> refined probs; default `deeplab_cli.crf.dense_crf`.
+        crf_fn: (image, probs, params) -> refined probs, called once per setting; default
+            `deeplab_cli.crf.dense_crf_each`, which builds each lattice once per image for
+            all the settings that share it (same results as `dense_crf` one at a time).
             Probabilities stay where `probs_fn` put them (on the GPU for a CUDA run).
         params_for: (rgb, setting) -> the CRF parameters for that image (e.g. spatial stds
             scaled to the network's input size); default: the setting itself.
@@ -272,8 +274,6 @@ def tune_crf(
     """
     if not grid:
         raise DeeplabError("tune-crf: the grid is empty")
-    if crf_fn is None:
-        from deeplab_cli.crf import dense_crf as crf_fn
     grid = list(grid)
     result = TuneResult(grid, [ConfusionMatrix(n_classes) for _ in grid], ConfusionMatrix(n_classes))
     for item in items:
@@ -288,11 +288,9 @@ def tune_crf(
                                f"{item.label.shape}")
         result.baseline.update(item.label, _argmax(probs), name=item.name)
         image = _image_for(item.rgb, probs)
-        for params, confusion in zip(grid, result.confusions):
-            if params_for is not None:
-                params = params_for(item.rgb, params)
-            refined = crf_fn(image, probs, params)  # (C, H, W), same place as probs
-            confusion.update(item.label, _argmax(refined), name=item.name)
+        settings = [params_for(item.rgb, p) for p in grid] if params_for is not None else grid
+        for i, refined in _refine_each(crf_fn, image, probs, settings):  # (C, H, W), same place as probs
+            result.confusions[i].update(item.label, _argmax(refined), name=item.name)
         if on_image is not None:
             on_image(item, result)
     if result.images == 0:
@@ -302,6 +300,16 @@ def tune_crf(
         raise DeeplabError(f"tune-crf: nothing to score: every label pixel of the "
                            f"{plural(result.images, 'image')} is {IGNORE_INDEX} (ignore)")
     return result
+
+
+def _refine_each(crf_fn, image, probs, settings: list[CRFParams]) -> Iterable[tuple[int, Any]]:
+    """(i, the CRF of `probs` under settings[i]) for every setting: through `crf_fn` one at a
+    time, else `dense_crf_each` (lattices shared, in its order)."""
+    if crf_fn is None:
+        from deeplab_cli.crf import dense_crf_each
+
+        return dense_crf_each(image, probs, settings)
+    return ((i, crf_fn(image, probs, params)) for i, params in enumerate(settings))
 
 
 def write_preset(path: str | Path, result: TuneResult, *, source: str = "") -> None:

@@ -1,21 +1,22 @@
 """Fully connected CRF (mean field on the permutohedral lattice), on the CPU and on CUDA.
 
 `dense_crf(image, probs, params)` refines one image's class probabilities; `dense_crf_batch`
-does several. Inputs may be NumPy arrays, torch tensors (CPU or CUDA) or CuPy arrays; the
-result has the type and device of `probs`. CPU data runs `deeplab_cli.crf.cpu`, CUDA data
-the CuPy kernels of `deeplab_cli.crf.cuda` (shared with torch zero-copy through DLPack, on
-torch's current stream). Both compute pydensecrf's mean field (REFERENCE §2).
+does several; `dense_crf_each` runs one image under many settings (a parameter search),
+building each lattice once. Inputs may be NumPy arrays, torch tensors (CPU or CUDA) or CuPy
+arrays; the result has the type and device of `probs`. CPU data runs `deeplab_cli.crf.cpu`,
+CUDA data the CuPy kernels of `deeplab_cli.crf.cuda` (shared with torch zero-copy through
+DLPack, on torch's current stream). Both compute pydensecrf's mean field (REFERENCE §2).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError, first_line, one_line
 
-__all__ = ["CRFParams", "dense_crf", "dense_crf_batch", "check_size"]
+__all__ = ["CRFParams", "dense_crf", "dense_crf_batch", "dense_crf_each", "check_size"]
 
 # How far the probabilities may sum away from 1 over the labels (float16 softmax included).
 SUM_TOLERANCE = 1e-2
@@ -83,6 +84,54 @@ def dense_crf_batch(images: Iterable[Any], probs_list: Iterable[Any],
         for i, out in zip(group, outs):
             results[i] = out
     return results
+
+
+def dense_crf_each(image: Any, probs: Any,
+                   settings: Iterable[CRFParams | Mapping[str, Any] | None]) -> Iterator[tuple[int, Any]]:
+    """`dense_crf` of one image under each of several settings (a parameter search), sharing
+    the work the settings have in common.
+
+    Yields (i, refined) for every i, where refined equals `dense_crf(image, probs,
+    settings[i])` bit for bit; the order groups the settings by the lattices they need
+    (`geometry.lattice_key`), so each is built once and only one setting's result is held
+    at a time. On the CPU the Gaussian lattice serves every setting with its pos_xy_std and
+    the bilateral one every setting with its bi_xy_std and bi_rgb_std; on the GPU settings
+    share both lattices and their norms when the stds, the normalization and the kernels
+    in use agree. Either way a setting that differs from the one before only in its weights
+    or iteration count costs its iterations alone.
+
+    Raises:
+        DeeplabError: bad inputs (as `dense_crf`) or a setting the lattice cannot take,
+            before anything runs (here, not at the first result).
+    """
+    from deeplab_cli.crf.geometry import lattice_key
+
+    settings = [_params(s) for s in settings]
+    if not settings:
+        return iter(())
+    _validate(image, probs, "input", settings[0])
+    n_labels, height, width = (int(s) for s in probs.shape)
+    for params in settings[1:]:
+        check_size(height, width, n_labels, params)
+    order = sorted(range(len(settings)), key=lambda i: lattice_key(settings[i]))
+    return _each(image, probs, settings, order)
+
+
+def _each(image: Any, probs: Any, settings: list[CRFParams], order: list[int]) -> Iterator[tuple[int, Any]]:
+    kind = _kind(probs)
+    gpu = kind in ("torch-cuda", "cupy")
+    if kind == "torch-cuda" and not _cupy_usable():
+        _note_cpu_fallback()
+        gpu = False
+    elif kind == "torch-cuda" and "kernels" not in _cupy_state:
+        # The process's first GPU run decides between the kernels and the CPU (_first_cuda_run).
+        outs = _first_cuda_run([image], [probs], settings[order[0]])
+        if outs is not None:
+            yield order[0], outs[0]
+            order = order[1:]
+        gpu = outs is not None
+    steps = (_run_cuda_each if gpu else _run_cpu_each)(image, probs, [settings[i] for i in order])
+    yield from zip(order, steps)
 
 
 # Per process: "usable" (CuPy imports and sees a GPU), "noted" (the fallback was said),
@@ -270,6 +319,18 @@ def _run_cpu(image: Any, probs: Any, params: CRFParams) -> Any:
     return out
 
 
+def _run_cpu_each(image: Any, probs: Any, settings: list[CRFParams]) -> Iterator[Any]:
+    from deeplab_cli.crf.cpu import dense_crf_cpu_each
+
+    to_torch = _kind(probs) in ("torch", "torch-cuda")
+    for out in dense_crf_cpu_each(_to_numpy(image), _to_numpy(probs), settings):
+        if to_torch:
+            import torch
+
+            out = torch.from_numpy(out).to(probs.device)  # back where the probabilities were
+        yield out
+
+
 def _to_numpy(array: Any):
     import numpy as np
 
@@ -318,6 +379,50 @@ def _run_cuda(images: list[Any], probs: list[Any], params: CRFParams) -> list[An
         images_c = [_cupy_image(im) for im in images]
         probs_c = [cupy.ascontiguousarray(p, dtype=cupy.float32) for p in probs]
         return dense_crf_cuda_batch(images_c, probs_c, params)
+
+
+def _run_cuda_each(image: Any, probs: Any, settings: list[CRFParams]) -> Iterator[Any]:
+    """`_run_cuda` for one image under each setting (`dense_crf_cuda_each`), one result at a
+    time; CuPy's device, stream and allocator are set around each step, not held between."""
+    import cupy
+
+    from deeplab_cli.crf.cuda import dense_crf_cuda_each
+
+    if _kind(probs) != "torch-cuda":
+        with probs.device:
+            image_c = _cupy_image(image)
+            probs_c = cupy.ascontiguousarray(probs, dtype=cupy.float32)
+        steps = dense_crf_cuda_each(image_c, probs_c, settings)
+        while True:
+            with probs.device:
+                out = next(steps, None)
+            if out is None:
+                return
+            yield out
+
+    import torch
+
+    device = probs.device
+    probs_t = probs.detach().float().contiguous()
+    image_t = _torch_image(image, device)
+    stream = torch.cuda.current_stream(device)
+    allocator = _torch_allocator(cupy)
+    steps = None
+    try:
+        while True:
+            with cupy.cuda.Device(device.index), _external_stream(cupy, stream.cuda_stream, device.index), \
+                    cupy.cuda.using_allocator(allocator.malloc):
+                if steps is None:
+                    steps = dense_crf_cuda_each(cupy.from_dlpack(image_t), cupy.from_dlpack(probs_t), settings)
+                out = next(steps, None)
+                result = None if out is None else torch.from_dlpack(out)
+            if result is None:
+                return
+            yield result
+    finally:
+        # Keep the inputs alive until the work queued on the stream is done with them.
+        for tensor in (probs_t, image_t):
+            tensor.record_stream(stream)
 
 
 def _external_stream(cupy: Any, pointer: int, device_index: int) -> Any:

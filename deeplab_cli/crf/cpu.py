@@ -78,8 +78,11 @@ about 0.2 s.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import sys
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import llvmlite.ir
@@ -88,7 +91,7 @@ import numba.core.cgutils
 import numba.extending
 import numpy as np
 
-from deeplab_cli.crf.geometry import alpha, check_size, float32, scale_factors
+from deeplab_cli.crf.geometry import alpha, check_size, float32, lattice_key, scale_factors
 
 if TYPE_CHECKING:  # pragma: no cover
     from deeplab_cli.crf.params import CRFParams
@@ -181,22 +184,31 @@ class Lattice:
 
 def kernel_features(image: np.ndarray, params: "CRFParams") -> tuple[np.ndarray, np.ndarray]:
     """The Gaussian (N, 2) and bilateral (N, 5) float32 features of an (H, W, 3) uint8 image."""
+    return gauss_features(image, params), bilateral_features(image, params)
+
+
+def gauss_features(image: np.ndarray, params: "CRFParams") -> np.ndarray:
+    """The Gaussian kernel's float32 features (N, 2): x / pos_xy_std, y / pos_xy_std."""
+    return _positions(*image.shape[:2], params.pos_xy_std)
+
+
+def bilateral_features(image: np.ndarray, params: "CRFParams") -> np.ndarray:
+    """The bilateral kernel's float32 features (N, 5): x, y over bi_xy_std, r, g, b over
+    bi_rgb_std."""
     height, width = image.shape[:2]
-    xs = np.arange(width, dtype=np.float32)
-    ys = np.arange(height, dtype=np.float32)
-
-    def positions(std: float) -> np.ndarray:
-        std32 = float32(std)
-        feats = np.empty((height, width, 2), np.float32)
-        feats[..., 0] = (xs / std32)[None, :]
-        feats[..., 1] = (ys / std32)[:, None]
-        return feats.reshape(-1, 2)
-
-    gauss = positions(params.pos_xy_std)
     bilateral = np.empty((height * width, 5), np.float32)
-    bilateral[:, :2] = positions(params.bi_xy_std)
+    bilateral[:, :2] = _positions(height, width, params.bi_xy_std)
     bilateral[:, 2:] = image.reshape(-1, 3).astype(np.float32) / float32(params.bi_rgb_std)
-    return gauss, bilateral
+    return bilateral
+
+
+def _positions(height: int, width: int, std: float) -> np.ndarray:
+    """(x / std, y / std) per pixel, float32 (N, 2), the division in float32 as pydensecrf."""
+    std32 = float32(std)
+    feats = np.empty((height, width, 2), np.float32)
+    feats[..., 0] = (np.arange(width, dtype=np.float32) / std32)[None, :]
+    feats[..., 1] = (np.arange(height, dtype=np.float32) / std32)[:, None]
+    return feats.reshape(-1, 2)
 
 
 def build_lattice(features: np.ndarray, *, block: int = 4) -> Lattice:
@@ -381,19 +393,34 @@ class _KernelOperator:
     def __init__(self, lattice: Lattice, weight: float, normalization: str):
         n = lattice.n_points
         self.n_vertices = lattice.n_vertices
+        self.alpha = np.float32(lattice.alpha)
         self.offsets = np.ascontiguousarray(lattice.offsets, dtype=np.int32)  # (N, d+1)
         self.neighbours = np.ascontiguousarray(lattice.neighbours, dtype=np.int32)  # (d+1, 2, M)
         self.reach = _axis_reach(self.neighbours)  # (d+1,)
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None
-        # K·1 through the plain filter (barycentric weights, α), then n and the kernel
-        # weight are folded into the weights.
-        bary = np.ascontiguousarray(lattice.weights, dtype=np.float32)  # (N, d+1)
-        self.splat_weights = bary
-        self.slice_weights = bary * np.float32(lattice.alpha)
+        # K·1 through the plain filter (barycentric weights, α); n and the kernel weight
+        # are then folded into the weights (`_fold`).
+        self.bary = np.ascontiguousarray(lattice.weights, dtype=np.float32)  # (N, d+1)
+        self.splat_weights = self.bary
+        self.slice_weights = self.bary * self.alpha
         norm = np.zeros((n, 1), np.float32)
         self.add_message(norm, np.ones((n, 1), np.float32))
-        self.splat_weights = np.empty_like(bary)
-        _fold_normalization(bary, norm[:, 0], normalization == "symmetric", np.float32(weight),
+        self.k1 = norm[:, 0]  # (N,) K·1
+        self._fold(weight, normalization)
+
+    def reweighted(self, weight: float, normalization: str) -> "_KernelOperator":
+        """This kernel with another weight and normalization: the lattice, K·1 and the
+        vertex buffers are shared (one operator of the two in use at a time), only the
+        folded splat and slice weights are new. The same arithmetic as a fresh operator,
+        so the same result bit for bit."""
+        other = copy.copy(self)
+        other._fold(weight, normalization)
+        return other
+
+    def _fold(self, weight: float, normalization: str) -> None:
+        self.splat_weights = np.empty_like(self.bary)
+        self.slice_weights = self.bary * self.alpha
+        _fold_normalization(self.bary, self.k1, normalization == "symmetric", np.float32(weight),
                             self.splat_weights, self.slice_weights)
 
     def buffers(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -461,22 +488,56 @@ def dense_crf_cpu(image: np.ndarray, probs: np.ndarray, params: "CRFParams", *,
         DeeplabError: a size or parameters the lattice cannot take (`check_size`), before
             anything is allocated.
     """
+    return next(dense_crf_cpu_each(image, probs, [params], threads=threads))
+
+
+def dense_crf_cpu_each(image: np.ndarray, probs: np.ndarray, settings: Iterable["CRFParams"], *,
+                       threads: int | None = None) -> Iterator[np.ndarray]:
+    """`dense_crf_cpu` of one image under each of `settings` in turn, yielding each result
+    (float32 (C, H, W)) as it is done; bit for bit what `dense_crf_cpu` gives for that setting.
+
+    The unary and Q0 are worked out once, and a lattice with its K·1 is kept while the next
+    setting has the same geometry: the Gaussian one while pos_xy_std stays, the bilateral one
+    while bi_xy_std and bi_rgb_std do. Weights, normalization and iterations change nothing
+    that is built, so settings that differ only there cost their iterations alone; order the
+    settings by `lattice_key` to build each lattice once.
+
+    Raises:
+        DeeplabError: a size or parameters the lattice cannot take (`check_size`), for any
+            setting, before anything is computed.
+    """
     image = np.ascontiguousarray(image, dtype=np.uint8)
     probs = np.asarray(probs, dtype=np.float32)
     _, height, width = probs.shape
     if image.shape != (height, width, 3):
         raise ValueError(f"image {image.shape} does not match probabilities {probs.shape}")
-    check_size(height, width, params)
+    settings = list(settings)
+    for params in settings:
+        check_size(height, width, params)
+    unary = None
+    kernels: dict[str, tuple[tuple, _KernelOperator]] = {}  # kernel -> (geometry, operator)
+    for params in settings:
+        with _compute(threads):
+            if unary is None:
+                unary = _Unary(probs)
+            out = _mean_field(image, unary, params, kernels)
+        yield out
+
+
+@contextlib.contextmanager
+def _compute(threads: int | None) -> Iterator[None]:
+    """Around compiled work: numba's thread count set to `threads` (None: kept) and put
+    back after, torch's thread count left as the caller had it, and a Ctrl-C that lands
+    inside a compiled loop raised as the KeyboardInterrupt it is."""
     torch_threads = _torch_threads()  # before numba's pool starts (get_num_threads starts it)
     try:
         previous = numba.get_num_threads()
         if threads is not None:
             numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
         try:
-            return _mean_field(image, probs, params)
+            yield
         except SystemError as exc:
-            # A Ctrl-C that lands inside a compiled loop comes back from numba as a SystemError
-            # caused by the KeyboardInterrupt: hand the interrupt on as one.
+            # numba hands the interrupt back as a SystemError caused by the KeyboardInterrupt.
             interrupt = _interrupt_behind(exc)
             if interrupt is None:
                 raise
@@ -522,37 +583,57 @@ def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
-def _mean_field(image: np.ndarray, probs: np.ndarray, params: "CRFParams") -> np.ndarray:
-    n_labels, height, width = probs.shape
-    n = height * width
-    clipped = np.clip(probs.reshape(n_labels, n), np.float32(1e-5), np.float32(1.0))  # (C, N)
-    # Q and the lattice values carry whole 8-lane vectors: labels padded with zeros,
-    # which every step keeps at 0.
-    lanes = -(-n_labels // 8) * 8
-    neg_unary = np.empty((n, n_labels), np.float32)  # (N, C), -U
-    np.log(clipped.T, out=neg_unary)
-    q = np.empty((n, lanes), np.float32)  # (N, C')
-    clipped /= clipped.sum(axis=0)
-    q[:, :n_labels] = clipped.T  # softmax(-U) = softmax(log p) = p / Σp
-    q[:, n_labels:] = 0
-    del clipped
-    if params.iterations == 0:
-        return np.ascontiguousarray(q[:, :n_labels].T).reshape(n_labels, height, width)
+class _Unary:
+    """What every setting of one image starts from: -U (N, C) and Q0 = softmax(-U) (N, C'),
+    C' = C rounded up to whole 8-lane vectors (pad columns 0, which every step keeps)."""
 
-    gauss, bilateral = kernel_features(image, params)
-    first = _KernelOperator(build_lattice(gauss), params.pos_w, params.normalization)
-    del gauss
-    second = _KernelOperator(build_lattice(bilateral), params.bi_w, params.normalization)
-    del bilateral
-    buffers1, buffers2 = first.buffers(lanes), second.buffers(lanes)
-    planes = np.empty((n_labels, n), np.float32)  # the result, (C, N)
+    def __init__(self, probs: np.ndarray):
+        n_labels, height, width = probs.shape
+        n = height * width
+        self.shape = probs.shape
+        clipped = np.clip(probs.reshape(n_labels, n), np.float32(1e-5), np.float32(1.0))  # (C, N)
+        self.lanes = -(-n_labels // 8) * 8
+        self.neg_unary = np.empty((n, n_labels), np.float32)  # (N, C), -U
+        np.log(clipped.T, out=self.neg_unary)
+        self.q0 = np.empty((n, self.lanes), np.float32)  # (N, C')
+        clipped /= clipped.sum(axis=0)
+        self.q0[:, :n_labels] = clipped.T  # softmax(-U) = softmax(log p) = p / Σp
+        self.q0[:, n_labels:] = 0
+
+
+def _operator(kernels: dict, name: str, geometry: tuple, features, weight: float,
+              normalization: str) -> "_KernelOperator":
+    """The kernel `name`'s operator: the kept one reweighted when its geometry matches,
+    else one on a new lattice from `features()` (which then replaces it in `kernels`)."""
+    kept = kernels.get(name)
+    if kept is not None and kept[0] == geometry:
+        return kept[1].reweighted(weight, normalization)
+    kernels.pop(name, None)  # the old lattice's memory goes before the new one is built
+    op = _KernelOperator(build_lattice(features()), weight, normalization)
+    kernels[name] = (geometry, op)
+    return op
+
+
+def _mean_field(image: np.ndarray, unary: _Unary, params: "CRFParams",
+                kernels: dict) -> np.ndarray:
+    n_labels, height, width = unary.shape
+    if params.iterations == 0:
+        return np.ascontiguousarray(unary.q0[:, :n_labels].T).reshape(n_labels, height, width)
+    q = unary.q0.copy()
+    geometry = lattice_key(params)
+    first = _operator(kernels, "gauss", geometry[:1], lambda: gauss_features(image, params), params.pos_w,
+                      params.normalization)
+    second = _operator(kernels, "bilateral", geometry[1:3], lambda: bilateral_features(image, params),
+                       params.bi_w, params.normalization)
+    buffers1, buffers2 = first.buffers(unary.lanes), second.buffers(unary.lanes)
+    planes = np.empty((n_labels, height * width), np.float32)  # the result, (C, N)
     for step in range(params.iterations):
         _splat_both(q, first.offsets, first.splat_weights, buffers1[0],
                     second.offsets, second.splat_weights, buffers2[0])
         grid1 = first.blur(*buffers1)
         grid2 = second.blur(*buffers2)
         last = step == params.iterations - 1
-        _slice_softmax(neg_unary, first.offsets, first.slice_weights, grid1,
+        _slice_softmax(unary.neg_unary, first.offsets, first.slice_weights, grid1,
                        second.offsets, second.slice_weights, grid2, q,
                        planes if last else planes[:0])
     return planes.reshape(n_labels, height, width)

@@ -65,12 +65,12 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from deeplab_cli.crf.geometry import (KernelSpec, alpha, check_size, corner_margin, kernel_specs, key_bounds,
-                                      scale_factors, scaled_feature_bounds)
+                                      lattice_key, scale_factors, scaled_feature_bounds)
 from deeplab_cli.crf.params import CRFParams
 from deeplab_cli.errors import DeeplabError
 
@@ -697,6 +697,33 @@ class CudaCRF:
         if self.specs:
             self._plan_iteration()
 
+    def reweight(self, params: CRFParams) -> None:
+        """After `prepare` (and any iterations), start over under `params`, which may differ
+        from this batch's own only in the kernel weights and the iterations: Q back to Q0,
+        the new weights bound into the iteration's launches, the lattices and their norms
+        kept (the Gaussian stencil, which holds its weight, is worked out again). `iterate`
+        and `result` then give what a new CudaCRF for `params` would, bit for bit."""
+        if self.q is None:
+            raise RuntimeError("CudaCRF.reweight: call prepare() first")
+        if lattice_key(params) != lattice_key(self.params):
+            raise ValueError(f"CudaCRF.reweight: {params} needs other lattices than {self.params}")
+        self.params = params
+        weights = {spec.d: spec.weight for spec in kernel_specs(params)}
+        self.specs = [dataclasses.replace(spec, weight=weights[spec.d]) for spec in self.specs]
+        self.lattice_specs = [dataclasses.replace(spec, weight=weights[spec.d]) for spec in self.lattice_specs]
+        if self.lattices is not None:
+            self.lattices.specs = self.lattice_specs
+        if self._q_pair is not None:
+            self.q = self._q_pair[0]
+        self.bk.launch(*self._slice_softmax(None))  # Q0 = softmax(-U)
+        if self._stencil is not None:
+            info = self.bk.xp.zeros(2, dtype=self.bk.xp.int32)
+            self._build_stencil(self._stencil_radius, info)
+            if self.bk.to_host(info)[0]:
+                raise RuntimeError("CRF stencil: a Gaussian corner fell outside its cell box (a bug)")
+        if self.specs:
+            self._plan_iteration()
+
     def _bytes_before_lattice(self) -> int:
         """Device bytes prepare needs before the vertex count is known (_bytes_before_lattice
         for this batch's lattices, with the Gaussian cell grid when gauss_grid applies)."""
@@ -1066,6 +1093,24 @@ class CudaCRF:
         self.prepare()
         self.iterate(graph=graph)
         return self.result()
+
+
+def dense_crf_cuda_each(image: Any, probs: Any, settings: Sequence[CRFParams], backend: Any = None) -> Iterator[Any]:
+    """One image refined under each of `settings` in turn on the current CUDA device and
+    CuPy stream, yielding each result (CuPy float32 (C, H, W)); each equals
+    `dense_crf_cuda_batch([image], [probs], setting)[0]` bit for bit. Consecutive settings
+    with the same `lattice_key` share one prepared CudaCRF (`reweight`): the lattices are
+    built once for them."""
+    crf = None
+    for params in settings:
+        if crf is not None and lattice_key(params) == lattice_key(crf.params):
+            crf.reweight(params)
+        else:
+            crf = None  # the last lattices' memory goes before the next are built
+            crf = CudaCRF([image], [probs], params, backend)
+            crf.prepare()
+        crf.iterate()
+        yield crf.result()[0]
 
 
 def dense_crf_cuda_batch(images: Sequence[Any], probs: Sequence[Any],

@@ -51,6 +51,18 @@ def kernel_specs(params: CRFParams) -> list[KernelSpec]:
     ]
 
 
+def lattice_key(params: CRFParams) -> tuple:
+    """What a setting's lattices and their norms depend on: (pos_xy_std, bi_xy_std,
+    bi_rgb_std) as float32, the normalization, which kernels are on (weight not 0) and
+    whether any iteration runs. Settings with equal keys differ only in the kernel weights
+    and the iteration count, so they can share what was built (`dense_crf_each`); the first
+    three entries alone fix the two lattices themselves."""
+    on = params.iterations > 0
+    return (float(float32(params.pos_xy_std)), float(float32(params.bi_xy_std)),
+            float(float32(params.bi_rgb_std)), params.normalization, on and params.pos_w != 0,
+            on and params.bi_w != 0, on)
+
+
 @functools.lru_cache(maxsize=None)
 def _scale_factors(d: int) -> tuple[float, ...]:
     inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
