@@ -80,6 +80,12 @@ class LazyGroup(click.Group):
             raise click.ClickException(one_line(exc.format_message())) from None
         except KeyboardInterrupt:  # Ctrl-C: the shells' status for SIGINT, not click's 1
             click.echo("deeplab: interrupted", err=True)
+            # A Ctrl-C that landed inside exec() of source text (dataclasses, namedtuple and
+            # torch generate code that way while they import) sets CPython's "unhandled
+            # KeyboardInterrupt" flag although it is handled here; under `python -m` the
+            # process then kills itself with SIGINT at exit instead of returning 130. Each
+            # exec() of source text clears the flag before it runs.
+            exec("")
             ctx.exit(130)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

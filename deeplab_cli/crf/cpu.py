@@ -81,7 +81,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -516,12 +518,56 @@ def dense_crf_cpu_each(image: np.ndarray, probs: np.ndarray, settings: Iterable[
         check_size(height, width, params)
     unary = None
     kernels: dict[str, tuple[tuple, _KernelOperator]] = {}  # kernel -> (geometry, operator)
+    if settings and not _warm:
+        _warm_up(threads)
     for params in settings:
         with _compute(threads):
             if unary is None:
                 unary = _Unary(probs)
             out = _mean_field(image, unary, params, kernels)
         yield out
+
+
+# Whether this process has run the compiled loops once (`_warm_up`).
+_warm = False
+
+
+def _warm_up(threads: int | None) -> None:
+    """Run the CRF once on a tiny image, so numba compiles the loops (about 10 s on a new
+    install) or loads them from its cache (0.2 s), with Ctrl-C held back until that is
+    done (`_sigint_held`). numba compiles inside llvmlite callbacks, which drop a
+    KeyboardInterrupt raised there: the interrupt was lost and the run failed later with
+    "no compiled object yet". After this the real run stays interruptible."""
+    global _warm
+    from deeplab_cli.crf.params import CRFParams
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    probs = rng.random((3, 5, 7), dtype=np.float32) + np.float32(0.1)
+    probs /= probs.sum(axis=0)
+    with _sigint_held(), _compute(threads):
+        _mean_field(image, _Unary(probs), CRFParams(iterations=1), {})
+        _warm = True
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """SIGINT recorded instead of raised while the block runs, then raised as the
+    KeyboardInterrupt it was once the block is done. Only in the main thread (the only one
+    that may set handlers, and the one Python interrupts) and only over Python's default
+    handler: a caller's own handler is left alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    seen: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if seen:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
