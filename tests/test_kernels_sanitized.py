@@ -20,7 +20,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 # The modules that run kernels through tests/emulation.py (the nvcc build needs no sanitizer).
-EMULATED = ("test_crf_cuda.py", "test_crf_edges.py", "test_crf_stencil.py")
+EMULATED = ("test_crf_cuda.py", "test_crf_edges.py", "test_crf_stencil.py", "test_crf_each.py")
 
 
 def sanitizer_runtimes() -> list[str]:
