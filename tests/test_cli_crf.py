@@ -178,7 +178,7 @@ def test_help_lists_the_flags():
         assert flag in result.output
 
 
-def _interrupted_in_numba(*args):
+def _interrupted_in_numba(*args, **kw):
     # what numba hands back when Ctrl-C lands inside a compiled loop
     try:
         raise KeyboardInterrupt
@@ -201,7 +201,7 @@ def test_ctrl_c_inside_the_cpu_crf_is_an_interrupt(files, monkeypatch):
     assert result.exit_code == 130 and result.output.strip() == "deeplab: interrupted"
     assert not out.exists() and [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []
 
-    def other_failure(*args):
+    def other_failure(*args, **kw):
         raise SystemError("a real bug")
 
     monkeypatch.setattr(cpu, "_mean_field", other_failure)

@@ -64,11 +64,11 @@ def test_ctrl_c_while_the_cpu_crf_compiles_is_held_until_that_is_done(monkeypatc
     monkeypatch.setattr(cpu, "_warm", False)
     real, handlers = cpu._mean_field, []
 
-    def mean_field(image, unary, params, kernels):
+    def mean_field(image, unary, params, kernels, **kw):
         if not handlers:  # the warm-up: Ctrl-C lands in the middle of it
             os.kill(os.getpid(), signal.SIGINT)
         handlers.append(signal.getsignal(signal.SIGINT))
-        return real(image, unary, params, kernels)
+        return real(image, unary, params, kernels, **kw)
 
     monkeypatch.setattr(cpu, "_mean_field", mean_field)
     with pytest.raises(KeyboardInterrupt):

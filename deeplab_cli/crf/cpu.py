@@ -520,11 +520,12 @@ def dense_crf_cpu_each(image: np.ndarray, probs: np.ndarray, settings: Iterable[
     kernels: dict[str, tuple[tuple, _KernelOperator]] = {}  # kernel -> (geometry, operator)
     if settings and not _warm:
         _warm_up(threads)
-    for params in settings:
+    for k, params in enumerate(settings):
         with _compute(threads):
             if unary is None:
                 unary = _Unary(probs)
-            out = _mean_field(image, unary, params, kernels)
+            # the last setting (the only one, for dense_crf_cpu) iterates on Q0 itself
+            out = _mean_field(image, unary, params, kernels, keep_q0=k + 1 < len(settings))
         yield out
 
 
@@ -660,12 +661,14 @@ def _operator(kernels: dict, name: str, geometry: tuple, features, weight: float
     return op
 
 
-def _mean_field(image: np.ndarray, unary: _Unary, params: "CRFParams",
-                kernels: dict) -> np.ndarray:
+def _mean_field(image: np.ndarray, unary: _Unary, params: "CRFParams", kernels: dict, *,
+                keep_q0: bool = False) -> np.ndarray:
+    """Q after params.iterations, from `unary`, with the lattices kept in `kernels`
+    (`_operator`); `keep_q0`: iterate on a copy, leaving unary.q0 for a later setting."""
     n_labels, height, width = unary.shape
     if params.iterations == 0:
         return np.ascontiguousarray(unary.q0[:, :n_labels].T).reshape(n_labels, height, width)
-    q = unary.q0.copy()
+    q = unary.q0.copy() if keep_q0 else unary.q0
     geometry = lattice_key(params)
     first = _operator(kernels, "gauss", geometry[:1], lambda: gauss_features(image, params), params.pos_w,
                       params.normalization)
