@@ -10,6 +10,7 @@ DLPack, on torch's current stream). Both compute pydensecrf's mean field (REFERE
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -362,10 +363,7 @@ def _run_cuda(images: list[Any], probs: list[Any], params: CRFParams) -> list[An
         probs_t = [p.detach().float().contiguous() for p in probs]
         images_t = [_torch_image(im, device) for im in images]
         stream = torch.cuda.current_stream(device)
-        # CuPy allocates the lattice through torch's caching allocator, so the network and
-        # the CRF share one pool instead of each holding its own peak.
-        with cupy.cuda.Device(device.index), _external_stream(cupy, stream.cuda_stream, device.index), \
-                cupy.cuda.using_allocator(_torch_allocator(cupy).malloc):
+        with _on_torch_stream(cupy, device, stream):
             outs = dense_crf_cuda_batch([cupy.from_dlpack(im) for im in images_t],
                                         [cupy.from_dlpack(p) for p in probs_t], params)
             # Keep the inputs alive until the work queued on the stream is done with them.
@@ -388,41 +386,48 @@ def _run_cuda_each(image: Any, probs: Any, settings: list[CRFParams]) -> Iterato
 
     from deeplab_cli.crf.cuda import dense_crf_cuda_each
 
-    if _kind(probs) != "torch-cuda":
-        with probs.device:
-            image_c = _cupy_image(image)
-            probs_c = cupy.ascontiguousarray(probs, dtype=cupy.float32)
-        steps = dense_crf_cuda_each(image_c, probs_c, settings)
-        while True:
-            with probs.device:
-                out = next(steps, None)
-            if out is None:
-                return
-            yield out
+    if _kind(probs) == "torch-cuda":
+        import torch
 
-    import torch
+        device = probs.device
+        probs_t = probs.detach().float().contiguous()
+        image_t = _torch_image(image, device)
+        stream = torch.cuda.current_stream(device)
+        inputs = (probs_t, image_t)  # kept alive until the work queued on the stream is done
+        place, back = (lambda: _on_torch_stream(cupy, device, stream)), torch.from_dlpack
 
-    device = probs.device
-    probs_t = probs.detach().float().contiguous()
-    image_t = _torch_image(image, device)
-    stream = torch.cuda.current_stream(device)
-    allocator = _torch_allocator(cupy)
+        def start():
+            return dense_crf_cuda_each(cupy.from_dlpack(image_t), cupy.from_dlpack(probs_t), settings)
+    else:
+        inputs = ()
+        place, back = (lambda: probs.device), (lambda out: out)
+
+        def start():
+            return dense_crf_cuda_each(_cupy_image(image), cupy.ascontiguousarray(probs, dtype=cupy.float32),
+                                       settings)
     steps = None
     try:
         while True:
-            with cupy.cuda.Device(device.index), _external_stream(cupy, stream.cuda_stream, device.index), \
-                    cupy.cuda.using_allocator(allocator.malloc):
-                if steps is None:
-                    steps = dense_crf_cuda_each(cupy.from_dlpack(image_t), cupy.from_dlpack(probs_t), settings)
+            with place():
+                steps = steps or start()
                 out = next(steps, None)
-                result = None if out is None else torch.from_dlpack(out)
+                result = None if out is None else back(out)
             if result is None:
                 return
             yield result
     finally:
-        # Keep the inputs alive until the work queued on the stream is done with them.
-        for tensor in (probs_t, image_t):
+        for tensor in inputs:
             tensor.record_stream(stream)
+
+
+@contextlib.contextmanager
+def _on_torch_stream(cupy: Any, device: Any, stream: Any) -> Iterator[None]:
+    """CuPy on torch's CUDA `device` and `stream` (torch's current one), allocating through
+    torch's caching allocator, so the network and the CRF share one pool instead of each
+    holding its own peak."""
+    with cupy.cuda.Device(device.index), _external_stream(cupy, stream.cuda_stream, device.index), \
+            cupy.cuda.using_allocator(_torch_allocator(cupy).malloc):
+        yield
 
 
 def _external_stream(cupy: Any, pointer: int, device_index: int) -> Any:

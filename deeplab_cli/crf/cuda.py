@@ -692,8 +692,8 @@ class CudaCRF:
             lat.values = (xp.empty((m, ld), dtype=xp.float32), xp.empty((m, ld), dtype=xp.float32))
             self._partial = xp.empty((lat.n_runs_max, ld), dtype=xp.float32)  # (R, ld)
             self._norms()
-        elif radius is not None and bk.to_host(info)[0]:  # the stencil alone: its own wait
-            raise RuntimeError("CRF stencil: a Gaussian corner fell outside its cell box (a bug)")
+        elif radius is not None:  # the stencil alone: its own wait
+            self._check_stencil(info)
         if self.specs:
             self._plan_iteration()
 
@@ -709,8 +709,11 @@ class CudaCRF:
             raise ValueError(f"CudaCRF.reweight: {params} needs other lattices than {self.params}")
         self.params = params
         weights = {spec.d: spec.weight for spec in kernel_specs(params)}
-        self.specs = [dataclasses.replace(spec, weight=weights[spec.d]) for spec in self.specs]
-        self.lattice_specs = [dataclasses.replace(spec, weight=weights[spec.d]) for spec in self.lattice_specs]
+
+        def reweighted(specs: list[KernelSpec]) -> list[KernelSpec]:
+            return [dataclasses.replace(spec, weight=weights[spec.d]) for spec in specs]
+
+        self.specs, self.lattice_specs = reweighted(self.specs), reweighted(self.lattice_specs)
         if self.lattices is not None:
             self.lattices.specs = self.lattice_specs
         if self._q_pair is not None:
@@ -719,10 +722,15 @@ class CudaCRF:
         if self._stencil is not None:
             info = self.bk.xp.zeros(2, dtype=self.bk.xp.int32)
             self._build_stencil(self._stencil_radius, info)
-            if self.bk.to_host(info)[0]:
-                raise RuntimeError("CRF stencil: a Gaussian corner fell outside its cell box (a bug)")
+            self._check_stencil(info)
         if self.specs:
             self._plan_iteration()
+
+    def _check_stencil(self, info: Any) -> None:
+        """Wait for the stencil's build and raise if its flag in `info` says a Gaussian corner
+        fell outside its cell box (a bug: the weights would be wrong)."""
+        if self.bk.to_host(info)[0]:
+            raise RuntimeError("CRF stencil: a Gaussian corner fell outside its cell box (a bug)")
 
     def _bytes_before_lattice(self) -> int:
         """Device bytes prepare needs before the vertex count is known (_bytes_before_lattice
