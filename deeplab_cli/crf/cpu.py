@@ -519,7 +519,7 @@ def dense_crf_cpu_each(image: np.ndarray, probs: np.ndarray, settings: Iterable[
     unary = None
     kernels: dict[str, tuple[tuple, _KernelOperator]] = {}  # kernel -> (geometry, operator)
     if settings and not _warm:
-        _warm_up(threads)
+        _warm_up()
     for k, params in enumerate(settings):
         with _compute(threads):
             if unary is None:
@@ -533,12 +533,14 @@ def dense_crf_cpu_each(image: np.ndarray, probs: np.ndarray, settings: Iterable[
 _warm = False
 
 
-def _warm_up(threads: int | None) -> None:
-    """Run the CRF once on a tiny image, so numba compiles the loops (about 10 s on a new
-    install) or loads them from its cache (0.2 s), with Ctrl-C held back until that is
-    done (`_sigint_held`). numba compiles inside llvmlite callbacks, which drop a
+def _warm_up() -> None:
+    """Run every compiled loop once on tiny inputs, so numba compiles them (about 10 s on a
+    new install) or loads them from its cache (0.2 s), with Ctrl-C held back until that
+    is done (`_sigint_held`). numba compiles inside llvmlite callbacks, which drop a
     KeyboardInterrupt raised there: the interrupt was lost and the run failed later with
-    "no compiled object yet". After this the real run stays interruptible."""
+    "no compiled object yet". After this the real run stays interruptible, whatever
+    thread count or σ it has: the CRF runs on all of numba's threads and on one (where the
+    blur sweeps), and a lattice is built from codes wider than one word (tiny σ)."""
     global _warm
     from deeplab_cli.crf.params import CRFParams
 
@@ -546,8 +548,11 @@ def _warm_up(threads: int | None) -> None:
     image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
     probs = rng.random((3, 5, 7), dtype=np.float32) + np.float32(0.1)
     probs /= probs.sum(axis=0)
-    with _sigint_held(), _compute(threads):
-        _mean_field(image, _Unary(probs), CRFParams(iterations=1), {})
+    with _sigint_held(), _compute(None):
+        for count in sorted({numba.config.NUMBA_NUM_THREADS, 1}, reverse=True):
+            numba.set_num_threads(count)
+            _mean_field(image, _Unary(probs), CRFParams(iterations=1), {})
+        build_lattice(np.array([[0.0] * 5, [1000.0] * 5], np.float32))
         _warm = True
 
 
