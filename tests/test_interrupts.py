@@ -8,6 +8,7 @@ SIGINT sent while the CPU CRF's loops are being compiled.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -85,7 +86,7 @@ def test_ctrl_c_while_the_cpu_crf_compiles_is_held_until_that_is_done(monkeypatc
 
 
 WARM_UP_COVERAGE = '''
-import json, sys
+import json
 
 import numba
 import numpy as np
@@ -120,8 +121,6 @@ def test_the_warm_up_compiles_every_loop_a_run_uses():
     proc = subprocess.run([sys.executable, "-c", WARM_UP_COVERAGE], capture_output=True,
                           timeout=600, env=dict(os.environ, NUMBA_NUM_THREADS="2"))
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    import json
-
     seen = json.loads(proc.stdout)
     assert seen["wide"] > 1  # the tiny-σ setting did take the wide-code build
     assert seen["after"] == seen["warm_up"]
