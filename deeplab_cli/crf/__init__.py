@@ -310,17 +310,12 @@ def _stats(probs: Any, kind: str) -> tuple[bool, float, float]:
 # -- dispatch ------------------------------------------------------------------------------
 
 def _run_cpu(image: Any, probs: Any, params: CRFParams) -> Any:
-    from deeplab_cli.crf.cpu import dense_crf_cpu
-
-    out = dense_crf_cpu(_to_numpy(image), _to_numpy(probs), params)  # float32 (C, H, W)
-    if _kind(probs) in ("torch", "torch-cuda"):
-        import torch
-
-        return torch.from_numpy(out).to(probs.device)  # back where the probabilities were
-    return out
+    return next(_run_cpu_each(image, probs, [params]))
 
 
 def _run_cpu_each(image: Any, probs: Any, settings: list[CRFParams]) -> Iterator[Any]:
+    """The CPU CRF under each setting (float32 (C, H, W)), as a torch tensor on the
+    probabilities' device when they are one."""
     from deeplab_cli.crf.cpu import dense_crf_cpu_each
 
     to_torch = _kind(probs) in ("torch", "torch-cuda")
